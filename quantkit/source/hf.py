@@ -1,0 +1,205 @@
+"""A Hugging Face checkpoint: a model folder (config.json + one or many .safetensors) or one .safetensors file.
+
+Listing reads only headers. Reading returns one tensor at a time in float32 (or a requested dtype) on a
+requested device; FP8 weights with a `weight_scale_inv` sibling are dequantized on the way, and the scale
+tensors are hidden from the listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import ConfigError, SourceError
+from quantkit.source.fp8 import dequantize_blocks, expected_scale_shape
+from quantkit.source.safetensors_file import FLOAT_DTYPES, FP8_DTYPES, SafetensorsFile
+
+INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_FP8_BLOCK = (128, 128)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # stored dtype, safetensors spelling (BF16, F8_E4M3, ...)
+    nbytes: int  # stored bytes, including the block scales of an FP8 weight
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class HFCheckpoint:
+    """Tensors by name, from a model folder or a single safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SourceError(f"{self.path}: no such file or folder")
+        if self.path.is_dir():
+            self.config = _read_config(self.path)
+            shard_of = _shard_map(self.path)
+        elif self.path.suffix == ".safetensors":
+            self.config = None
+            shard_of = None
+        else:
+            raise SourceError(f"{self.path}: not a model folder or a .safetensors file")
+
+        self._files: dict[str, SafetensorsFile] = {}
+        self._location: dict[str, SafetensorsFile] = {}
+        if shard_of is None:
+            single = SafetensorsFile(self.path)
+            self._files[self.path.name] = single
+            self._location = dict.fromkeys(single.entries, single)
+        else:
+            for shard in sorted(set(shard_of.values())):
+                self._files[shard] = SafetensorsFile(self.path / shard)
+            for name, shard in shard_of.items():
+                file = self._files[shard]
+                if name not in file:
+                    raise SourceError(f"{file.path}: the index {INDEX_NAME} places tensor {name!r} in this shard, "
+                                      "but the shard does not contain it; the shard or the index is from another "
+                                      "download — re-download both")
+                self._location[name] = file
+
+        self.fp8_block = self._fp8_block_size()
+        self._scale_of = self._pair_fp8_scales()
+        scales = set(self._scale_of.values())
+        self._infos = {name: self._info(name) for name in self._location if name not in scales}
+
+    # ---- listing -------------------------------------------------------------------------------------
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise SourceError(f"{self.path}: no tensor named {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    @property
+    def is_fp8(self) -> bool:
+        return bool(self._scale_of)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files.values()]
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def read(self, name: str, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, dequantized if it is block FP8, converted to `dtype`, on `device`."""
+        info = self.info(name)
+        stored = self._location[name].read(name, device=device)
+        scale_name = self._scale_of.get(name)
+        if scale_name is not None:
+            scale = self._location[scale_name].read(scale_name, device=device)
+            return dequantize_blocks(stored, scale, self.fp8_block).to(dtype)
+        if info.dtype in FLOAT_DTYPES and dtype.is_floating_point:
+            return stored.to(dtype)
+        return stored
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _fp8_block_size(self) -> tuple[int, int]:
+        qc = (self.config or {}).get("quantization_config") or {}
+        block = qc.get("weight_block_size")
+        if block is None:
+            return DEFAULT_FP8_BLOCK
+        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise ConfigError(f"{self.path / 'config.json'}: quantization_config.weight_block_size must be two "
+                              f"positive integers, got {block!r}")
+        return (block[0], block[1])
+
+    def _pair_fp8_scales(self) -> dict[str, str]:
+        pairs = {}
+        for name, file in self._location.items():
+            dtype = file.entries[name].dtype
+            if dtype not in FP8_DTYPES:
+                continue
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in self._location:
+                raise SourceError(f"{file.path}: FP8 weight {name!r} ({dtype}) has no {scale_name!r} block scale in "
+                                  "the checkpoint; quantkit cannot dequantize it. Check the index lists every "
+                                  "*_scale_inv tensor, or re-download the checkpoint")
+            scale_entry = self._location[scale_name].entries[scale_name]
+            weight_shape = file.entries[name].shape
+            if len(weight_shape) != 2:
+                raise SourceError(f"{file.path}: FP8 weight {name!r} has shape {list(weight_shape)}; block FP8 "
+                                  "weights must be 2-D")
+            expected = expected_scale_shape(weight_shape, self.fp8_block)
+            if scale_entry.shape != expected:
+                raise SourceError(f"{self._location[scale_name].path}: block scale {scale_name!r} has shape "
+                                  f"{list(scale_entry.shape)} but weight {name!r} {list(weight_shape)} with "
+                                  f"{self.fp8_block[0]}x{self.fp8_block[1]} blocks needs {list(expected)}; "
+                                  "check quantization_config.weight_block_size in config.json")
+            pairs[name] = scale_name
+        return pairs
+
+    def _info(self, name: str) -> TensorInfo:
+        file = self._location[name]
+        entry = file.entries[name]
+        nbytes = entry.nbytes
+        scale_name = self._scale_of.get(name)
+        if scale_name is not None:
+            nbytes += self._location[scale_name].entries[scale_name].nbytes
+        return TensorInfo(name, entry.shape, entry.dtype, nbytes, file.path.name)
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json; a model folder needs the config.json it was published with "
+                          "(copy it next to the weights)")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _shard_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index, or from the lone weights file when there is no index."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SourceError(f"{index_path}: corrupt index (expected JSON with a 'weight_map' object): {exc}") from exc
+        missing = sorted({s for s in weight_map.values() if not (folder / s).is_file()})
+        if missing:
+            raise SourceError(f"{folder}: shard {missing[0]} listed in {INDEX_NAME} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + "; download the missing shards")
+        return dict(weight_map)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise SourceError(f"{folder}: no .safetensors weights and no {INDEX_NAME}")
+    if len(shards) > 1:
+        raise SourceError(f"{folder}: {len(shards)} .safetensors files but no {INDEX_NAME} saying which tensor is "
+                          "where; add the index from the original download")
+    return dict.fromkeys(SafetensorsFile(folder / shards[0]).entries, shards[0])

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="quantkit",
+    version="0.1.0",
+    description="Quantize LLM checkpoints (FP8/BF16 safetensors) to GGUF, GPTQ, AWQ and mixed precision, "
+    "and measure what each variant costs in quality and saves in VRAM.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["quantkit", "quantkit.*"]),
+    # torch is deliberately unpinned here: install `torch==2.13.0` first (see README); a range that the
+    # installed build satisfies keeps pip from pulling a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "gguf>=0.10",
+        "click>=8.1",
+        "tokenizers>=0.19",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57"],
+        "interop": ["transformers>=4.57", "llama-cpp-python>=0.3"],
+    },
+    entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
+)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit import __version__
+from quantkit.cli import main
+from quantkit.inspection import inspect_checkpoint
+
+CASES = [("llama", {}), ("llama-rope3", {}), ("qwen2", {}), ("qwen2-tied", {}), ("deepseek_v3", {}),
+         ("deepseek_v3", {"fp8": True}), ("deepseek_v3", {"fused_experts": True}),
+         ("deepseek_v3-ragged", {"fp8": True})]
+
+
+@pytest.mark.parametrize("preset,kwargs", CASES, ids=[p + "".join(f"-{k}" for k in kw) for p, kw in CASES])
+def test_parameter_count_equals_transformers(model_cache, preset, kwargs):
+    transformers = pytest.importorskip("transformers")
+    folder = model_cache(preset, **kwargs)
+    report = inspect_checkpoint(folder)
+    # transformers counts what its model holds; FP8 folders are counted on the same shapes (bf16 config)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert report["parameters"]["total"] == model.num_parameters()
+
+
+def test_active_parameters_of_moe(model_cache):
+    report = inspect_checkpoint(model_cache("deepseek_v3"))
+    cfg = json.loads((model_cache("deepseek_v3") / "config.json").read_text())
+    routed_per_expert = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+    moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    unused = moe_layers * routed_per_expert * (cfg["n_routed_experts"] - cfg["num_experts_per_tok"])
+    assert report["parameters"]["active"] == report["parameters"]["total"] - unused
+    assert report["skipped_tensors"]["count"] > 0  # the MTP layer
+
+
+def test_fp8_report(model_cache):
+    report = inspect_checkpoint(model_cache("deepseek_v3", fp8=True))
+    assert report["fp8"] == {"detected": True, "block_size": [128, 128]}
+    assert set(report["dtypes"]) == {"BF16", "F8_E4M3", "F32"}
+    shards = model_cache("deepseek_v3", fp8=True).glob("*.safetensors")
+    assert report["size_on_disk"] == sum(p.stat().st_size for p in shards)
+    fp8_linears = [t for t in report["quantizable"]["tensors"] if t["dtype"] == "F8_E4M3"]
+    assert len(fp8_linears) == report["quantizable"]["linear_weights"]
+
+
+def test_cli_inspect_text_and_json(model_cache):
+    folder = model_cache("qwen2")
+    runner = CliRunner()
+    text = runner.invoke(main, ["inspect", str(folder)])
+    assert text.exit_code == 0, text.output
+    assert "qwen2" in text.output and "quantizable" in text.output
+    as_json = runner.invoke(main, ["inspect", str(folder), "--json"])
+    report = json.loads(as_json.output)
+    assert report["quantizable"]["by_role"]["attn_q"] == 2
+    assert report["architecture"] == "qwen2"
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_inspect_single_safetensors_file(model_cache):
+    shard = sorted(model_cache("llama").glob("*.safetensors"))[0]
+    report = inspect_checkpoint(shard)
+    assert report["architecture"] is None and report["tensors"] > 0
