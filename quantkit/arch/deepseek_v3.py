@@ -10,6 +10,7 @@ Routed experts are read in either layout: one 2-D tensor per expert as DeepSeek 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,8 @@ class DeepseekV3Architecture(Architecture):
         self.softmax_scale = self.qk_head_dim ** -0.5
         if params["rope_type"] != "default" and params.get("mscale_all_dim"):
             self.softmax_scale *= yarn_mscale(params["factor"], params["mscale_all_dim"]) ** 2
+        # Called as on_route(layer index, expert indices [tokens, k]) by every MoE layer of the forward.
+        self.on_route: Callable[[int, torch.Tensor], None] | None = None
         self.fused_experts = tensor_names is not None and any(
             n.endswith("mlp.experts.gate_up_proj") for n in self.tensor_names)
 
@@ -143,7 +146,7 @@ class DeepseekV3Architecture(Architecture):
         hidden = hidden + self._attention(p, weights, x, positions)
         x = rms_norm(hidden, weights(p + "post_attention_layernorm.weight"), self.rms_norm_eps)
         if self.is_moe_layer(index):
-            return hidden + self._moe(p, weights, x)
+            return hidden + self._moe(index, weights, x)
         return hidden + swiglu(x, weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight"),
                                weights(p + "mlp.down_proj.weight"))
 
@@ -193,11 +196,14 @@ class DeepseekV3Architecture(Architecture):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         return indices, gates * self.routed_scaling_factor
 
-    def _moe(self, p: str, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, index: int, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{index}."
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         indices, gates = self.route(weights(p + "mlp.gate.weight"), weights(p + "mlp.gate.e_score_correction_bias"),
                                     tokens)
+        if self.on_route is not None:
+            self.on_route(index, indices)
         out = torch.zeros_like(tokens)
         fused = ((weights(p + "mlp.experts.gate_up_proj"), weights(p + "mlp.experts.down_proj"))
                  if self.fused_experts else None)

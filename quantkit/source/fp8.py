@@ -18,7 +18,7 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
     """Float32 weight from an fp8 weight and its per-block scales; ragged edge blocks are cropped.
 
     Works row-block by row-block on views, so the only temporary beyond the output is one row of scales
-    expanded to the input width (no full-size scale tensor).
+    expanded to the input width (no full-size scale tensor). A float32 `weight` is scaled in place.
     """
     rows, cols = weight.shape
     block_rows, block_cols = block

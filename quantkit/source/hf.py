@@ -106,14 +106,15 @@ class HFCheckpoint:
              device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, dequantized if it is block FP8, converted to `dtype`, on `device`."""
         info = self.info(name)
-        stored = self._location[name].read(name, device=device)
+        file = self._location[name]
         scale_name = self._scale_of.get(name)
         if scale_name is not None:
+            weight = file.read(name, device=device, dtype=torch.float32)
             scale = self._location[scale_name].read(scale_name, device=device)
-            return dequantize_blocks(stored, scale, self.fp8_block).to(dtype)
+            return dequantize_blocks(weight, scale, self.fp8_block).to(dtype)
         if info.dtype in FLOAT_DTYPES and dtype.is_floating_point:
-            return stored.to(dtype)
-        return stored
+            return file.read(name, device=device, dtype=dtype)
+        return file.read(name, device=device)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -39,6 +39,7 @@ FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 # Headers of real checkpoints are well under this; a larger length means the first 8 bytes are not a header.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
+_CHUNK_BYTES = 16 * 2**20  # mapped bytes resident at once while reading
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,29 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The tensor in its stored dtype, as a tensor that owns its memory (not a view of the map)."""
+    def read(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, converted to `dtype` (default: as stored), owning its memory (not a view of the map).
+
+        Copied from the map in chunks, each chunk's pages dropped after it is converted, so the peak is the
+        result plus one chunk whatever the tensor's size, and a GPU read converts on arrival.
+        """
         entry = self.entries[name]
-        torch_dtype = DTYPES[entry.dtype][0]
+        stored_dtype, itemsize = DTYPES[entry.dtype]
+        out = torch.empty(entry.shape, dtype=dtype or stored_dtype, device=device)
         if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=torch_dtype, device=device)
+            return out
         mapped = self._mapping()
-        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.nbytes, offset=entry.begin)
-        tensor = raw.to(device=device, copy=True).view(torch_dtype).reshape(entry.shape)
-        del raw
-        start = entry.begin - entry.begin % _PAGE
-        mapped.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
-        return tensor
+        flat = out.view(-1)
+        step = max(1, _CHUNK_BYTES // itemsize)
+        for first in range(0, entry.numel, step):
+            last = min(entry.numel, first + step)
+            begin = entry.begin + first * itemsize
+            chunk = torch.frombuffer(mapped, dtype=torch.uint8, count=(last - first) * itemsize, offset=begin)
+            flat[first:last].copy_(chunk.view(stored_dtype))
+            del chunk
+            page_start = begin - begin % _PAGE
+            mapped.madvise(mmap.MADV_DONTNEED, page_start, entry.begin + last * itemsize - page_start)
+        return out
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:

@@ -81,7 +81,7 @@ def make_tiny_model(folder: str | Path, preset: str = "llama", *, fp8: bool = Fa
     tensors, linear_names = _random_tensors(config, generator, fused_experts, mtp and is_deepseek)
     if fp8:
         tensors = _to_block_fp8(tensors, linear_names)
-    _write_shards(folder, tensors, shards)
+    write_sharded(folder, tensors, shards)
 
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
@@ -161,7 +161,7 @@ def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = FP8_BLOCK)
     return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
 
 
-def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
     """Split by cumulative bytes into `shards` files; a block scale goes to the shard after its weight's,
     as a reader must resolve every tensor through the index, never assume co-location."""
     names = [n for n in tensors if not n.endswith("_scale_inv")]
