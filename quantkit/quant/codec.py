@@ -1,0 +1,109 @@
+"""The codec interface and registry. A codec turns float32 rows into ggml's bytes and back; every codec is
+vectorised in torch, so the same code runs on CPU and CUDA."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+class Codec:
+    name: ClassVar[str]  # llama.cpp's type name (GGMLQuantizationType), e.g. "Q4_0"
+    type_id: ClassVar[int]  # ggml_type enum value
+    block_size: ClassVar[int]  # elements per block
+    block_bytes: ClassVar[int]  # bytes per block
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CODECS[cls.name] = cls
+
+    @classmethod
+    def encode(cls, x: torch.Tensor) -> torch.Tensor:
+        """float32 [rows, n] (n a multiple of block_size) -> uint8 [rows, n / block_size * block_bytes]."""
+        rows, n = cls._check(x)
+        blocks = x.reshape(-1, cls.block_size).to(torch.float32)
+        return cls.encode_blocks(blocks).reshape(rows, n // cls.block_size * cls.block_bytes)
+
+    @classmethod
+    def decode(cls, data: torch.Tensor, n: int) -> torch.Tensor:
+        """uint8 [rows, bytes per row] -> float32 [rows, n]."""
+        rows = data.shape[0]
+        return cls.decode_blocks(data.reshape(-1, cls.block_bytes)).reshape(rows, n)
+
+    @classmethod
+    def row_bytes(cls, n: int) -> int:
+        return n // cls.block_size * cls.block_bytes
+
+    @classmethod
+    def bits_per_weight(cls) -> float:
+        return 8 * cls.block_bytes / cls.block_size
+
+    @classmethod
+    def encode_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def decode_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _check(cls, x: torch.Tensor) -> tuple[int, int]:
+        if x.dim() != 2:
+            raise ValueError(f"{cls.name} encodes 2-D [rows, n] tensors, got shape {list(x.shape)}")
+        rows, n = x.shape
+        if n % cls.block_size:
+            raise QuantkitError(f"{cls.name} needs rows whose length is a multiple of {cls.block_size}; "
+                                f"got {n}")
+        return rows, n
+
+
+def get_codec(name: str) -> type[Codec]:
+    try:
+        return CODECS[name.upper()]
+    except KeyError:
+        raise QuantkitError(f"unknown quantization type {name!r}; valid types: {', '.join(CODECS)}") from None
+
+
+# ---- bit helpers shared by the block codecs ----------------------------------------------------------------
+def f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [blocks, 1] -> its IEEE half (round to nearest even) as 2 little-endian bytes [blocks, 2]."""
+    return x.to(torch.float16).view(torch.uint8).reshape(x.shape[0], 2)
+
+
+def f16_from(data: torch.Tensor) -> torch.Tensor:
+    """2 bytes [blocks, 2] -> float32 [blocks, 1]."""
+    return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[blocks, 32] values 0..15 -> [blocks, 16]: element j in the low nibble, j + 16 in the high one."""
+    q = q.to(torch.uint8)
+    half = q.shape[1] // 2
+    return q[:, :half] | (q[:, half:] << 4)
+
+
+def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    return torch.cat((qs & 0x0F, qs >> 4), dim=1)
+
+
+def pack_bits_le(bits: torch.Tensor) -> torch.Tensor:
+    """[blocks, 8k] of 0/1 -> [blocks, k] bytes, bit i of byte b = element 8b + i."""
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    return (bits.to(torch.uint8).reshape(bits.shape[0], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits_le(data: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=data.device)
+    return ((data[:, :, None] >> shifts) & 1).reshape(data.shape[0], -1)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C roundf, exactly: floor(|x| + 0.5) would misround 0.49999997 in float32."""
+    a = x.abs()
+    whole = a.floor()
+    return torch.sign(x) * (whole + (2 * (a - whole)).floor())
