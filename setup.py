@@ -7,6 +7,7 @@ setup(
     "and measure what each variant costs in quality and saves in VRAM.",
     python_requires=">=3.10",
     packages=find_packages(include=["quantkit", "quantkit.*"]),
+    package_data={"quantkit.bundled": ["models/*/*"]},
     # torch is deliberately unpinned here: install `torch==2.13.0` first (see README); a range that the
     # installed build satisfies keeps pip from pulling a CUDA build.
     install_requires=[

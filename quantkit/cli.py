@@ -32,11 +32,12 @@ def main():
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full report, including every tensor, as JSON.")
 def inspect(model, as_json):
-    """Architecture, parameters, dtypes, FP8 layout and quantizable weights of MODEL (a HF folder or a
-    .safetensors file). Reads headers only."""
+    """Architecture, parameters, dtypes, FP8 layout and quantizable weights of MODEL (a HF folder, a
+    .safetensors file, or a bundled model: tiny-qwen2, tiny-llama, tiny-deepseek). Reads headers only."""
+    from quantkit.bundled import resolve_model
     from quantkit.inspection import inspect_checkpoint
 
-    report = inspect_checkpoint(model)
+    report = inspect_checkpoint(resolve_model(model))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -1,0 +1,310 @@
+"""Measure the bundled models: did they learn, and does quantization visibly cost quality?
+
+    python -m eval.measure_bundled [--models DIR...] [--windows N] [--write-readmes]
+
+For each model, on the held-out split (quantkit's reference forward, float32):
+- perplexity the llama.cpp way: non-overlapping windows of --ctx tokens, only the second half of each
+  window scored; the unigram baseline of the same tokenizer (train-split counts, add-one) on the same
+  positions;
+- simple round-to-nearest quantization of the weights in torch, shaped like llama.cpp's types (these are
+  not the ggml codecs, which come with the GGUF writer): Q8_0 (32-blocks, absmax/127), Q6_K-like
+  (16-blocks, symmetric 6-bit), Q4_K_M-like (32-blocks asymmetric 4-bit, Q6-like on llama.cpp's
+  use_more_bits attn_v / ffn_down layers and on the output), Q4_0 (ggml's 32-block 4-bit rule);
+  for each: perplexity change with a paired 2-sigma interval over windows, KL divergence from the full
+  model, top-1 agreement;
+- multiple-choice accuracy on eval/tasks/stdlib_nextline.jsonl (acc and byte-length-normalised acc);
+- for MoE models, tokens routed to each expert of each MoE layer.
+Results go to eval/results/bundled_models.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from eval.train_models import BATCH, CONTEXT, DEFAULT_STEPS
+from quantkit.bundled import textsets
+from quantkit.model import Model
+from quantkit.testing.tokenizer import EOS
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "quantkit" / "bundled" / "models"
+TASKS = ROOT / "eval" / "tasks" / "stdlib_nextline.jsonl"
+RESULTS = ROOT / "eval" / "results" / "bundled_models.json"
+
+
+# ---- simple RTN codecs (quantize + dequantize), blocks along the input dimension ------------------------------
+def _blocks(w: torch.Tensor, size: int) -> torch.Tensor:
+    return w.reshape(-1, size)
+
+
+def rtn_q8_0(w):
+    b = _blocks(w, 32)
+    d = b.abs().amax(1, keepdim=True) / 127
+    return ((b / d.clamp(min=1e-30)).round() * d).view_as(w)
+
+
+def rtn_q4_0(w):
+    b = _blocks(w, 32)
+    signed_max = b.gather(1, b.abs().argmax(1, keepdim=True))
+    d = signed_max / -8
+    q = (b / d.where(d != 0, torch.ones_like(d)) + 8.5).floor().clamp(0, 15)
+    return ((q - 8) * d).view_as(w)
+
+
+def rtn_q6(w):
+    b = _blocks(w, 16)
+    d = b.abs().amax(1, keepdim=True) / 31
+    return ((b / d.clamp(min=1e-30)).round().clamp(-32, 31) * d).view_as(w)
+
+
+def rtn_q4_asym(w):
+    b = _blocks(w, 32)
+    lo = b.amin(1, keepdim=True).clamp(max=0)
+    scale = ((b.amax(1, keepdim=True) - lo) / 15).clamp(min=1e-30)
+    return (((b - lo) / scale).round().clamp(0, 15) * scale + lo).view_as(w)
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule for which layers' attn_v / ffn_down get more bits (llama-quant.cpp)."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def schemes(model: Model) -> dict[str, Callable[[str, torch.Tensor], torch.Tensor]]:
+    arch = model.arch
+    role_of = {lin.name: (lin.role, lin.layer) for layer in arch.layers() for lin in layer.linears}
+    output = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+
+    def mixture(default, embed, out, more_bits=None):
+        def quantize(name, w):
+            if name == output:
+                return out(w)
+            if name == "model.embed_tokens.weight":
+                return embed(w)
+            if name not in role_of:
+                return w  # norms, biases, router: kept in float, as llama.cpp does
+            role, layer = role_of[name]
+            upgraded = role == "attn_v" or role.startswith("ffn_down")
+            if more_bits and upgraded and use_more_bits(layer, arch.num_layers):
+                return more_bits(w)
+            return default(w)
+        return quantize
+
+    return {
+        "Q8_0": mixture(rtn_q8_0, rtn_q8_0, rtn_q8_0),
+        "Q6_K~": mixture(rtn_q6, rtn_q6, rtn_q6),
+        "Q4_K_M~": mixture(rtn_q4_asym, rtn_q4_asym, rtn_q6, more_bits=rtn_q6),
+        "Q4_0": mixture(rtn_q4_0, rtn_q4_0, rtn_q6),
+    }
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+def cached_weights(model: Model, transform=None) -> Callable[[str], torch.Tensor]:
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in cache:
+            w = model.source.read(name)
+            cache[name] = transform(name, w) if transform and w.dim() >= 2 else w
+        return cache[name]
+
+    return get
+
+
+def windows(tokens: torch.Tensor, ctx: int, count: int) -> torch.Tensor:
+    n = min(count, len(tokens) // ctx)
+    return tokens[: n * ctx].view(n, ctx)
+
+
+@torch.no_grad()
+def score(model: Model, weights, batches: torch.Tensor, ref_logprobs=None, batch_size: int = 8) -> dict:
+    """Per-window mean NLL of the second half; with ref_logprobs, KLD and top-1 agreement against them."""
+    ctx = batches.shape[1]
+    first = ctx // 2
+    nll, kld, agree, logprobs = [], [], [], []
+    for start in range(0, len(batches), batch_size):
+        ids = batches[start:start + batch_size]
+        logits = model.arch.forward(weights, ids)[:, first - 1:-1].float()
+        lp = F.log_softmax(logits, dim=-1)
+        target = ids[:, first:]
+        nll.append(-lp.gather(-1, target[..., None])[..., 0].mean(-1))
+        logprobs.append(lp)
+        if ref_logprobs is not None:
+            ref = ref_logprobs[start // batch_size]
+            kld.append((ref.exp() * (ref - lp)).sum(-1).flatten())
+            agree.append((ref.argmax(-1) == lp.argmax(-1)).float().flatten())
+    out = {"window_nll": torch.cat(nll), "logprobs": logprobs}
+    if ref_logprobs is not None:
+        out["kld"] = torch.cat(kld)
+        out["top1"] = torch.cat(agree)
+    return out
+
+
+def unigram_nll(train_tokens: torch.Tensor, batches: torch.Tensor, vocab: int) -> float:
+    counts = torch.bincount(train_tokens, minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    scored = batches[:, batches.shape[1] // 2:]
+    return float(-logp[scored].mean())
+
+
+@torch.no_grad()
+def multiple_choice(model: Model, weights, tokenizer: Tokenizer, items: list[dict]) -> dict:
+    correct = correct_norm = 0
+    for item in items:
+        ctx_ids = tokenizer.encode(item["context"]).ids
+        scores, norm = [], []
+        for choice in item["choices"]:
+            choice_ids = tokenizer.encode(choice).ids
+            ids = torch.tensor([ctx_ids + choice_ids])
+            lp = F.log_softmax(model.arch.forward(weights, ids)[0, len(ctx_ids) - 1:-1], dim=-1)
+            total = float(lp.gather(-1, torch.tensor(choice_ids)[:, None]).sum())
+            scores.append(total)
+            norm.append(total / len(choice.encode()))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
+    return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+
+
+def expert_counts(model: Model, weights, batches: torch.Tensor) -> dict[int, list[int]] | None:
+    arch = model.arch
+    if not hasattr(arch, "on_route"):
+        return None
+    counts: dict[int, torch.Tensor] = {}
+
+    def record(layer: int, indices: torch.Tensor) -> None:
+        counts.setdefault(layer, torch.zeros(arch.n_routed_experts, dtype=torch.long))
+        counts[layer] += torch.bincount(indices.flatten(), minlength=arch.n_routed_experts)
+
+    arch.on_route = record
+    with torch.no_grad():
+        for start in range(0, len(batches), 8):
+            arch.forward(weights, batches[start:start + 8])
+    arch.on_route = None
+    return {layer: c.tolist() for layer, c in sorted(counts.items())}
+
+
+def measure(folder: Path, ctx: int, n_windows: int, mc_items: list[dict]) -> dict:
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = tokenizer.token_to_id(EOS)
+
+    def stream(split):
+        ids = []
+        for doc in textsets.documents(split):
+            ids += tokenizer.encode(doc).ids + [eos]
+        return torch.tensor(ids)
+
+    heldout, train = stream("heldout"), stream("train")
+    batches = windows(heldout, ctx, n_windows)
+    with Model(folder) as model:
+        full_weights = cached_weights(model)
+        base = score(model, full_weights, batches)
+        base_nll = float(base["window_nll"].mean())
+        result = {
+            "model": folder.name,
+            "python": textsets.python_version(),
+            "token_counts": {"train": len(train), "calibration": len(stream("calibration")),
+                             "heldout": len(heldout)},
+            "scored_tokens": batches.numel() // 2,
+            "ctx": ctx,
+            "ppl": math.exp(base_nll),
+            "unigram_ppl": math.exp(unigram_nll(train, batches, model.arch.vocab_size)),
+            "multiple_choice": multiple_choice(model, full_weights, tokenizer, mc_items),
+            "experts": expert_counts(model, full_weights, batches),
+            "quantized": {},
+        }
+        for name, transform in schemes(model).items():
+            q = score(model, cached_weights(model, transform), batches, ref_logprobs=base["logprobs"])
+            diff = q["window_nll"] - base["window_nll"]  # paired over windows
+            half_width = 2 * float(diff.std()) / math.sqrt(len(diff))
+            result["quantized"][name] = {
+                "ppl": math.exp(float(q["window_nll"].mean())),
+                "delta_ppl_pct": 100 * (math.exp(float(diff.mean())) - 1),
+                "delta_ppl_pct_2sigma": 100 * (math.exp(half_width) - 1),
+                "kld_mean": float(q["kld"].mean()),
+                "top1_agreement_pct": 100 * float(q["top1"].mean()),
+            }
+    return result
+
+
+def write_model_readme(folder: Path, r: dict) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    steps = DEFAULT_STEPS[folder.name]
+    mc = r["multiple_choice"]
+    rows = "\n".join(f"| {name} | {q['ppl']:.3f} | {q['delta_ppl_pct']:+.2f}% ± {q['delta_ppl_pct_2sigma']:.2f} | "
+                     f"{q['kld_mean']:.5f} | {q['top1_agreement_pct']:.2f}% |" for name, q in r["quantized"].items())
+    fmt = ("DeepSeek's FP8 layout (F8_E4M3 linear weights with 128x128 `weight_scale_inv` blocks, per-expert "
+           "tensors; embeddings, head, norms and router in BF16, correction bias in F32) — this FP8 folder is the "
+           "model's reference, as the official V3/R1 weights are" if "quantization_config" in config else "BF16")
+    experts = ""
+    if r["experts"]:
+        experts = "\nHeld-out tokens routed to each expert (MoE layers):\n\n" + "\n".join(
+            f"- layer {layer}: {counts}" for layer, counts in r["experts"].items()) + "\n"
+    text = f"""# {folder.name}
+
+A small trained {config['model_type']} model bundled with quantkit for tests, benchmarks and the demo
+(no download needed). Architecture: {config['architectures'][0]}, hidden {config['hidden_size']},
+{config['num_hidden_layers']} layers, vocab {config['vocab_size']}; weights stored as {fmt}.
+
+Made by `python -m eval.train_models --models {folder.name}` (seed 0, {steps} steps of {BATCH}x{CONTEXT} tokens,
+AdamW, float32 on 2 CPU cores) on the standard-library train split of Python {r['python']}
+(`quantkit.bundled.textsets`, {r['token_counts']['train']} tokens), with a byte-level BPE tokenizer using
+Qwen2's pre-tokenizer regex.
+
+## Measured (`python -m eval.measure_bundled`, quantkit's reference forward, float32)
+
+- Held-out perplexity: **{r['ppl']:.3f}** (llama.cpp method: {r['ctx']}-token windows, second half scored,
+  {r['scored_tokens']} tokens scored); unigram baseline of the same tokenizer on the same tokens:
+  {r['unigram_ppl']:.1f}.
+- Multiple choice (eval/tasks/stdlib_nextline.jsonl, {mc['items']} items, chance 25%): acc {100 * mc['acc']:.1f}%,
+  length-normalised {100 * mc['acc_norm']:.1f}%.
+
+Simple round-to-nearest quantization in torch (shaped like llama.cpp's types, not the ggml codecs; `~` marks
+approximations), against this model:
+
+| variant | perplexity | ΔPPL (2σ over windows) | KL divergence | top-1 agreement |
+|---|---|---|---|---|
+| reference | {r['ppl']:.3f} | | | |
+{rows}
+{experts}"""
+    (folder / "README.md").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", type=Path,
+                        default=[BUNDLED / n for n in ("tiny-qwen2", "tiny-llama", "tiny-deepseek")])
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=200)
+    parser.add_argument("--mc-items", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--write-readmes", action="store_true", help="(re)write each model folder's README.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    items = [json.loads(line) for line in TASKS.read_text().splitlines()][: args.mc_items]
+    results = []
+    for folder in args.models:
+        r = measure(folder, args.ctx, args.windows, items)
+        results.append(r)
+        print(f"{r['model']}: ppl {r['ppl']:.3f} (unigram {r['unigram_ppl']:.1f}), "
+              f"MC acc {r['multiple_choice']['acc']:.3f} / norm {r['multiple_choice']['acc_norm']:.3f}")
+        for name, q in r["quantized"].items():
+            print(f"  {name:8} ppl {q['ppl']:.3f}  dPPL {q['delta_ppl_pct']:+.2f}% ±{q['delta_ppl_pct_2sigma']:.2f}  "
+                  f"KLD {q['kld_mean']:.5f}  top1 {q['top1_agreement_pct']:.2f}%")
+        if r["experts"]:
+            for layer, counts in r["experts"].items():
+                print(f"  layer {layer} tokens per expert: {counts}")
+        if args.write_readmes:
+            write_model_readme(folder, r)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

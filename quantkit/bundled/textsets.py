@@ -1,0 +1,71 @@
+"""Train / calibration / held-out text from the running interpreter's standard library sources.
+
+Every machine with Python has these files and nothing in the repo copies them: the repo stores only the
+module lists below. All modules exist as pure-Python source in CPython 3.10-3.13 (modules removed in 3.13
+and ones that became thin re-export shims are left out). The exact text, and so every token count and
+perplexity, depends on the CPython version; reports name it.
+"""
+
+from __future__ import annotations
+
+import platform
+import sysconfig
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+HELDOUT = (
+    "argparse", "difflib", "fractions", "gettext", "imaplib", "ipaddress", "shlex", "statistics", "textwrap",
+    "uuid", "email._header_value_parser", "http.cookiejar", "xml.dom.minidom", "unittest.mock",
+)
+CALIBRATION = (
+    "configparser", "csv", "heapq", "pprint", "queue", "smtplib", "json.decoder", "json.encoder",
+    "logging.handlers", "urllib.parse",
+)
+TRAIN = (
+    "ast", "calendar", "dataclasses", "enum", "ftplib", "functools", "glob", "gzip", "inspect", "locale",
+    "mailbox", "mimetypes", "optparse", "pdb", "pickle", "pickletools", "platform", "plistlib", "poplib",
+    "pydoc", "random", "shutil", "socket", "socketserver", "string", "subprocess", "tarfile", "tempfile",
+    "threading", "tokenize", "trace", "traceback", "typing", "warnings", "weakref", "zipfile", "_pydecimal",
+    "_pyio", "doctest", "bdb", "cmd", "code", "codecs", "contextlib", "copy", "dis", "fileinput", "fnmatch",
+    "getopt", "hmac", "linecache", "numbers", "operator", "os", "posixpath", "ntpath", "pstats", "profile",
+    "pyclbr", "quopri", "reprlib", "runpy", "sched", "secrets", "selectors", "email.message",
+    "email.feedparser", "email.utils", "http.client", "http.server", "http.cookies", "logging",
+    "logging.config", "urllib.request", "xml.etree.ElementTree", "unittest.case", "asyncio.base_events",
+    "asyncio.tasks", "asyncio.streams", "concurrent.futures._base", "concurrent.futures.process",
+    "collections", "multiprocessing.connection", "multiprocessing.managers", "multiprocessing.pool",
+    "importlib._bootstrap", "importlib._bootstrap_external", "wsgiref.handlers", "xmlrpc.client",
+    "xmlrpc.server", "bisect", "base64", "compileall", "contextvars", "filecmp", "graphlib", "keyword",
+    "modulefinder", "netrc", "nturl2path", "opcode", "pkgutil", "py_compile", "rlcompleter", "stat",
+    "stringprep", "symtable", "tabnanny", "timeit", "tracemalloc", "types", "wave", "webbrowser", "zipapp",
+)
+SPLITS = {"train": TRAIN, "calibration": CALIBRATION, "heldout": HELDOUT}
+
+
+def module_source(module: str) -> str:
+    # Looked up as files under the stdlib directory, not through imports: 3.11+ freezes some (os, codecs).
+    base = Path(sysconfig.get_paths()["stdlib"]) / module.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise QuantkitError(f"standard-library module {module!r} has no Python source on this interpreter "
+                            f"({platform.python_implementation()} {platform.python_version()}); the text sets "
+                            "need CPython 3.10-3.13 with its Lib/ sources installed")
+
+
+def documents(split: str) -> list[str]:
+    """The split's documents: one module source each, in the fixed order above."""
+    try:
+        modules = SPLITS[split]
+    except KeyError:
+        raise QuantkitError(f"unknown text set {split!r}; choose one of {', '.join(SPLITS)}") from None
+    return [module_source(m) for m in modules]
+
+
+def text(split: str) -> str:
+    """The split as one string, documents separated by a blank line."""
+    return "\n\n".join(documents(split))
+
+
+def python_version() -> str:
+    return platform.python_version()
