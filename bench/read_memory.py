@@ -71,11 +71,13 @@ def _stored_tensors(config: dict, fp8: bool) -> list[tuple[str, tuple[int, ...],
     from quantkit.arch import load_architecture
     from quantkit.testing.factory import FP8_BLOCK
 
+    arch = load_architecture(config)
+    linears = {lin.name for layer in arch.layers() for lin in layer.linears if len(lin.shape) == 2}
     stored = []
-    for name, shape in load_architecture(config).tensor_shapes().items():
+    for name, shape in arch.tensor_shapes().items():
         if name.endswith("e_score_correction_bias"):
             stored.append((name, shape, "F32"))  # DeepSeek ships the router bias in float32
-        elif fp8 and len(shape) == 2 and name.startswith("model.layers.") and name.endswith("proj.weight"):
+        elif fp8 and name in linears:
             # DeepSeek's rule: every decoder Linear is FP8, embeddings, head, norms and router stay BF16.
             scale_shape = (-(-shape[0] // FP8_BLOCK[0]), -(-shape[1] // FP8_BLOCK[1]))
             stored += [(name, shape, "F8_E4M3"), (name + "_scale_inv", scale_shape, "F32")]
