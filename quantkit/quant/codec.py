@@ -36,14 +36,6 @@ class Codec:
         return cls.decode_blocks(data.reshape(-1, cls.block_bytes)).reshape(rows, n)
 
     @classmethod
-    def row_bytes(cls, n: int) -> int:
-        return n // cls.block_size * cls.block_bytes
-
-    @classmethod
-    def bits_per_weight(cls) -> float:
-        return 8 * cls.block_bytes / cls.block_size
-
-    @classmethod
     def encode_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
