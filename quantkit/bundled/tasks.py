@@ -15,9 +15,8 @@ CONTEXT_LINES = 12
 CHOICES = 4
 
 
-def _candidate_lines(doc: str) -> list[int]:
+def _candidate_lines(lines: list[str]) -> list[int]:
     """Indices of lines worth asking about: non-trivial code with enough context before them."""
-    lines = doc.split("\n")
     return [i for i, line in enumerate(lines)
             if i >= CONTEXT_LINES and 20 <= len(line.strip()) <= 100 and not line.strip().startswith("#")]
 
@@ -29,7 +28,7 @@ def _indent(line: str) -> int:
 def next_line_items(count: int = 400, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     docs = [doc.split("\n") for doc in textsets.documents("heldout")]
-    candidates = [_candidate_lines("\n".join(lines)) for lines in docs]
+    candidates = [_candidate_lines(lines) for lines in docs]
     by_indent: dict[int, list[tuple[int, str]]] = {}  # indentation -> (document, line)
     for d, indices in enumerate(candidates):
         for i in indices:

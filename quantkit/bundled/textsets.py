@@ -49,8 +49,8 @@ def module_source(module: str) -> str:
         if path.is_file():
             return path.read_text(encoding="utf-8")
     raise QuantkitError(f"standard-library module {module!r} has no Python source on this interpreter "
-                            f"({platform.python_implementation()} {platform.python_version()}); the text sets "
-                            "need CPython 3.10-3.13 with its Lib/ sources installed")
+                        f"({platform.python_implementation()} {platform.python_version()}); the text sets "
+                        "need CPython 3.10-3.13 with its Lib/ sources installed")
 
 
 def documents(split: str) -> list[str]:

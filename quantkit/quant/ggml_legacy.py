@@ -27,6 +27,31 @@ def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
 
 
+def _offset_quants(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (half 8) / Q5_0 (half 16): d = signed absmax / -half, q = trunc(x / d + half + 0.5)."""
+    d = _signed_absmax(blocks) / -half
+    q = (blocks * _inverse(d) + (half + 0.5)).trunc().clamp(max=2 * half - 1)
+    return d, q.to(torch.uint8)
+
+
+def _min_quants(blocks: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 (top 15) / Q5_1 (top 31): d = (max - min) / top, q = trunc((x - min) / d + 0.5)."""
+    lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+    d = (hi - lo) / top
+    # ggml clamps Q4_1 but not Q5_1; (x - min) / d + 0.5 stays below top + 1, so the clamp never binds.
+    q = ((blocks - lo) * _inverse(d) + 0.5).trunc().clamp(max=top)
+    return d, lo, q.to(torch.uint8)
+
+
+def _pack5(q: torch.Tensor) -> torch.Tensor:
+    """5-bit values -> qh (the 5th bits, 4 bytes LE) followed by qs (low nibbles)."""
+    return torch.cat((pack_bits_le(q >> 4), pack_nibbles(q & 0x0F)), dim=1)
+
+
+def _unpack5(packed: torch.Tensor) -> torch.Tensor:
+    return (unpack_nibbles(packed[:, 4:]) | (unpack_bits_le(packed[:, :4]) << 4)).to(torch.float32)
+
+
 class Q8_0(Codec):
     name, type_id, block_size, block_bytes = "Q8_0", 8, 32, 34
 
@@ -46,8 +71,7 @@ class Q4_0(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        d = _signed_absmax(blocks) / -8
-        q = (blocks * _inverse(d) + 8.5).trunc().clamp(max=15)
+        d, q = _offset_quants(blocks, 8)
         return torch.cat((f16_bytes(d), pack_nibbles(q)), dim=1)
 
     @classmethod
@@ -60,9 +84,7 @@ class Q4_1(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
-        d = (hi - lo) / 15
-        q = ((blocks - lo) * _inverse(d) + 0.5).trunc().clamp(max=15)
+        d, lo, q = _min_quants(blocks, 15)
         return torch.cat((f16_bytes(d), f16_bytes(lo), pack_nibbles(q)), dim=1)
 
     @classmethod
@@ -75,14 +97,12 @@ class Q5_0(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        d = _signed_absmax(blocks) / -16
-        q = (blocks * _inverse(d) + 16.5).trunc().clamp(max=31).to(torch.uint8)
-        return torch.cat((f16_bytes(d), pack_bits_le(q >> 4), pack_nibbles(q & 0x0F)), dim=1)
+        d, q = _offset_quants(blocks, 16)
+        return torch.cat((f16_bytes(d), _pack5(q)), dim=1)
 
     @classmethod
     def decode_blocks(cls, data):
-        q = unpack_nibbles(data[:, 6:]) | (unpack_bits_le(data[:, 2:6]) << 4)
-        return f16_from(data[:, :2]) * (q.to(torch.float32) - 16)
+        return f16_from(data[:, :2]) * (_unpack5(data[:, 2:]) - 16)
 
 
 class Q5_1(Codec):
@@ -90,12 +110,9 @@ class Q5_1(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
-        d = (hi - lo) / 31
-        q = ((blocks - lo) * _inverse(d) + 0.5).trunc().to(torch.uint8)  # the C code does not clamp here
-        return torch.cat((f16_bytes(d), f16_bytes(lo), pack_bits_le(q >> 4), pack_nibbles(q & 0x0F)), dim=1)
+        d, lo, q = _min_quants(blocks, 31)
+        return torch.cat((f16_bytes(d), f16_bytes(lo), _pack5(q)), dim=1)
 
     @classmethod
     def decode_blocks(cls, data):
-        q = unpack_nibbles(data[:, 8:]) | (unpack_bits_le(data[:, 4:8]) << 4)
-        return f16_from(data[:, :2]) * q.to(torch.float32) + f16_from(data[:, 2:4])
+        return f16_from(data[:, :2]) * _unpack5(data[:, 4:]) + f16_from(data[:, 2:4])
