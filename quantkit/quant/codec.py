@@ -23,11 +23,23 @@ class Codec:
         CODECS[cls.name] = cls
 
     @classmethod
-    def encode(cls, x: torch.Tensor) -> torch.Tensor:
-        """float32 [rows, n] (n a multiple of block_size) -> uint8 [rows, n / block_size * block_bytes]."""
+    def encode(cls, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [rows, n] (n a multiple of block_size) -> uint8 [rows, n / block_size * block_bytes].
+
+        `importance` is the per-input-column weight vector [n] of an importance matrix (llama.cpp's imatrix
+        entry for this tensor); the same vector weights every row, as in ggml_quantize_chunk."""
         rows, n = cls._check(x)
-        blocks = x.reshape(-1, cls.block_size).to(torch.float32)
-        return cls.encode_blocks(blocks).reshape(rows, n // cls.block_size * cls.block_bytes)
+        if importance is not None and importance.shape != (n,):
+            raise QuantkitError(f"{cls.name}: importance vector has shape {list(importance.shape)}, "
+                                f"expected [{n}] (one value per input column)")
+        imp = None if importance is None else importance.to(device=x.device, dtype=torch.float32)
+        return cls.encode_rows(x.to(torch.float32), imp).reshape(rows, n // cls.block_size * cls.block_bytes)
+
+    @classmethod
+    def encode_rows(cls, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        """Types whose ggml quantizer has an importance-weighted variant override this; the rest (floats,
+        Q8_0) ignore importance exactly as ggml does."""
+        return cls.encode_blocks(x.reshape(-1, cls.block_size))
 
     @classmethod
     def decode(cls, data: torch.Tensor, n: int) -> torch.Tensor:
