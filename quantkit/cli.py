@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -43,6 +44,111 @@ def inspect(model, as_json):
         return
     for label, value in _summary_lines(report):
         click.echo(f"{label:<13}{value}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:TYPE",
+              help="Output format and type, e.g. gguf:Q4_K_M (llama.cpp file types: F32, F16, BF16, Q8_0, Q4_0, "
+                   "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS). Repeat for "
+                   "several outputs from one read of the source.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
+                   "are named <model>-<TYPE>.gguf.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Give tensors whose GGUF name matches REGEX this ggml type (repeatable; the first matching "
+                   "pattern wins and replaces the mixture's rule for that tensor, as llama-quantize).")
+@click.option("--output-tensor-type", metavar="TYPE", help="ggml type of output.weight.")
+@click.option("--token-embedding-type", metavar="TYPE", help="ggml type of token_embd.weight.")
+@click.option("--pure", is_flag=True, help="Every quantizable tensor gets the file type's base type (no mixture "
+                                           "rules; row-size fallbacks still apply).")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix (quantkit imatrix or llama-imatrix output, GGUF or legacy .dat).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes, bpw); write nothing.")
+@click.option("--force", is_flag=True, help="Replace existing output files (only once the new one is complete).")
+@click.option("--split-max-size", metavar="SIZE", help="Write gguf-split shards of at most SIZE (e.g. 2G).")
+@click.option("--device", default=None, help="Device to quantize on (default: cuda if available, else cpu).")
+@click.option("--tokenizer-pre", metavar="NAME",
+              help="llama.cpp pre-tokenizer name, when quantkit cannot tell it from tokenizer.json.")
+@click.option("--name", help="general.name and file name stem (default: the model folder's name).")
+def convert(model, targets, output, tensor_types, output_tensor_type, token_embedding_type, pure, imatrix, dry_run,
+            force, split_max_size, device, tokenizer_pre, name):
+    """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
+    quantized files, streaming one tensor at a time."""
+    import torch
+
+    from quantkit import convert as api
+    from quantkit.bundled import resolve_model
+    from quantkit.plan import format_plan
+
+    options = api.MixtureOptions(list(tensor_types), output_tensor_type, token_embedding_type, pure)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _progress() as show:
+        results = api.convert(resolve_model(model), list(targets), output, options=options, imatrix=imatrix,
+                              device=device,
+                              force=force, dry_run=dry_run, split_max_size=split_max_size,
+                              tokenizer_pre=tokenizer_pre, name=name, progress=None if dry_run else show)
+    for path, plan in results:
+        if dry_run:
+            click.echo(f"# {path}")
+            click.echo(format_plan(plan))
+        else:
+            click.echo(f"wrote {path} ({plan.file_type.name}, {_bytes(plan.total_bytes)} of tensors, "
+                       f"{plan.bpw:.2f} bpw)")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text file (default: the bundled standard-library calibration text).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("imatrix.gguf"), show_default=True,
+              help="Output file: GGUF (llama-imatrix's format) or, for a .dat name, its legacy format.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, help="Use at most this many chunks.")
+@click.option("--device", default=None, help="Device (default: cuda if available, else cpu).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def imatrix(model, calib, output, ctx, chunks, device, force):
+    """Compute llama.cpp's importance matrix for MODEL with quantkit's layer-by-layer forward."""
+    import torch
+
+    from quantkit.bundled import resolve_model
+    from quantkit.calib import collect_imatrix, tokenize_file
+    from quantkit.calib.runner import read_calibration
+    from quantkit.model import Model
+
+    if output.exists() and not force:
+        raise QuantkitError(f"{output} already exists; pass --force to replace it")
+    text, dataset = read_calibration(calib)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with Model(resolve_model(model), device=device) as m:
+        tokens = tokenize_file(m, text)
+
+        def show(done, total):
+            if sys.stderr.isatty():
+                click.echo(f"\rchunk {done}/{total}", nl=False, err=True)
+
+        result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show)
+    result.save(output)
+    click.echo(f"\nwrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
+    for name, counts in result.expert_counts().items():
+        if name.endswith("ffn_down_exps.weight"):
+            click.echo(f"  {name[:-len('.ffn_down_exps.weight')]} tokens per expert: {counts}")
+
+
+class _progress:
+    """One status line on a terminal showing the tensor being written; silent when output is not a tty."""
+
+    def __enter__(self):
+        self.active = sys.stderr.isatty()
+        return self.show
+
+    def show(self, tensor_name: str) -> None:
+        if self.active:
+            click.echo(f"\r\033[K{tensor_name}", nl=False, err=True)
+
+    def __exit__(self, *exc):
+        if self.active:
+            click.echo("\r\033[K", nl=False, err=True)
 
 
 def _summary_lines(r: dict):

@@ -9,15 +9,65 @@ larger than RAM still runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from quantkit.errors import ConfigError, SourceError
+from quantkit.formats.gguf_file import Value
 
 Weights = Callable[[str], torch.Tensor]  # full tensor name -> float32 tensor on the compute device
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A tensor of the model's GGUF file, and how it maps to the checkpoint's tensors.
+
+    `pieces(weights)` yields 2-D float32 pieces [rows, ne0] whose concatenation is the tensor in row-major
+    order: the whole tensor for 1-D/2-D ones, one expert or head at a time for 3-D ones, so a stacked
+    expert tensor never exists in memory at once and an importance vector applies per piece.
+    `unpack(tensor)` is the inverse: the GGUF tensor (torch order) back to its `sources`, in order."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order; ggml's ne is the reverse
+    pieces: Callable[[Weights], Iterator[torch.Tensor]]
+    sources: tuple[str, ...] = ()
+    unpack: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def quantizable(self) -> bool:
+        """llama.cpp quantizes .weight tensors of 2+ dims except norms and the MoE router (llama-quant.cpp)."""
+        return (len(self.shape) >= 2 and self.name.endswith(".weight") and "_norm.weight" not in self.name
+                and "ffn_gate_inp.weight" not in self.name)
+
+
+def gguf_tensor(name: str, source: str, shape: tuple[int, ...],
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                inverse: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GGUFTensor:
+    """A GGUF tensor that is one checkpoint tensor, optionally transformed (e.g. Llama's q/k row order)."""
+
+    def pieces(weights: Weights) -> Iterator[torch.Tensor]:
+        w = weights(source)
+        if transform is not None:
+            w = transform(w)
+        yield w.reshape(-1, shape[-1])
+
+    def unpack(t: torch.Tensor) -> list[torch.Tensor]:
+        return [inverse(t) if inverse is not None else t]
+
+    return GGUFTensor(name, shape, pieces, (source,), unpack)
+
+
+def gguf_stacked(name: str, sources: list[str], shape: tuple[int, ...]) -> GGUFTensor:
+    """A 3-D GGUF tensor stacked from 2-D checkpoint tensors (routed experts), one piece per source."""
+
+    def pieces(weights: Weights) -> Iterator[torch.Tensor]:
+        for source in sources:
+            yield weights(source)
+
+    return GGUFTensor(name, shape, pieces, tuple(sources), lambda t: list(t.unbind(0)))
 
 
 @dataclass(frozen=True)
@@ -64,6 +114,14 @@ class Architecture:
         self.vocab_size = self._require("vocab_size")
         self.rms_norm_eps = float(config.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        # observe(gguf weight name, its input [tokens, in], matrix index, matrices, per-matrix counts): what
+        # calibration (imatrix) records; each forward reports the inputs of the matmuls llama.cpp runs.
+        self.observe: Callable[..., None] | None = None
+
+    def _observe(self, name: str, x: torch.Tensor, matrix: int = 0, matrices: int = 1,
+                 per_matrix_counts: bool = False) -> None:
+        if self.observe is not None:
+            self.observe(name, x.reshape(-1, x.shape[-1]), matrix, matrices, per_matrix_counts)
 
     # ---- description ----------------------------------------------------------------------------------
     def layers(self) -> list[LayerSpec]:
@@ -100,6 +158,55 @@ class Architecture:
         if missing:
             raise SourceError(f"{where}: {len(missing)} tensor(s) the {self.name} architecture needs are missing, "
                               f"e.g. {missing[0]!r}; the checkpoint is incomplete or does not match config.json")
+
+    # ---- GGUF (llama.cpp) description --------------------------------------------------------------------
+    gguf_arch: str = ""  # llama.cpp's architecture name (general.architecture)
+
+    def gguf_hparams(self) -> dict[str, Value]:
+        """The `{arch}.*` metadata llama.cpp's loader reads for this architecture (llama-model.cpp)."""
+        raise NotImplementedError
+
+    def gguf_tensors(self) -> list[GGUFTensor]:
+        """Every tensor of the GGUF file, in llama-quantize's order: non-block tensors first (by name), then
+        each block's tensors by name (llama-model-loader.h `weight_name_comparer`)."""
+        h, vocab = self.hidden_size, self.vocab_size
+        tensors = [gguf_tensor("token_embd.weight", "model.embed_tokens.weight", (vocab, h)),
+                   gguf_tensor("output_norm.weight", "model.norm.weight", (h,))]
+        if not self.tie_word_embeddings:
+            tensors.append(gguf_tensor("output.weight", "lm_head.weight", (vocab, h)))
+        tensors += self.gguf_extra_tensors()
+        tensors.sort(key=lambda t: t.name)
+        for index in range(self.num_layers):
+            tensors += sorted(self.gguf_layer_tensors(index), key=lambda t: t.name)
+        return tensors
+
+    def gguf_extra_tensors(self) -> list[GGUFTensor]:
+        """Generated non-block tensors (e.g. llama3 rope_freqs)."""
+        return []
+
+    def gguf_layer_tensors(self, index: int) -> list[GGUFTensor]:
+        raise NotImplementedError
+
+    def weights_from_gguf(self, read: Callable[[str], torch.Tensor]) -> Weights:
+        """The checkpoint's tensors rebuilt from a GGUF file's (dequantized) tensors, for the forward:
+        `read(gguf_name)` gives a float32 tensor in torch order."""
+        origin = {}
+        for tensor in self.gguf_tensors():
+            for index, source in enumerate(tensor.sources):
+                origin[source] = (tensor, index)
+        cache: dict[str, list[torch.Tensor]] = {}
+
+        def weights(name: str) -> torch.Tensor:
+            if name not in origin:
+                raise SourceError(f"the GGUF file has no tensor for {name}")
+            tensor, index = origin[name]
+            if tensor.name not in cache:
+                if len(cache) >= 4:  # a layer's experts alternate between three stacked tensors
+                    cache.pop(next(iter(cache)))
+                cache[tensor.name] = tensor.unpack(read(tensor.name))
+            return cache[tensor.name][index]
+
+        return weights
 
     # ---- forward ----------------------------------------------------------------------------------------
     def embed(self, weights: Weights, input_ids: torch.Tensor) -> torch.Tensor:

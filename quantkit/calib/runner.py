@@ -1,0 +1,83 @@
+"""Running calibration text through quantkit's layer-by-layer forward and collecting statistics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from quantkit.calib.imatrix import Imatrix
+from quantkit.errors import ConfigError
+from quantkit.model import Model
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_file(model: Model, text: str) -> torch.Tensor:
+    from tokenizers import Tokenizer
+
+    folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ConfigError(f"{folder}: no tokenizer.json to tokenize the calibration text with")
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _bos_id(model: Model) -> int | None:
+    """llama-imatrix starts every chunk with BOS when the tokenizer adds one."""
+    folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file() or not json.loads(config_file.read_text()).get("add_bos_token", False):
+        return None
+    return model.arch.config.get("bos_token_id")
+
+
+def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
+                    dataset: str = "", progress: Callable[[int, int], None] | None = None) -> Imatrix:
+    """llama-imatrix's statistics from non-overlapping chunks of `ctx` tokens (a partial last chunk is
+    dropped, as llama-imatrix does)."""
+    n_chunks = len(tokens) // ctx
+    if max_chunks:
+        n_chunks = min(n_chunks, max_chunks)
+    if n_chunks == 0:
+        raise ConfigError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}; "
+                          "give more text or a smaller --ctx")
+    imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
+    bos = _bos_id(model)
+    arch, weights = model.arch, model.weights()
+    arch.observe = imatrix.add
+    try:
+        for chunk in range(n_chunks):
+            ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
+            if bos is not None:
+                ids[0] = bos
+            arch.forward(weights, ids.to(model.device))
+            imatrix.chunk_count = chunk + 1
+            if progress is not None:
+                progress(chunk + 1, n_chunks)
+    finally:
+        arch.observe = None
+    for name, counts in imatrix.expert_counts().items():
+        unused = [e for e, c in enumerate(counts) if c == 0]
+        if unused:
+            log.warning("%s: experts %s received no calibration tokens; their importance is 1.0 (as llama.cpp "
+                        "does), i.e. they are quantized as without an imatrix", name, unused)
+    return imatrix
+
+
+def default_calibration_text() -> tuple[str, str]:
+    from quantkit.bundled import textsets
+
+    return textsets.text("calibration"), f"stdlib-calibration (python {textsets.python_version()})"
+
+
+def read_calibration(path: Path | None) -> tuple[str, str]:
+    if path is None:
+        return default_calibration_text()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such calibration file")
+    return path.read_text(encoding="utf-8", errors="replace"), path.name

@@ -1,0 +1,1 @@
+"""Output formats: one writer module per format."""
