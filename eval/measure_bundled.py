@@ -3,15 +3,13 @@
     python -m eval.measure_bundled [--models DIR...] [--windows N] [--write-readmes]
 
 For each model, on the held-out split (quantkit's reference forward, float32):
-- perplexity the llama.cpp way: non-overlapping windows of --ctx tokens, only the second half of each
-  window scored; the unigram baseline of the same tokenizer (train-split counts, add-one) on the same
-  positions;
-- simple round-to-nearest quantization of the weights in torch, shaped like llama.cpp's types (these are
-  not the ggml codecs, which come with the GGUF writer): Q8_0 (32-blocks, absmax/127), Q6_K-like
-  (16-blocks, symmetric 6-bit), Q4_K_M-like (32-blocks asymmetric 4-bit, Q6-like on llama.cpp's
-  use_more_bits attn_v / ffn_down layers and on the output), Q4_0 (ggml's 32-block 4-bit rule);
-  for each: perplexity change with a paired 2-sigma interval over windows, KL divergence from the full
-  model, top-1 agreement;
+- perplexity the llama.cpp way: non-overlapping windows of --ctx tokens (--windows of them, spread evenly
+  over the held-out text), only the second half of each window scored; the unigram baseline of the same
+  tokenizer (train-split counts, add-one) on the same positions;
+- llama.cpp's file types Q8_0, Q6_K, Q4_K_M and Q4_0 (its mixture rules: output.weight stays Q6_K), and
+  Q4_0 --pure (every weight matrix plain 4-bit round-to-nearest), through quantkit's ggml codecs (byte-exact
+  with llama-quantize): each weight is what a llama.cpp user would hold. For each: perplexity change with a
+  paired 2-sigma interval over windows, KL divergence from the full model, top-1 agreement;
 - multiple-choice accuracy on eval/tasks/stdlib_nextline.jsonl (acc and byte-length-normalised acc);
 - for MoE models, tokens routed to each expert of each MoE layer.
 Results go to eval/results/bundled_models.json.
@@ -40,69 +38,32 @@ TASKS = ROOT / "eval" / "tasks" / "stdlib_nextline.jsonl"
 RESULTS = ROOT / "eval" / "results" / "bundled_models.json"
 
 
-# ---- simple RTN codecs (quantize + dequantize), blocks along the input dimension ------------------------------
-def _blocks(w: torch.Tensor, size: int) -> torch.Tensor:
-    return w.reshape(-1, size)
+# ---- llama.cpp's types, through quantkit's ggml codecs and mixture rules ------------------------------------
+VARIANTS = {  # label -> (llama.cpp file type, --pure)
+    "Q8_0": ("Q8_0", False),
+    "Q6_K": ("Q6_K", False),
+    "Q4_K_M": ("Q4_K_M", False),
+    "Q4_0": ("Q4_0", False),  # llama.cpp's Q4_0 file: output.weight (or the tied embedding) stays Q6_K
+    "Q4_0 pure": ("Q4_0", True),  # plain round-to-nearest 4-bit for every weight matrix
+}
 
 
-def rtn_q8_0(w):
-    b = _blocks(w, 32)
-    d = b.abs().amax(1, keepdim=True) / 127
-    return ((b / d.clamp(min=1e-30)).round() * d).view_as(w)
+def quantized_weights(model: Model, file_type: str, pure: bool) -> Callable[[str], torch.Tensor]:
+    """Checkpoint tensors after a GGUF round trip of this file type: each GGUF tensor is encoded with the type
+    llama-quantize would give it and decoded again (exactly what llama.cpp would hold)."""
+    from quantkit.convert import MixtureOptions, Target, model_facts, plan_gguf
+    from quantkit.quant import get_codec
 
-
-def rtn_q4_0(w):
-    b = _blocks(w, 32)
-    signed_max = b.gather(1, b.abs().argmax(1, keepdim=True))
-    d = signed_max / -8
-    q = (b / d.where(d != 0, torch.ones_like(d)) + 8.5).floor().clamp(0, 15)
-    return ((q - 8) * d).view_as(w)
-
-
-def rtn_q6(w):
-    b = _blocks(w, 16)
-    d = b.abs().amax(1, keepdim=True) / 31
-    return ((b / d.clamp(min=1e-30)).round().clamp(-32, 31) * d).view_as(w)
-
-
-def rtn_q4_asym(w):
-    b = _blocks(w, 32)
-    lo = b.amin(1, keepdim=True).clamp(max=0)
-    scale = ((b.amax(1, keepdim=True) - lo) / 15).clamp(min=1e-30)
-    return (((b - lo) / scale).round().clamp(0, 15) * scale + lo).view_as(w)
-
-
-def use_more_bits(layer: int, n_layers: int) -> bool:
-    """llama.cpp's rule for which layers' attn_v / ffn_down get more bits (llama-quant.cpp)."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-
-
-def schemes(model: Model) -> dict[str, Callable[[str, torch.Tensor], torch.Tensor]]:
-    arch = model.arch
-    role_of = {lin.name: (lin.role, lin.layer) for layer in arch.layers() for lin in layer.linears}
-    output = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
-
-    def mixture(default, embed, out, more_bits=None):
-        def quantize(name, w):
-            if name == output:
-                return out(w)
-            if name == "model.embed_tokens.weight":
-                return embed(w)
-            if name not in role_of:
-                return w  # norms, biases, router: kept in float, as llama.cpp does
-            role, layer = role_of[name]
-            upgraded = role == "attn_v" or role.startswith("ffn_down")
-            if more_bits and upgraded and use_more_bits(layer, arch.num_layers):
-                return more_bits(w)
-            return default(w)
-        return quantize
-
-    return {
-        "Q8_0": mixture(rtn_q8_0, rtn_q8_0, rtn_q8_0),
-        "Q6_K~": mixture(rtn_q6, rtn_q6, rtn_q6),
-        "Q4_K_M~": mixture(rtn_q4_asym, rtn_q4_asym, rtn_q6, more_bits=rtn_q6),
-        "Q4_0": mixture(rtn_q4_0, rtn_q4_0, rtn_q6),
-    }
+    tensors = model.arch.gguf_tensors()
+    plan = plan_gguf({t.name: t.shape for t in tensors}, model_facts(model), Target("gguf", file_type),
+                     MixtureOptions(pure=pure))
+    source = model.weights()
+    gguf: dict[str, torch.Tensor] = {}
+    for t in tensors:
+        codec = get_codec(plan.types[t.name])
+        pieces = [codec.decode(codec.encode(p), p.shape[-1]) for p in t.pieces(source)]
+        gguf[t.name] = torch.cat(pieces).reshape(t.shape)
+    return model.arch.weights_from_gguf(gguf.__getitem__)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -119,8 +80,10 @@ def cached_weights(model: Model, transform=None) -> Callable[[str], torch.Tensor
 
 
 def windows(tokens: torch.Tensor, ctx: int, count: int) -> torch.Tensor:
-    n = min(count, len(tokens) // ctx)
-    return tokens[: n * ctx].view(n, ctx)
+    """`count` non-overlapping windows spread evenly over the whole text (all of them if fewer fit)."""
+    every = tokens[: len(tokens) // ctx * ctx].view(-1, ctx)
+    picks = torch.linspace(0, len(every) - 1, min(count, len(every))).round().long()
+    return every[picks]
 
 
 @torch.no_grad()
@@ -219,8 +182,8 @@ def measure(folder: Path, ctx: int, n_windows: int, mc_items: list[dict]) -> dic
             "experts": expert_counts(model, full_weights, batches),
             "quantized": {},
         }
-        for name, transform in schemes(model).items():
-            q = score(model, cached_weights(model, transform), batches, ref_logprobs=base["logprobs"])
+        for name, (file_type, pure) in VARIANTS.items():
+            q = score(model, quantized_weights(model, file_type, pure), batches, ref_logprobs=base["logprobs"])
             diff = q["window_nll"] - base["window_nll"]  # paired over windows
             half_width = 2 * float(diff.std()) / math.sqrt(len(diff))
             result["quantized"][name] = {
@@ -253,7 +216,8 @@ A small trained {config['model_type']} model bundled with quantkit for tests, be
 {config['num_hidden_layers']} layers, vocab {config['vocab_size']}; weights stored as {fmt}.
 
 Made by `python -m eval.train_models --models {folder.name}` (seed 0, {steps} steps of {BATCH}x{CONTEXT} tokens,
-AdamW, float32 on 2 CPU cores) on the standard-library train split of Python {r['python']}
+AdamW with no weight decay and the learning rate annealed to zero, bfloat16 autocast on 2 CPU cores) on the
+standard-library train split of Python {r['python']}
 (`quantkit.bundled.textsets`, {r['token_counts']['train']} tokens), with a byte-level BPE tokenizer using
 Qwen2's pre-tokenizer regex.
 
@@ -265,8 +229,9 @@ Qwen2's pre-tokenizer regex.
 - Multiple choice (eval/tasks/stdlib_nextline.jsonl, {mc['items']} items, chance 25%): acc {100 * mc['acc']:.1f}%,
   length-normalised {100 * mc['acc_norm']:.1f}%.
 
-Simple round-to-nearest quantization in torch (shaped like llama.cpp's types, not the ggml codecs; `~` marks
-approximations), against this model:
+llama.cpp's file types, quantized with quantkit's ggml codecs and llama-quantize's mixture rules (the weights a
+llama.cpp user would hold; "Q4_0 pure" is plain 4-bit round-to-nearest for every weight matrix, output included),
+against this model:
 
 | variant | perplexity | ΔPPL (2σ over windows) | KL divergence | top-1 agreement |
 |---|---|---|---|---|
@@ -281,7 +246,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", type=Path,
                         default=[BUNDLED / n for n in ("tiny-qwen2", "tiny-llama", "tiny-deepseek")])
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=200)
+    parser.add_argument("--windows", type=int, default=300)
     parser.add_argument("--mc-items", type=int, default=400)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--write-readmes", action="store_true", help="(re)write each model folder's README.md")
