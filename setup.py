@@ -18,9 +18,11 @@ setup(
         "click>=8.1",
         "tokenizers>=0.19",
     ],
+    # llama-cpp-python is pinned: quantkit's llama.cpp mixture rules follow the llama.cpp it vendors, and the
+    # interop tests compare our bytes with that ggml. It builds from source (about 8 minutes on 2 cores).
     extras_require={
-        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57"],
-        "interop": ["transformers>=4.57", "llama-cpp-python>=0.3"],
+        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "llama-cpp-python==0.3.36"],
+        "interop": ["transformers>=4.57", "llama-cpp-python==0.3.36"],
     },
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
 )

@@ -1,0 +1,52 @@
+"""Whole files byte-exact with llama.cpp's quantizer: quantkit converting a bundled model straight from its
+checkpoint gives the same tensor bytes as llama-quantize run on the F32 GGUF of the same model, with and
+without the same importance matrix."""
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit import convert as api
+from quantkit.bundled import MODEL_NAMES, MODELS_DIR
+from quantkit.calib import Imatrix, collect_imatrix
+from quantkit.model import Model
+from quantkit.plan import file_type
+from quantkit.source.gguf_file import GGUFFile
+from quantkit.testing.ggml_reference import llama_quantize
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
+pytestmark = pytest.mark.interop
+
+TYPES = ["Q4_K_M", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS"]
+TRAINED = [n for n in MODEL_NAMES if (MODELS_DIR / n / "config.json").is_file()]
+
+
+@pytest.fixture(scope="module", params=TRAINED or [pytest.param(None, marks=pytest.mark.skip("no bundled models"))])
+def model_files(request, tmp_path_factory):
+    folder = MODELS_DIR / request.param
+    out = tmp_path_factory.mktemp(request.param)
+    [(f32, _)] = api.convert(folder, ["gguf:F32"], out / "f32.gguf")
+    with Model(folder) as model:
+        tokens = torch.randint(3, model.arch.vocab_size, (4 * 128,), generator=torch.Generator().manual_seed(0))
+        collect_imatrix(model, tokens, ctx=128, dataset="random").save(out / "imatrix.gguf")
+    return folder, out, f32
+
+
+def _tensors(path):
+    g = GGUFFile(path)
+    return {name: (g.type_name(name), np.array(t.data).view(np.uint8)) for name, t in g.tensors.items()}
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("type_name", TYPES)
+def test_tensor_data_equals_llama_quantize(model_files, type_name, with_imatrix):
+    folder, out, f32 = model_files
+    imatrix = out / "imatrix.gguf" if with_imatrix else None
+    [(ours, _)] = api.convert(folder, [f"gguf:{type_name}"], out / "ours.gguf", imatrix=imatrix, force=True)
+    importance = {k: v.numpy() for k, v in Imatrix.load(imatrix).importances().items()} if imatrix else None
+    theirs = out / "theirs.gguf"
+    llama_quantize(f32, theirs, file_type(type_name).ftype, nthread=2, importance=importance)
+    a, b = _tensors(ours), _tensors(theirs)
+    assert a.keys() == b.keys()
+    differ = [n for n in a if a[n][0] != b[n][0] or not np.array_equal(a[n][1], b[n][1])]
+    assert not differ, f"{len(differ)} tensors differ from llama-quantize, e.g. {differ[:3]}"
