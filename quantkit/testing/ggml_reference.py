@@ -53,3 +53,28 @@ def quantize(type_id: int, x: np.ndarray, importance: np.ndarray | None = None) 
     written = lib.ggml_quantize_chunk(type_id, x.ctypes.data, out.ctypes.data, 0, rows, n, imatrix)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+def llama_quantize(src, out, ftype: int, *, nthread: int = 1, importance: dict[str, np.ndarray] | None = None,
+                   pure: bool = False) -> None:
+    """llama.cpp's quantizer (what llama-quantize runs) through llama-cpp-python's binding. `importance`:
+    GGUF weight name -> float32 vector, already normalised (in_sum2 / count) as tools/quantize does."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.pure = ftype, nthread, pure
+    keep = []
+    if importance:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for i, (name, vector) in enumerate(importance.items()):
+            data = np.ascontiguousarray(vector, dtype=np.float32)
+            keep += [data, name.encode()]
+            entries[i].name = keep[-1]
+            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = data.size
+        entries[len(importance)].name = None
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {out}")
