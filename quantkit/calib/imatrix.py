@@ -12,7 +12,6 @@ tools/quantize/quantize.cpp `load_imatrix` does.
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from quantkit.errors import QuantkitError, SourceError
 from quantkit.formats.gguf_file import GGUFWriter, TensorEntry, array, string, u32
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

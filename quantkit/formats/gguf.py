@@ -10,7 +10,6 @@ an FP8 checkpoint is dequantized block-row by block-row on read, never copied.
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from quantkit.formats.gguf_file import GGUFWriter, TensorEntry, Value, string, u
 from quantkit.formats.gguf_tokenizer import tokenizer_metadata
 from quantkit.model import Model
 from quantkit.quant import get_codec
-
-log = logging.getLogger(__name__)
 
 GGML_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION (ggml.h)
 _CHUNK_ELEMENTS = 1 << 24  # rows are encoded in chunks of at most ~16M elements (64 MiB of float32)
@@ -117,12 +114,12 @@ def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writer
             bad = int((~torch.isfinite(piece)).sum())
             raise QuantkitError(f"tensor {tensor.name} has {bad} NaN/Inf value(s) (piece {index}); the checkpoint "
                                 "is corrupt or was saved from a diverged run; nothing was written")
-        vector = vectors[index] if index < len(vectors) else None
+        vector = vectors[index]
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // width)
         for start in range(0, piece.shape[0], rows_per_chunk):
             chunk = piece[start:start + rows_per_chunk]
             for codec, writer in zip(codecs, writers, strict=True):
-                data = codec.encode(chunk, vector if vector is None else vector.to(chunk.device))
+                data = codec.encode(chunk, vector)  # encode moves the vector to the chunk's device
                 writer.write(tensor.name, data.cpu().numpy())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,7 +238,3 @@ class GGUFWriter:
             self._file = None
         for part in self._parts:
             part.unlink(missing_ok=True)
-
-    def tensors_in_order(self) -> Iterator[TensorEntry]:
-        for shard in self.shards:
-            yield from shard

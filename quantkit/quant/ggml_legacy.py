@@ -9,6 +9,8 @@ ignores importance, as in ggml."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quantkit.quant.codec import (
@@ -107,6 +109,19 @@ def _min_impl(nmax: int, pack):
     return encode_chunk
 
 
+class _Weighted:
+    """encode_rows for the legacy types ggml quantizes with importance (`quantize_row_*_impl`): the reference
+    rounding without it, `weighted` (a block encoder from _symmetric_impl / _min_impl) with it."""
+
+    weighted: Callable
+
+    @classmethod
+    def encode_rows(cls, x, importance):
+        if importance is None:
+            return cls.encode_blocks(x.reshape(-1, cls.block_size))
+        return _weighted_blocks(x, importance, cls.weighted)
+
+
 class Q8_0(Codec):
     name, type_id, block_size, block_bytes = "Q8_0", 8, 32, 34
 
@@ -121,14 +136,9 @@ class Q8_0(Codec):
         return f16_from(data[:, :2]) * data[:, 2:].contiguous().view(torch.int8).to(torch.float32)
 
 
-class Q4_0(Codec):
+class Q4_0(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q4_0", 2, 32, 18
-
-    @classmethod
-    def encode_rows(cls, x, importance):
-        if importance is None:
-            return cls.encode_blocks(x.reshape(-1, cls.block_size))
-        return _weighted_blocks(x, importance, _symmetric_impl(8, pack_nibbles))
+    weighted = staticmethod(_symmetric_impl(8, pack_nibbles))
 
     @classmethod
     def encode_blocks(cls, blocks):
@@ -140,14 +150,9 @@ class Q4_0(Codec):
         return f16_from(data[:, :2]) * (unpack_nibbles(data[:, 2:]).to(torch.float32) - 8)
 
 
-class Q4_1(Codec):
+class Q4_1(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q4_1", 3, 32, 20
-
-    @classmethod
-    def encode_rows(cls, x, importance):
-        if importance is None:
-            return cls.encode_blocks(x.reshape(-1, cls.block_size))
-        return _weighted_blocks(x, importance, _min_impl(15, pack_nibbles))
+    weighted = staticmethod(_min_impl(15, pack_nibbles))
 
     @classmethod
     def encode_blocks(cls, blocks):
@@ -159,14 +164,9 @@ class Q4_1(Codec):
         return f16_from(data[:, :2]) * unpack_nibbles(data[:, 4:]).to(torch.float32) + f16_from(data[:, 2:4])
 
 
-class Q5_0(Codec):
+class Q5_0(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q5_0", 6, 32, 22
-
-    @classmethod
-    def encode_rows(cls, x, importance):
-        if importance is None:
-            return cls.encode_blocks(x.reshape(-1, cls.block_size))
-        return _weighted_blocks(x, importance, _symmetric_impl(16, _pack5))
+    weighted = staticmethod(_symmetric_impl(16, _pack5))
 
     @classmethod
     def encode_blocks(cls, blocks):
@@ -178,14 +178,9 @@ class Q5_0(Codec):
         return f16_from(data[:, :2]) * (_unpack5(data[:, 2:]) - 16)
 
 
-class Q5_1(Codec):
+class Q5_1(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q5_1", 7, 32, 24
-
-    @classmethod
-    def encode_rows(cls, x, importance):
-        if importance is None:
-            return cls.encode_blocks(x.reshape(-1, cls.block_size))
-        return _weighted_blocks(x, importance, _min_impl(31, _pack5))
+    weighted = staticmethod(_min_impl(31, _pack5))
 
     @classmethod
     def encode_blocks(cls, blocks):
