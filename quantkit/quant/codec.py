@@ -106,6 +106,12 @@ def unpack_bits_le(data: torch.Tensor) -> torch.Tensor:
     return ((data[:, :, None] >> shifts) & 1).reshape(data.shape[0], -1)
 
 
+def divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """float32 `t / divisor` rounded once, as C divides, on every device: CUDA turns division by a Python number
+    into multiplication by its rounded reciprocal (exact only for powers of two)."""
+    return t / torch.tensor(float(divisor), dtype=t.dtype, device=t.device)
+
+
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C roundf, exactly: floor(|x| + 0.5) would misround 0.49999997 in float32."""
     a = x.abs()

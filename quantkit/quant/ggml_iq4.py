@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.quant.codec import Codec, f16_bytes, f16_from, pack_nibbles, unpack_nibbles
+from quantkit.quant.codec import Codec, divide, f16_bytes, f16_from, pack_nibbles, unpack_nibbles
 from quantkit.quant.ggml_search import sqrtf
 
 # ggml-common.h kvalues_iq4nl: the 16-entry codebook, sorted ascending.
@@ -105,7 +105,7 @@ def _subblock_scales(xs: torch.Tensor, w: torch.Tensor, tables: _Tables) -> torc
 
     # Candidate inverse scales: first id = 1/d with d = -max/values[0]; then, for itry = -ntry..ntry,
     # id = (itry + values[0])/max (the numerator is an exact integer).
-    id0 = 1 / (-xmax / float(KVALUES[0]))
+    id0 = 1 / divide(-xmax, KVALUES[0])
     num = torch.arange(-NTRY, NTRY + 1, device=xs.device).add(KVALUES[0]).to(torch.float32)
     ids = torch.cat((id0[None], num.view(shape) / xmax[None]))  # [1 + 2*ntry, *B]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.quant.codec import Codec, f16_bytes, f16_from
+from quantkit.quant.codec import Codec, divide, f16_bytes, f16_from
 from quantkit.quant.ggml_search import (
     fdiv,
     iround,
@@ -174,8 +174,8 @@ class Q2_K(_KQuant, Codec):
             lm = nearest_int(fdiv(15.0, max_min)[:, None] * mins)
             ls = torch.where(has_scale[:, None], ls, torch.zeros_like(ls))
             lm = torch.where(has_min[:, None], lm, torch.zeros_like(lm))
-            d = torch.where(has_scale, max_scale / 15.0, torch.zeros_like(max_scale))
-            dmin = torch.where(has_min, max_min / 15.0, torch.zeros_like(max_min))
+            d = torch.where(has_scale, divide(max_scale, 15), torch.zeros_like(max_scale))
+            dmin = torch.where(has_min, divide(max_min, 15), torch.zeros_like(max_min))
         else:  # quantize_row_q2_K_impl
             weight = _imatrix_weights(xs, qw, _sigma2(xs, 1))
             we = _elem_major(weight, 16)
@@ -266,7 +266,7 @@ class _Q45K(_KQuant):
             inv_min = torch.where(max_min > 0, fdiv(63.0, max_min), torch.zeros_like(max_min))
             ls = wrap_u8(nearest_int(inv_scale[:, None] * scales)).clamp_(max=63)
             lm = wrap_u8(nearest_int(inv_min[:, None] * mins)).clamp_(max=63)
-            d, dmin = max_scale / 63.0, max_min / 63.0
+            d, dmin = divide(max_scale, 63), divide(max_min, 63)
         else:  # quantize_row_q{4,5}_K_impl
             weight = _imatrix_weights(xs, qw, _sigma2(xs, 2))
             we = _elem_major(weight, 32)

@@ -15,6 +15,7 @@ import torch
 
 from quantkit.quant.codec import (
     Codec,
+    divide,
     f16_bytes,
     f16_from,
     pack_bits_le,
@@ -52,7 +53,7 @@ def _min_quants(blocks: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Ten
     # the first minimal / maximal element (strict `<` / `>` loops): the sign of a zero matters for d and m
     lo = blocks.gather(1, blocks.argmin(dim=1, keepdim=True))
     hi = blocks.gather(1, blocks.argmax(dim=1, keepdim=True))
-    d = (hi - lo) / top
+    d = divide(hi - lo, top)
     # ggml clamps Q4_1 but not Q5_1; (x - min) / d + 0.5 stays below top + 1, so the clamp never binds.
     q = ((blocks - lo) * _inverse(d) + 0.5).trunc().clamp(max=top)
     return d, lo, q.to(torch.uint8)
@@ -70,7 +71,7 @@ def _unpack5(packed: torch.Tensor) -> torch.Tensor:
 def _row_sigma2(x: torch.Tensor) -> torch.Tensor:
     """[rows, n] -> [rows]: `sum_x2 += x[j]*x[j]` over the whole row, sigma2 = sum_x2/n_per_row."""
     xt = x.t().contiguous()
-    return seqsum(xt * xt) / x.shape[1]
+    return divide(seqsum(xt * xt), x.shape[1])
 
 
 def _weighted_blocks(x: torch.Tensor, importance: torch.Tensor, encode_chunk) -> torch.Tensor:
@@ -127,7 +128,7 @@ class Q8_0(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        d = divide(blocks.abs().amax(dim=1, keepdim=True), 127)
         q = round_half_away(blocks * _inverse(d)).to(torch.int8)
         return torch.cat((f16_bytes(d), q.view(torch.uint8)), dim=1)
 

@@ -10,6 +10,8 @@ Exactness rules followed throughout (ggml is compiled without FMA contraction or
 - C sums are sequential loops, so sums are accumulated element by element (`seqsum`), never with `.sum()`;
 - `sqrtf` goes through float64 (torch's float32 sqrt is not correctly rounded on CPU);
 - `scalar / tensor` is never written in python (torch turns it into `reciprocal(t) * scalar`, two roundings);
+- `tensor / number` goes through `codec.divide` unless the number is a power of two (CUDA multiplies by the
+  number's rounded reciprocal);
 - `nearest_int` reproduces the C bit trick, including its result for arguments outside +-2^22 and NaN;
 - integers the C code stores in uint8 / int8 arrays are wrapped the same way before they are reused.
 """
