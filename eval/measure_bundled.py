@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from eval.train_models import BATCH, CONTEXT, DEFAULT_STEPS
+from eval.train_models import CONTEXT, RECIPES
 from quantkit.bundled import textsets
 from quantkit.model import Model
 from quantkit.testing.tokenizer import EOS
@@ -198,7 +198,10 @@ def measure(folder: Path, ctx: int, n_windows: int, mc_items: list[dict]) -> dic
 
 def write_model_readme(folder: Path, r: dict) -> None:
     config = json.loads((folder / "config.json").read_text())
-    steps = DEFAULT_STEPS[folder.name]
+    recipe = RECIPES[folder.name]
+    hardware = "2 CPU cores" if recipe.device == "cpu" else (
+        f"an NVIDIA H100 (86 s; that machine's Python lacked tkinter, so the text came from Python {r['python']}'s "
+        "Lib/ through QUANTKIT_STDLIB, and `--tokenizer` reused the bundled tokenizer)")
     mc = r["multiple_choice"]
     rows = "\n".join(f"| {name} | {q['ppl']:.3f} | {q['delta_ppl_pct']:+.2f}% ± {q['delta_ppl_pct_2sigma']:.2f} | "
                      f"{q['kld_mean']:.5f} | {q['top1_agreement_pct']:.2f}% |" for name, q in r["quantized"].items())
@@ -215,8 +218,8 @@ A small trained {config['model_type']} model bundled with quantkit for tests, be
 (no download needed). Architecture: {config['architectures'][0]}, hidden {config['hidden_size']},
 {config['num_hidden_layers']} layers, vocab {config['vocab_size']}; weights stored as {fmt}.
 
-Made by `python -m eval.train_models --models {folder.name}` (seed 0, {steps} steps of {BATCH}x{CONTEXT} tokens,
-AdamW with no weight decay and the learning rate annealed to zero, bfloat16 autocast on 2 CPU cores) on the
+Made by `python -m eval.train_models --models {folder.name}` (seed 0, {recipe.steps} steps of {recipe.batch}x{CONTEXT}
+tokens, AdamW with no weight decay and the learning rate annealed to zero, bfloat16 autocast on {hardware}) on the
 standard-library train split of Python {r['python']}
 (`quantkit.bundled.textsets`, {r['token_counts']['train']} tokens), with a byte-level BPE tokenizer using
 Qwen2's pre-tokenizer regex.
@@ -249,9 +252,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=300)
     parser.add_argument("--mc-items", type=int, default=400)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write-readmes", action="store_true", help="(re)write each model folder's README.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     items = [json.loads(line) for line in TASKS.read_text().splitlines()][: args.mc_items]
     results = []
     for folder in args.models:

@@ -1,10 +1,13 @@
 """Train the bundled models from nothing: tokenizer, then tiny-qwen2, tiny-llama and tiny-deepseek.
 
-    python -m eval.train_models [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--steps N] [--out DIR]
+    python -m eval.train_models [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--steps N] [--batch B]
+                                [--device cpu|cuda] [--tokenizer DIR] [--out DIR]
 
-Fixed seeds; transformers' model classes (the models' real consumer) on CPU, 2 threads, float32 master
-weights with bfloat16 autocast (1.4x the float32 step rate on AVX512-BF16 cores, so more tokens fit the
-~20 minutes per model). The text is the standard-library train split (quantkit.bundled.textsets).
+Fixed seeds; transformers' model classes (the models' real consumer), float32 master weights with bfloat16
+autocast (on CPU: 2 threads, 1.4x the float32 step rate on AVX512-BF16 cores, so more tokens fit the ~20
+minutes per model). The text is the standard-library train split (quantkit.bundled.textsets).
+`--tokenizer DIR` reuses the tokenizer of an existing model folder (all bundled models share one) instead of
+training it again, e.g. to retrain one model on a GPU machine whose Python differs.
 
 The models exist to make quantization error measurable, so the recipe leans the way that makes a small
 model sensitive to it: the learning rate anneals to zero (the decay phase is where post-training
@@ -21,9 +24,11 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from quantkit.bundled import textsets
 from quantkit.testing.factory import quantize_block_fp8, write_sharded
@@ -32,7 +37,6 @@ from quantkit.testing.tokenizer import EOS, save_tokenizer, train_bpe
 BUNDLED = Path(__file__).resolve().parent.parent / "quantkit" / "bundled" / "models"
 VOCAB_SIZE = 3072
 CONTEXT = 256
-BATCH = 16
 
 _COMMON = {"vocab_size": VOCAB_SIZE, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
            "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "initializer_range": 0.02, "hidden_act": "silu",
@@ -65,7 +69,20 @@ CONFIGS = {
                       "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                               "weight_block_size": [128, 128]}},
 }
-DEFAULT_STEPS = {"tiny-qwen2": 1700, "tiny-llama": 1800, "tiny-deepseek": 1100}  # ~20 min each on 2 cores
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int
+    batch: int  # sequences of CONTEXT tokens per step
+    device: str
+
+
+# qwen2 and llama: ~20 minutes each on 2 CPU cores. tiny-deepseek only reaches the quality bar (4-bit visibly
+# costs perplexity) with ~5x their tokens; its transformers step is also 1.5x theirs, so it was trained on an
+# H100 (86 s; 1100 steps of 16 on CPU left it at 2x the dense models' perplexity).
+RECIPES = {"tiny-qwen2": Recipe(1700, 16, "cpu"), "tiny-llama": Recipe(1800, 16, "cpu"),
+           "tiny-deepseek": Recipe(1500, 64, "cuda")}
 BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's aux-loss-free balancing step (gamma in the V3 report)
 
 
@@ -93,8 +110,9 @@ def hf_model(name: str):
     return transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
 
-def train(name: str, tokens: torch.Tensor, steps: int, log) -> torch.nn.Module:
-    model = hf_model(name)
+def train(name: str, tokens: torch.Tensor, recipe: Recipe, log) -> torch.nn.Module:
+    steps, batch_size, device = recipe.steps, recipe.batch, recipe.device
+    model = hf_model(name).to(device)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = 100
@@ -107,9 +125,9 @@ def train(name: str, tokens: torch.Tensor, steps: int, log) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(1234)
     start = time.time()
     for step in range(steps):
-        starts = torch.randint(0, len(tokens) - CONTEXT, (BATCH,), generator=gen)
-        batch = torch.stack([tokens[s:s + CONTEXT] for s in starts.tolist()])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        starts = torch.randint(0, len(tokens) - CONTEXT, (batch_size,), generator=gen)
+        batch = torch.stack([tokens[s:s + CONTEXT] for s in starts.tolist()]).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = model(batch, labels=batch).loss  # transformers shifts the labels
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,7 +169,7 @@ def _balance_experts(routers) -> None:
 def export(name: str, model, folder: Path) -> None:
     """Write the checkpoint as the real model family ships it (names, dtypes, per-expert tensors, FP8)."""
     config = CONFIGS[name]
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     tensors: dict[str, torch.Tensor] = {}
@@ -188,7 +206,10 @@ def export(name: str, model, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(CONFIGS))
-    parser.add_argument("--steps", type=int, default=None, help="override the per-model step count")
+    parser.add_argument("--steps", type=int, default=None, help="override the model's recipe (RECIPES)")
+    parser.add_argument("--batch", type=int, default=None, help="override: sequences of 256 tokens per step")
+    parser.add_argument("--device", default=None, help="override: cpu or cuda")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this folder's tokenizer")
     parser.add_argument("--out", type=Path, default=BUNDLED)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -200,12 +221,23 @@ def main() -> None:
         log_file.write(message + "\n")
         log_file.flush()
 
-    tokenizer_dir = args.out / "_tokenizer"
-    tokenizer = train_tokenizer(tokenizer_dir)
+    if args.tokenizer:
+        tokenizer_dir = args.tokenizer
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    else:
+        tokenizer_dir = args.out / "_tokenizer"
+        tokenizer = train_tokenizer(tokenizer_dir)
     tokens = token_stream(tokenizer, "train")
     log(f"python {textsets.python_version()}: train split {len(tokens)} tokens, vocab {tokenizer.get_vocab_size()}")
     for name in args.models.split(","):
-        model = train(name, tokens, args.steps or DEFAULT_STEPS[name], log)
+        recipe = RECIPES[name]
+        recipe = Recipe(args.steps or recipe.steps, args.batch or recipe.batch, args.device or recipe.device)
+        if recipe.device == "cuda" and not torch.cuda.is_available():
+            log(f"{name}: its recipe trains on a GPU and none is present; training on the CPU instead (about "
+                f"{recipe.steps * recipe.batch // 16 // 60} minutes on 2 cores)")
+            recipe = Recipe(recipe.steps, recipe.batch, "cpu")
+        log(f"{name}: {recipe}")
+        model = train(name, tokens, recipe, log)
         export(name, model, args.out / name)
         for file in ("tokenizer.json", "tokenizer_config.json"):
             (args.out / name / file).write_bytes((tokenizer_dir / file).read_bytes())

@@ -3,11 +3,14 @@
 Every machine with Python has these files and nothing in the repo copies them: the repo stores only the
 module lists below. All modules exist as pure-Python source in CPython 3.10-3.13 (modules removed in 3.13
 and ones that became thin re-export shims are left out). The exact text, and so every token count and
-perplexity, depends on the CPython version; reports name it.
+perplexity, depends on the CPython version; reports name it. Some distributions split modules out of the
+interpreter package (Debian/Ubuntu: tkinter, idlelib); set QUANTKIT_STDLIB to another CPython's Lib/ folder
+(e.g. a pyenv build's lib/python3.X) to read the text from there.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sysconfig
 from pathlib import Path
@@ -60,15 +63,20 @@ TRAIN = (
 SPLITS = {"train": TRAIN, "calibration": CALIBRATION, "heldout": HELDOUT}
 
 
+def stdlib_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_STDLIB") or sysconfig.get_paths()["stdlib"])
+
+
 def module_source(module: str) -> str:
     # Looked up as files under the stdlib directory, not through imports: 3.11+ freezes some (os, codecs).
-    base = Path(sysconfig.get_paths()["stdlib"]) / module.replace(".", "/")
+    base = stdlib_dir() / module.replace(".", "/")
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    raise QuantkitError(f"standard-library module {module!r} has no Python source on this interpreter "
-                        f"({platform.python_implementation()} {platform.python_version()}); the text sets "
-                        "need CPython 3.10-3.13 with its Lib/ sources installed")
+    raise QuantkitError(f"standard-library module {module!r} has no Python source in {stdlib_dir()} "
+                        f"(Python {python_version()}); the text sets need CPython 3.10-3.13's Lib/ sources: install "
+                        "the distribution's package for the module (e.g. python3-tk) or set QUANTKIT_STDLIB to "
+                        "a complete CPython Lib/ folder")
 
 
 def documents(split: str) -> list[str]:
@@ -86,4 +94,6 @@ def text(split: str) -> str:
 
 
 def python_version() -> str:
+    if os.environ.get("QUANTKIT_STDLIB"):
+        return f"stdlib at {os.environ['QUANTKIT_STDLIB']}"
     return platform.python_version()
