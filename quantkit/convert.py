@@ -90,7 +90,7 @@ def imatrix_metadata(path: Path, imatrix: Imatrix) -> dict[str, Value]:
 
 def convert(model_path: str | Path, targets: list[str], output: Path | None = None, *,
             options: MixtureOptions | None = None, imatrix: Path | None = None, device: str = "cpu",
-            force: bool = False, dry_run: bool = False, split_max_size: str | None = None,
+            threads: int | None = None, force: bool = False, dry_run: bool = False, split_max_size: str | None = None,
             tokenizer_pre: str | None = None, name: str | None = None,
             progress: Callable[[str], None] | None = None) -> list[tuple[Path, Plan]]:
     """Plan (and unless dry_run, write) every target. Returns (path, plan) per target; with split output
@@ -113,7 +113,7 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
         outputs = [gguf.GGUFOutput(path, plan.ftype, plan.types, extra)
                    for path, plan in zip(paths, plans, strict=True)]
         written = gguf.requantize(source, outputs, importance=importance, split_max_bytes=split, force=force,
-                                  device=device, progress=progress)
+                                  device=device, threads=threads, progress=progress)
         return [(files[0], plan) for files, plan in zip(written, plans, strict=True)]
     with Model(model_path, device=device) as model:
         model_name = name or model.source.path.name
@@ -125,5 +125,6 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
         outputs = [gguf.GGUFOutput(path, plan.ftype, plan.types, extra)
                    for path, plan in zip(paths, plans, strict=True)]
         written = gguf.convert(model, outputs, importance=importance, name=model_name,
-                               tokenizer_pre=tokenizer_pre, split_max_bytes=split, force=force, progress=progress)
+                               tokenizer_pre=tokenizer_pre, split_max_bytes=split, force=force, threads=threads,
+                               progress=progress)
     return [(files[0], plan) for files, plan in zip(written, plans, strict=True)]

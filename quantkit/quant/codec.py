@@ -116,4 +116,4 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C roundf, exactly: floor(|x| + 0.5) would misround 0.49999997 in float32."""
     a = x.abs()
     whole = a.floor()
-    return torch.sign(x) * (whole + (2 * (a - whole)).floor())
+    return a.sub_(whole).mul_(2).floor_().add_(whole).copysign_(x)

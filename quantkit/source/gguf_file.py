@@ -3,53 +3,58 @@ dequantizers for ggml types quantkit does not write)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantkit.errors import SourceError
+from quantkit.errors import QuantkitError, SourceError
+from quantkit.formats.gguf_file import StoredTensor, Value, read_header
 from quantkit.quant import CODECS, get_codec
 
 
 class GGUFFile:
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
-
         self.path = Path(path)
         if not self.path.is_file():
             raise SourceError(f"{self.path}: no such GGUF file")
         try:
-            self._reader = GGUFReader(self.path)
-        except (ValueError, OSError) as exc:
+            header = read_header(self.path)
+        except OSError as exc:
             raise SourceError(f"{self.path}: not a readable GGUF file ({exc})") from exc
-        self.tensors = {t.name: t for t in self._reader.tensors}
-
-    def fields(self) -> dict:
-        return dict(self._reader.fields)
+        except QuantkitError as exc:
+            raise SourceError(str(exc)) from exc
+        self.values: dict[str, Value] = header.metadata
+        self.tensors: dict[str, StoredTensor] = header.tensors
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self.tensors else None
 
     def metadata(self, key: str):
-        field = self._reader.get_field(key)
-        return None if field is None else field.contents()
+        value = self.values.get(key)
+        return None if value is None else value.value
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in reversed(self.tensors[name].shape.tolist()))
+        return self.tensors[name].shape
 
     def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].type.name
+
+    def data(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes (a read-only view of the mapped file)."""
+        t = self.tensors[name]
+        return self._map[t.offset:t.offset + t.nbytes]
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """float32 tensor in torch order."""
         if name not in self.tensors:
             raise SourceError(f"{self.path}: no tensor {name!r}")
-        t = self.tensors[name]
-        shape = self.shape(name)
-        type_name = t.tensor_type.name
+        shape, type_name = self.shape(name), self.type_name(name)
         if type_name in CODECS:
             codec = get_codec(type_name)
-            raw = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(-1)).to(device)
+            raw = torch.from_numpy(np.array(self.data(name))).to(device)
             row_bytes = shape[-1] // codec.block_size * codec.block_bytes
             return codec.decode(raw.reshape(-1, row_bytes), shape[-1]).reshape(shape)
         from gguf.quants import dequantize
 
-        return torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(shape).to(device)
+        data = self.data(name).reshape(-1, self.tensors[name].nbytes // math.prod(shape[:-1]))
+        return torch.from_numpy(dequantize(data, self.tensors[name].type).astype(np.float32)).reshape(shape).to(device)

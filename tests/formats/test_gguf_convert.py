@@ -146,3 +146,28 @@ def test_cli_dry_run_and_bad_type(model_cache, tmp_path):
     assert list(tmp_path.iterdir()) == []
     bad = runner.invoke(main, ["convert", str(model_cache("llama")), "--to", "gguf:Q4_X"])
     assert bad.exit_code == 2 and "Q4_K_M" in bad.output and "Traceback" not in bad.output
+
+
+def test_header_reader_agrees_with_gguf_py_and_rejects_truncation(model_cache, tmp_path):
+    [(path, _)] = api.convert(model_cache("deepseek_v3", fp8=True), ["gguf:Q4_K_M"], tmp_path / "m.gguf")
+    ours, theirs = GGUFFile(path), GGUFReader(path)
+    expected = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.values) == list(expected)
+    for key, field in expected.items():
+        value = ours.values[key]
+        assert value.type == field.types[0] and (value.item_type is None or value.item_type == field.types[-1]), key
+        assert value.value == field.contents(), key
+    for t in theirs.tensors:
+        assert ours.type_name(t.name) == t.tensor_type.name
+        assert ours.shape(t.name) == tuple(int(x) for x in reversed(t.shape.tolist()))
+        assert np.array_equal(ours.data(t.name), np.asarray(t.data).view(np.uint8).reshape(-1))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+    with pytest.raises(QuantkitError, match="runs past the end of the file"):
+        GGUFFile(cut)
+    cut.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(QuantkitError, match="corrupt or truncated GGUF header"):
+        GGUFFile(cut)
+    cut.write_bytes(b"GGML" + path.read_bytes()[4:])
+    with pytest.raises(QuantkitError, match="not a GGUF file"):
+        GGUFFile(cut)
