@@ -17,6 +17,7 @@ setup(
         "gguf>=0.10",
         "click>=8.1",
         "tokenizers>=0.19",
+        "matplotlib>=3.7",  # quantkit eval's quality-vs-VRAM plot
     ],
     # llama-cpp-python is pinned: quantkit's llama.cpp mixture rules follow the llama.cpp it vendors, and the
     # interop tests compare our bytes with that ggml. It builds from source (about 8 minutes on 2 cores).

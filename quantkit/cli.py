@@ -68,11 +68,12 @@ def inspect(model, as_json):
 @click.option("--force", is_flag=True, help="Replace existing output files (only once the new one is complete).")
 @click.option("--split-max-size", metavar="SIZE", help="Write gguf-split shards of at most SIZE (e.g. 2G).")
 @click.option("--device", default=None, help="Device to quantize on (default: cuda if available, else cpu).")
+@click.option("--threads", type=int, default=None, help="CPU threads for quantizing (default: all cores).")
 @click.option("--tokenizer-pre", metavar="NAME",
               help="llama.cpp pre-tokenizer name, when quantkit cannot tell it from tokenizer.json.")
 @click.option("--name", help="general.name and file name stem (default: the model folder's name).")
 def convert(model, targets, output, tensor_types, output_tensor_type, token_embedding_type, pure, imatrix, dry_run,
-            force, split_max_size, device, tokenizer_pre, name):
+            force, split_max_size, device, threads, tokenizer_pre, name):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -85,9 +86,9 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with _progress() as show:
         results = api.convert(resolve_model(model), list(targets), output, options=options, imatrix=imatrix,
-                              device=device,
-                              force=force, dry_run=dry_run, split_max_size=split_max_size,
-                              tokenizer_pre=tokenizer_pre, name=name, progress=None if dry_run else show)
+                              device=device, threads=threads, force=force, dry_run=dry_run,
+                              split_max_size=split_max_size, tokenizer_pre=tokenizer_pre, name=name,
+                              progress=None if dry_run else show)
     for path, plan in results:
         if dry_run:
             click.echo(f"# {path}")
@@ -133,6 +134,53 @@ def imatrix(model, calib, output, ctx, chunks, device, force):
     for name, counts in result.expert_counts().items():
         if name.endswith("ffn_down_exps.weight"):
             click.echo(f"  {name[:-len('.ffn_down_exps.weight')]} tokens per expert: {counts}")
+
+
+@main.command("eval")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--baseline", required=True,
+              help="The source model every target is compared with: an HF folder (BF16 or FP8) or a bundled name.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="Text to score (default: the bundled held-out standard-library text).")
+@click.option("--tasks", type=click.Path(path_type=Path),
+              help="Multiple-choice items, JSON lines {context, choices, label} (default: the bundled next-line "
+                   "task).")
+@click.option("--mc-items", type=int, default=400, show_default=True, help="Use at most this many items (0: none).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length for perplexity and KLD.")
+@click.option("--windows", type=int, help="Score at most this many windows, spread evenly over the text.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "llama.cpp"]), default="auto", show_default=True,
+              help="For GGUF targets: llama.cpp (llama-cpp-python; what auto picks when installed) or torch "
+                   "(quantkit's forward on the dequantized weights). HF folders always run on torch.")
+@click.option("--device", default=None, help="Device for the torch backend (default: cuda if available, else cpu).")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: torch's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval-report"), show_default=True,
+              help="Folder for report.json, report.md and quality_vs_vram.png.")
+def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backend, device, threads, output):
+    """Measure TARGETS (GGUF files, HF folders) against the baseline: perplexity, KL divergence, top-1
+    agreement, multiple-choice accuracy, size and VRAM at --ctx, in one comparable report."""
+    import torch
+
+    from quantkit.evaluation.report import write_report
+    from quantkit.evaluation.runner import evaluate as run
+
+    text = text_name = None
+    if text_file is not None:
+        if not text_file.is_file():
+            raise QuantkitError(f"{text_file}: no such text file")
+        text, text_name = text_file.read_text(encoding="utf-8", errors="replace"), str(text_file)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def show(message: str) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r\033[K{message}", nl=False, err=True)
+
+    report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
+                 ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)
+    files = write_report(report, output)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    click.echo(files["markdown"].read_text())
+    click.echo(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
 class _progress:

@@ -1,0 +1,1 @@
+"""quantkit eval: every variant of a model measured the same way against the same baseline."""

@@ -1,0 +1,249 @@
+"""Score every variant against the baseline on the same tokens, window by window.
+
+Baseline and targets advance in lockstep: each window's baseline logits are computed once and compared with
+every target's at once, so nothing vocabulary-sized outlives a window (memory stays bounded whatever the text
+length) and no baseline logits cache is needed.
+
+Perplexity follows llama.cpp's `perplexity` exactly: non-overlapping windows of ctx tokens (the first token
+replaced by BOS when the tokenizer adds one), the logits at positions ctx/2 .. ctx-2 scored against the next
+token, so each window scores ctx/2 - 1 tokens whose context is at least half a window.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantkit import __version__
+from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.variants import Variant, hf_config, open_variant
+
+PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
+              "positions ctx/2 .. ctx-2 scored on the next token")
+_LOGPROB_BUDGET = 1 << 26  # float32 log-probs per variant per step (256 MiB): sets the windows per step
+
+
+def baseline_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(f"{path}: the baseline needs a tokenizer.json (the text is tokenized once, with the "
+                          "baseline's tokenizer, for every variant)")
+    return Tokenizer.from_file(str(file))
+
+
+def bos_id(path: Path, config: dict) -> int | None:
+    """The BOS llama.cpp puts at every window start, when the tokenizer adds one."""
+    file = path / "tokenizer_config.json"
+    if file.is_file() and json.loads(file.read_text()).get("add_bos_token", False):
+        return config.get("bos_token_id")
+    return None
+
+
+def windows(tokens: torch.Tensor, ctx: int, max_windows: int | None, bos: int | None) -> torch.Tensor:
+    count = len(tokens) // ctx
+    if count == 0:
+        raise QuantkitError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}; give a "
+                            "longer --text or a smaller --ctx")
+    every = tokens[: count * ctx].view(count, ctx).clone()
+    if max_windows is not None and max_windows < count:  # spread evenly over the whole text
+        every = every[torch.linspace(0, count - 1, max_windows).round().long()]
+    if bos is not None:
+        every[:, 0] = bos
+    return every
+
+
+def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
+    if target.vocab_size != baseline.vocab_size:
+        raise QuantkitError(f"{target.path}: vocabulary of {target.vocab_size} tokens, the baseline's has "
+                            f"{baseline.vocab_size}; KL divergence needs the same vocabulary: compare variants of "
+                            "the same model")
+    ours, theirs = target.tokens(), baseline.tokens()
+    if ours is not None and theirs is not None:
+        n = min(len(ours), len(theirs))
+        differ = next((i for i in range(n) if ours[i] != theirs[i]), None)
+        if differ is not None:
+            raise QuantkitError(f"{target.path}: token {differ} is {ours[differ]!r}, the baseline's is "
+                                f"{theirs[differ]!r}; the variants must share the baseline's tokenizer")
+    if target.max_context is not None and ctx > target.max_context:
+        raise QuantkitError(f"{target.path}: --ctx {ctx} exceeds the model's context length "
+                            f"{target.max_context}")
+
+
+class _Scores:
+    """Per-variant accumulators over scored positions (KLD values kept per position: 4 bytes each)."""
+
+    def __init__(self):
+        self.window_nll: list[torch.Tensor] = []
+        self.kld: list[torch.Tensor] = []
+        self.top1: list[torch.Tensor] = []
+        self.delta_p: list[torch.Tensor] = []
+
+    def add(self, logprobs: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None) -> None:
+        self.window_nll.append(-logprobs.gather(-1, targets[..., None])[..., 0].double().mean(-1))
+        if base is not None:
+            p = base.exp()
+            self.kld.append((p * (base - logprobs)).sum(-1).flatten().clamp_min(0))
+            top = base.argmax(-1, keepdim=True)
+            self.top1.append((logprobs.argmax(-1, keepdim=True) == top).flatten())
+            self.delta_p.append((logprobs.gather(-1, top).exp() - p.gather(-1, top)).flatten())
+
+
+def _mc_items(tasks: Path | None, count: int | None) -> tuple[list[dict], str]:
+    if tasks is None:
+        from quantkit.bundled.tasks import next_line_items
+
+        return next_line_items(count or 400), "bundled next-line task (quantkit.bundled.tasks)"
+    if not tasks.is_file():
+        raise QuantkitError(f"{tasks}: no such task file")
+    items = []
+    for number, line in enumerate(tasks.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not (isinstance(item["context"], str) and len(item["choices"]) >= 2
+                    and 0 <= item["label"] < len(item["choices"])):
+                raise ValueError("needs context, choices (2 or more) and a label indexing them")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuantkitError(f"{tasks}:{number}: not a multiple-choice item ({exc})") from None
+        items.append(item)
+    return items[:count] if count else items, str(tasks)
+
+
+def _mc_batches(tokenizer, items: list[dict]) -> list[tuple[torch.Tensor, list[int], list[int], list[int]]]:
+    """Per item: its choices right-padded into one batch (causal attention: padding after a sequence never
+    changes its logits), each choice's context length, token count and byte length."""
+    out = []
+    for item in items:
+        context = tokenizer.encode(item["context"], add_special_tokens=False).ids
+        choices = [tokenizer.encode(c, add_special_tokens=False).ids for c in item["choices"]]
+        longest = max(len(context) + len(c) for c in choices)
+        batch = torch.zeros(len(choices), longest, dtype=torch.long)
+        for row, c in enumerate(choices):
+            batch[row, : len(context) + len(c)] = torch.tensor(context + c)
+        out.append((batch, [len(context)] * len(choices), [len(c) for c in choices],
+                    [len(c.encode()) for c in item["choices"]]))
+    return out
+
+
+def _multiple_choice(variant: Variant, batches, items: list[dict]) -> dict:
+    correct = correct_norm = 0
+    for (batch, starts, lengths, nbytes), item in zip(batches, items, strict=True):
+        logprobs = F.log_softmax(variant.logits(batch), dim=-1)
+        scores = []
+        for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+            picked = logprobs[row, start - 1:start - 1 + length].gather(-1, batch[row, start:start + length, None])
+            scores.append(float(picked.sum()))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        norm = [s / b for s, b in zip(scores, nbytes, strict=True)]
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
+    return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+
+
+def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text: str | None = None,
+             text_name: str | None = None, tasks: Path | None = None, mc_items: int | None = 400,
+             ctx: int = 512, max_windows: int | None = None, backend: str = "auto", device: str = "cpu",
+             threads: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every target against the baseline; returns the report dict (see quantkit.evaluation.report)."""
+    from quantkit.bundled import resolve_model, textsets
+
+    say = progress or (lambda _message: None)
+    baseline_path = resolve_model(str(baseline_path))
+    config = hf_config(baseline_path) if baseline_path.is_dir() else None
+    if config is None:
+        raise ConfigError(f"{baseline_path}: the baseline must be an HF model folder (the source checkpoint, "
+                          "BF16 or FP8, with its tokenizer.json)")
+    tokenizer = baseline_tokenizer(baseline_path)
+    if text is None:
+        text, text_name = textsets.text("heldout"), f"bundled held-out text (Python {textsets.python_version()})"
+    tokens = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    batches = windows(tokens, ctx, max_windows, bos_id(baseline_path, config))
+    first = ctx // 2
+    items, tasks_name = _mc_items(tasks, mc_items) if mc_items != 0 else ([], None)
+    mc_batches = _mc_batches(tokenizer, items)
+    longest = max([ctx] + [b[0].shape[1] for b in mc_batches])
+
+    variants: list[Variant] = []
+    try:
+        baseline = open_variant(baseline_path, "torch", config=config, n_ctx=longest, device=device)
+        variants.append(baseline)
+        check_compatible(baseline, baseline, ctx)
+        for path in target_paths:
+            variant = open_variant(path, backend, config=config, n_ctx=longest, device=device, threads=threads)
+            variants.append(variant)
+            check_compatible(baseline, variant, ctx)
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two variants are both named {next(n for n in names if names.count(n) > 1)!r}")
+
+        scores = [_Scores() for _ in variants]
+        seconds = [0.0] * len(variants)
+        step = max(1, min(8, _LOGPROB_BUDGET // (ctx * baseline.vocab_size)))
+        for start in range(0, len(batches), step):
+            ids = batches[start:start + step]
+            targets = ids[:, first + 1:]
+            base = None
+            for index, variant in enumerate(variants):
+                began = time.perf_counter()
+                logprobs = F.log_softmax(variant.logits(ids)[:, first:-1], dim=-1)
+                seconds[index] += time.perf_counter() - began
+                if base is None:
+                    base = logprobs
+                scores[index].add(logprobs, targets, None if index == 0 else base)
+            say(f"windows {min(start + step, len(batches))}/{len(batches)}")
+
+        rows = []
+        for index, variant in enumerate(variants):
+            say(f"multiple choice: {variant.name}")
+            began = time.perf_counter()
+            mc = _multiple_choice(variant, mc_batches, items) if items else None
+            seconds[index] += time.perf_counter() - began
+            rows.append(_row(variant, scores[index], scores[0], mc, ctx, seconds[index]))
+    finally:
+        for variant in variants:
+            variant.close()
+    base_row, target_rows = rows[0], rows[1:]
+    for row in target_rows:
+        row["vram_saving_pct"] = 100 * (1 - row["vram"]["total"] / base_row["vram"]["total"])
+    return {
+        "quantkit_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"baseline": str(baseline_path), "text": text_name or "--text", "ctx": ctx,
+                     "windows": len(batches), "scored_tokens": len(batches) * (ctx - first - 1),
+                     "tasks": tasks_name, "mc_items": len(items), "ppl_method": PPL_METHOD, "device": device,
+                     "backend": backend},
+        "baseline": base_row,
+        "variants": target_rows,
+    }
+
+
+def _row(variant: Variant, s: _Scores, base: _Scores, mc: dict | None, ctx: int, seconds: float) -> dict:
+    nll = torch.cat(s.window_nll)
+    row = variant.describe()
+    row["ppl"] = math.exp(float(nll.mean()))
+    if s is base:
+        row.update(delta_ppl_pct=0.0, delta_ppl_pct_2sigma=0.0,
+                   kld={"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}, top1_pct=100.0, delta_p_mean=0.0)
+    else:
+        diff = nll - torch.cat(base.window_nll)  # paired over windows
+        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        kld = torch.cat(s.kld)
+        row.update(delta_ppl_pct=100 * (math.exp(float(diff.mean())) - 1),
+                   delta_ppl_pct_2sigma=100 * (math.exp(two_sigma) - 1),
+                   kld={"mean": float(kld.mean()), "median": float(kld.median()),
+                        "p99": float(kld.kthvalue(math.ceil(0.99 * len(kld))).values), "max": float(kld.max())},
+                   top1_pct=100 * float(torch.cat(s.top1).double().mean()),
+                   delta_p_mean=100 * float(torch.cat(s.delta_p).mean()))
+    vram = variant.vram(ctx)
+    row.update(mc=mc, size_bytes=variant.size_bytes(), bpw=variant.bpw(), vram=vram.as_dict(),
+               vram_saving_pct=0.0, seconds=seconds)
+    return row

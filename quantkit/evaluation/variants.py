@@ -1,0 +1,244 @@
+"""What `quantkit eval` scores: any artifact quantkit reads, behind one interface (logits for token ids, size,
+VRAM), on one of two backends.
+
+- torch: quantkit's layer-by-layer reference forward on the (dequantized) weights: HF folders (BF16/F16/F32
+  or DeepSeek block-FP8) and GGUF files (decoded with quantkit's codecs; the architecture comes from the
+  baseline's HF config, as a GGUF made from that checkpoint describes the same model).
+- llama.cpp: llama-cpp-python on a GGUF file, i.e. exactly what a llama.cpp user gets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantkit.arch import Architecture, load_architecture
+from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.vram import VramEstimate, vram_checkpoint, vram_gguf
+from quantkit.model import Model
+from quantkit.source.gguf_file import GGUFFile
+
+BACKENDS = ("auto", "torch", "llama.cpp")
+_CACHE_LIMIT_BYTES = 4 << 30  # float32 weights kept in memory between forwards up to this size
+
+
+class Variant:
+    name: str
+    path: Path
+    format: str  # "hf" | "gguf"
+    type: str  # llama.cpp file type name for GGUF, the stored dtype for HF folders
+    backend: str
+    vocab_size: int
+    max_context: int | None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[batch, T] token ids -> float32 [batch, T, vocab] next-token logits (CPU)."""
+        raise NotImplementedError
+
+    def tokens(self) -> list[str] | None:
+        """The vocabulary's token strings, where the artifact carries them (to check they match)."""
+        return None
+
+    def size_bytes(self) -> int:
+        raise NotImplementedError
+
+    def bpw(self) -> float:
+        raise NotImplementedError
+
+    def vram(self, ctx: int) -> VramEstimate:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "format": self.format, "type": self.type,
+                "backend": self.backend}
+
+
+class _CachedWeights:
+    """Dequantized float32 weights kept between forwards while they fit `limit` bytes; past it, read again
+    each time (the forward asks for one layer's tensors at a time, so memory stays bounded)."""
+
+    def __init__(self, read, device: torch.device, limit: int = _CACHE_LIMIT_BYTES):
+        self.read, self.device, self.limit, self.used = read, device, limit, 0
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self.cache:
+            return self.cache[name]
+        tensor = self.read(name).to(self.device)
+        if self.used + tensor.numel() * 4 <= self.limit:
+            self.cache[name] = tensor
+            self.used += tensor.numel() * 4
+        return tensor
+
+
+class HFVariant(Variant):
+    format, backend = "hf", "torch"
+
+    def __init__(self, path: Path, device: str = "cpu", name: str | None = None):
+        self.model = Model(path, device=device)
+        self.path, self.name = self.model.source.path, name or self.model.source.path.name
+        self.arch: Architecture = self.model.arch
+        self.type = "FP8" if self.model.source.config.get("quantization_config") else _stored_dtype(self.model)
+        self.vocab_size = self.arch.vocab_size
+        self.max_context = self.arch.config.get("max_position_embeddings")
+        self.weights = _CachedWeights(self.model.source.read, self.model.device)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.arch.forward(self.weights, ids.to(self.model.device)).float().cpu()
+
+    def tokens(self) -> list[str] | None:
+        return hf_tokens(self.path)
+
+    def size_bytes(self) -> int:
+        return self.model.source.size_on_disk()
+
+    def bpw(self) -> float:
+        """Stored bits per weight of the weight matrices (an FP8 weight's block scales included)."""
+        stored = [t for t in self.model.source.tensors() if len(t.shape) >= 2]
+        return 8 * sum(t.nbytes for t in stored) / max(1, sum(t.numel for t in stored))
+
+    def vram(self, ctx: int) -> VramEstimate:
+        return vram_checkpoint(self.model, ctx)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _stored_dtype(model: Model) -> str:
+    dtypes = {t.dtype for t in model.source.tensors() if len(t.shape) >= 2}
+    return "/".join(sorted(dtypes))
+
+
+def hf_tokens(folder: Path) -> list[str] | None:
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(file))
+    return [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+
+
+class _GGUFVariant(Variant):
+    format = "gguf"
+
+    def __init__(self, path: Path, name: str | None):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.gguf = GGUFFile(self.path)
+        self.type = _file_type_name(self.gguf)
+        arch = self.gguf.metadata("general.architecture")
+        self.max_context = self.gguf.metadata(f"{arch}.context_length")
+        token_list = self.gguf.metadata("tokenizer.ggml.tokens")
+        embd = self.gguf.tensors.get("token_embd.weight")
+        self.vocab_size = embd.shape[0] if embd is not None else len(token_list or [])
+
+    def tokens(self) -> list[str] | None:
+        return self.gguf.metadata("tokenizer.ggml.tokens")
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def bpw(self) -> float:
+        weights = [t for t in self.gguf.tensors.values() if len(t.shape) >= 2]
+        return 8 * sum(t.nbytes for t in weights) / max(1, sum(math.prod(t.shape) for t in weights))
+
+    def vram(self, ctx: int) -> VramEstimate:
+        return vram_gguf(self.gguf, ctx)
+
+
+def _file_type_name(gguf: GGUFFile) -> str:
+    from quantkit.plan.ggml_mixtures import FILE_TYPES
+
+    ftype = gguf.metadata("general.file_type")
+    names = [ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype]
+    return names[0] if names else f"ftype {ftype}"
+
+
+class TorchGGUFVariant(_GGUFVariant):
+    backend = "torch"
+
+    def __init__(self, path: Path, config: dict, device: str = "cpu", name: str | None = None):
+        super().__init__(path, name)
+        self.arch = load_architecture(config)
+        self.device = torch.device(device)
+        self.weights = _CachedWeights(self.arch.weights_from_gguf(self.gguf.read), self.device)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.arch.forward(self.weights, ids.to(self.device)).float().cpu()
+
+
+class LlamaCppVariant(_GGUFVariant):
+    backend = "llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None, name: str | None = None):
+        super().__init__(path, name)
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ConfigError("the llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python "
+                              "(or use --backend torch)") from None
+        self.n_ctx = n_ctx
+        self.llm = llama_cpp.Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
+                                   logits_all=True, verbose=False, n_threads=threads or torch.get_num_threads())
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row in ids.tolist():
+            if len(row) > self.n_ctx:
+                raise QuantkitError(f"{self.path}: a sequence of {len(row)} tokens exceeds the loaded context "
+                                    f"{self.n_ctx}")
+            self.llm.reset()
+            self.llm.eval(row)
+            out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(out)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_variant(path: str | Path, backend: str, *, config: dict | None, n_ctx: int, device: str = "cpu",
+                 threads: int | None = None) -> Variant:
+    """Open any artifact quantkit reads for scoring. `config`: the baseline's HF config (architecture for the
+    torch backend on a GGUF); `n_ctx`: the longest sequence the llama.cpp backend will be given."""
+    from quantkit.bundled import resolve_model
+
+    path = resolve_model(str(path))
+    if not path.exists():
+        raise QuantkitError(f"{path}: no such model file or folder")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if path.suffix != ".gguf":
+        if backend == "llama.cpp":
+            raise ConfigError(f"{path}: the llama.cpp backend reads GGUF files; use --backend torch for HF folders")
+        return HFVariant(path, device)
+    if backend == "auto":
+        backend = "llama.cpp" if _has_llama_cpp() else "torch"
+    if backend == "llama.cpp":
+        return LlamaCppVariant(path, n_ctx, threads)
+    if config is None:
+        raise ConfigError(f"{path}: the torch backend needs the model's architecture from an HF checkpoint; "
+                          "give an HF folder as --baseline, or use --backend llama.cpp")
+    return TorchGGUFVariant(path, config, device)
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hf_config(path: Path) -> dict | None:
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None

@@ -1,0 +1,201 @@
+"""How much accelerator memory a model variant needs at a context length: weights, KV cache and an estimate of
+the runtime's compute (activation) buffers.
+
+GGUF files follow llama.cpp's own accounting (the vendored llama.cpp of llama-cpp-python 0.3.36):
+
+* weights: every tensor of the file at its stored size (`ggml_nbytes`), which is what `llama_model_size`
+  returns and what the model buffers add up to when llama.cpp allocates them (`load_tensors: ... model
+  buffer size` lines; CPU, CUDA, ... without mmap). With mmap on the CPU the `CPU_Mapped` buffer is instead
+  the file span of the tensors it maps, and repacked tensors (Q4_0/Q4_K/IQ4_NL into `CPU_REPACK`) are then
+  counted twice in the log, once in each buffer. With layers offloaded to a GPU, llama.cpp keeps the input
+  embedding (token_embd) in host memory, and a tied output head gets its own copy on the GPU; the estimate
+  here is the whole model, as one device holding everything.
+* KV cache (llama-context.cpp, llama-model.cpp `create_memory`, llama-kv-cache.cpp): n_ctx is padded up to a
+  multiple of 256 (0 means the training context); every layer except the NextN/MTP ones gets a K tensor of
+  `head_count_kv * key_length` values per cell, and a V tensor of `head_count_kv * value_length` (the
+  largest layer's, since without flash attention V is stored transposed and padded to the widest layer).
+  DeepSeek2 with MLA (`key_length_mla` / `value_length_mla` present, the attn_k_b / attn_v_b layout) runs as
+  MQA over the compressed latent: one K row of kv_lora_rank + rope dims (`key_length`) per token and layer,
+  and no V tensor at all (V is a view of the first kv_lora_rank values of K).
+* compute: see `_compute_bytes`; an estimate, not llama.cpp's exact allocator result.
+
+HF checkpoints are counted as a GPU runtime (vLLM, transformers) holds them: weights at their stored dtype
+(FP8 weights one byte each plus their float32 block scales, BF16 two bytes), multi-token-prediction layers
+left out; a K and a V vector per kv head and layer, or for DeepSeek MLA the compressed latent plus the rope
+key per layer (as vLLM caches it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from quantkit.errors import ConfigError
+
+F32 = 4
+CTX_PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
+DEFAULT_UBATCH = 512  # llama.cpp's default n_ubatch (and n_batch); the chunk a prefill step processes
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    weights: int  # bytes of weights as the runtime stores them
+    kv_cache: int  # bytes of KV cache at ctx
+    compute: int  # bytes, an estimate of the runtime's compute/activation buffers at ctx
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def as_dict(self) -> dict:
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute, "total": self.total}
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """The widths the compute estimate needs (per token, in values)."""
+
+    n_embd: int
+    n_head: int
+    q_width: int  # query values per token as the attention consumes them (all heads)
+    k_width: int  # key values per token (all kv heads)
+    v_width: int
+    ffn_width: int  # widest feed-forward intermediate per token (MoE: the experts a token uses, + shared)
+    n_vocab: int
+
+
+# ---- GGUF (llama.cpp) ---------------------------------------------------------------------------------------
+def llama_cpp_n_ctx(ctx: int, n_ctx_train: int = 0) -> int:
+    """The number of KV cells llama.cpp allocates for a requested context (one sequence)."""
+    if ctx <= 0:
+        ctx = n_ctx_train
+    if ctx <= 0:
+        raise ConfigError("context length must be positive (or 0 with a model that records its training context)")
+    return -(-ctx // CTX_PAD) * CTX_PAD
+
+
+def kv_type_row_bytes(kv_type: str, n: int) -> int:
+    """Bytes of one cache row of `n` values in ggml type `kv_type` (f16, bf16, f32, q8_0, q4_0, ...)."""
+    try:
+        qtype = GGMLQuantizationType[kv_type.upper()]
+    except KeyError:
+        raise ConfigError(f"unknown KV cache type {kv_type!r}; use a ggml type name such as f16, bf16, f32, "
+                          "q8_0, q4_0") from None
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise ConfigError(f"KV cache rows of {n} values cannot be stored as {kv_type} (blocks of {block})")
+    return n // block * type_size
+
+
+def vram_gguf(gguf, ctx: int, kv_type: str = "f16", n_ubatch: int = DEFAULT_UBATCH) -> VramEstimate:
+    """Memory llama.cpp needs for a GGUF file (`quantkit.source.gguf_file.GGUFFile`) at context `ctx`, with
+    its K and V caches in ggml type `kv_type`, processing `n_ubatch` tokens per step."""
+    arch = gguf.metadata("general.architecture")
+    if not arch:
+        raise ConfigError(f"{gguf.path}: no general.architecture in the GGUF metadata")
+
+    def key(name, default=None):
+        value = gguf.metadata(f"{arch}.{name}")
+        return default if value is None else value
+
+    n_layer_all = int(key("block_count", 0))
+    if n_layer_all <= 0:
+        raise ConfigError(f"{gguf.path}: no {arch}.block_count in the GGUF metadata")
+    n_layer = n_layer_all - int(key("nextn_predict_layers", 0))  # NextN/MTP layers get no cache in the trunk
+    n_embd = int(key("embedding_length", 0))
+    n_head = _per_layer(key("attention.head_count", 0), n_layer_all)
+    n_head_kv = _per_layer(key("attention.head_count_kv", n_head), n_layer_all)
+    head_max = max(n_head)
+    k_len = int(key("attention.key_length", n_embd // head_max if head_max else 0))
+    v_len = int(key("attention.value_length", n_embd // head_max if head_max else 0))
+    is_mla = bool(key("attention.key_length_mla", 0)) and bool(key("attention.value_length_mla", 0))
+
+    n_kv = llama_cpp_n_ctx(ctx, int(key("context_length", 0)))
+    layers = range(n_layer)
+    k_bytes = sum(kv_type_row_bytes(kv_type, n_head_kv[il] * k_len) for il in layers) * n_kv
+    v_bytes = 0
+    if not is_mla:
+        v_width = max(n_head_kv[il] * v_len for il in range(n_layer_all))  # transposed V: the widest layer's
+        v_bytes = len(layers) * kv_type_row_bytes(kv_type, v_width) * n_kv
+    weights = sum(t.nbytes for t in gguf.tensors.values())
+
+    n_vocab = key("vocab_size")
+    if n_vocab is None:
+        tokens = gguf.metadata("tokenizer.ggml.tokens")
+        n_vocab = len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[0]
+    n_ff = max(_per_layer(key("feed_forward_length", 0), n_layer_all))
+    n_expert_used = int(key("expert_used_count", 0))
+    if n_expert_used:
+        ff_exp = int(key("expert_feed_forward_length", 0))
+        shared_ff = ff_exp * int(key("expert_shared_count", 0))
+        n_ff = max(n_ff, n_expert_used * ff_exp + shared_ff + int(key("expert_count", 0)))
+    dims = _Dims(n_embd=n_embd, n_head=head_max, q_width=head_max * k_len, k_width=max(n_head_kv) * k_len,
+                 v_width=max(n_head_kv) * v_len, ffn_width=n_ff, n_vocab=int(n_vocab))
+    # llama.cpp caps the batch (and so the ubatch) at the context size for causal models
+    compute = _compute_bytes(dims, n_kv, min(n_ubatch, n_kv))
+    return VramEstimate(weights=weights, kv_cache=k_bytes + v_bytes, compute=compute)
+
+
+def _per_layer(value, n_layer: int) -> list[int]:
+    """A hyperparameter llama.cpp reads with get_key_or_arr: one value for all layers or one per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_layer:
+            raise ConfigError(f"per-layer hyperparameter has {len(value)} values for {n_layer} layers")
+        return [int(v) for v in value]
+    return [int(value)] * n_layer
+
+
+# ---- HF checkpoints ---------------------------------------------------------------------------------------------
+def vram_checkpoint(model, ctx: int, kv_dtype_bytes: int = 2) -> VramEstimate:
+    """Memory a GPU runtime (vLLM, transformers) needs for an HF checkpoint (`quantkit.model.Model`) at its
+    stored precision, at context `ctx` with a KV cache of `kv_dtype_bytes` per value."""
+    if ctx <= 0:
+        raise ConfigError("context length must be positive")
+    arch, source = model.arch, model.source
+    weights = sum(t.nbytes for t in source.tensors() if not arch.is_skipped(t.name))
+
+    layers, n_head = arch.num_layers, getattr(arch, "num_heads", 0)
+    if hasattr(arch, "kv_lora_rank"):  # MLA: the compressed latent and the shared rope key, per token and layer
+        latent = arch.kv_lora_rank + arch.qk_rope_head_dim
+        kv_cache = layers * latent * ctx * kv_dtype_bytes
+        q_width, k_width, v_width = n_head * latent, latent, arch.kv_lora_rank
+    elif hasattr(arch, "num_kv_heads") and hasattr(arch, "head_dim"):
+        kv_width = arch.num_kv_heads * arch.head_dim
+        kv_cache = 2 * layers * kv_width * ctx * kv_dtype_bytes
+        q_width, k_width, v_width = n_head * arch.head_dim, kv_width, kv_width
+    else:
+        raise ConfigError(f"no KV cache layout known for the {arch.name} architecture")
+
+    ffn = getattr(arch, "intermediate_size", 0)
+    used = getattr(arch, "experts_per_token", 0) if getattr(arch, "n_routed_experts", 0) else 0
+    if used:
+        ff_exp = arch.moe_intermediate_size
+        ffn = max(ffn, used * ff_exp + ff_exp * arch.n_shared_experts + arch.n_routed_experts)
+    dims = _Dims(n_embd=arch.hidden_size, n_head=n_head, q_width=q_width, k_width=k_width, v_width=v_width,
+                 ffn_width=ffn, n_vocab=arch.vocab_size)
+    compute = _compute_bytes(dims, ctx, min(DEFAULT_UBATCH, ctx))
+    return VramEstimate(weights=weights, kv_cache=kv_cache, compute=compute)
+
+
+# ---- compute buffers ----------------------------------------------------------------------------------------
+def _compute_bytes(d: _Dims, n_kv: int, n_ub: int) -> int:
+    """Peak activation memory of one step of `n_ub` tokens against `n_kv` cached positions, all in float32.
+
+    The graph allocator reuses memory once a tensor is dead, so the buffer is the largest of three phases
+    (checked against llama.cpp's CPU `compute buffer size` for the bundled models: within 12% from n_ctx 256 to
+    4096, within 3% from 512):
+    * attention, without flash attention: the scores of every head, n_head x n_kv x n_ub, plus the f32
+      mask n_kv x n_ub, with the residual and the q, k, v projections (twice each: before and after rope);
+    * feed-forward: the residual twice and gate, up and their product;
+    * output: the logits of every token (llama.cpp reserves the graph with all n_ub tokens as outputs) and
+      the final hidden state.
+    With flash attention the score term goes away; other runtimes (vLLM) size their buffers differently, so
+    this is an estimate of the order of magnitude beside the exact weights and KV cache."""
+    attention = n_ub * n_kv * (d.n_head + 1) + n_ub * 2 * (d.n_embd + d.q_width + d.k_width + d.v_width)
+    feed_forward = n_ub * (2 * d.n_embd + 3 * d.ffn_width)
+    output = n_ub * (d.n_vocab + d.n_embd)
+    return F32 * max(attention, feed_forward, output)
+
+
+__all__ = ["VramEstimate", "vram_gguf", "vram_checkpoint", "llama_cpp_n_ctx", "kv_type_row_bytes"]
