@@ -6,7 +6,7 @@ A llama-shaped model (a 1-2B llama's dimensions, layers chosen to reach --size-g
 random weights and written as an F16 GGUF by quantkit (not timed). Then, for each file type:
 
 * peer: `llama_model_quantize` (what llama-quantize runs, through llama-cpp-python) with nthread = --threads;
-* quantkit: `quantkit.convert.convert(f16.gguf, ["gguf:TYPE"])` with torch limited to --threads (or on
+* quantkit: `quantkit.convert.convert(f16.gguf, ["gguf:TYPE"], threads=--threads)` (or on
   --device cuda), reading, quantizing and writing exactly what the peer does.
 
 Both outputs must have identical tensor data (checked; the run fails otherwise), so the two sides do the same
@@ -102,9 +102,9 @@ def _markdown(report: dict) -> str:
              f"Load average (1 min) before / after: {report['load_before']:.1f} / {report['load_after']:.1f} "
              f"on {m['cores']} cores", "",
              f"Input: {report['model']}. Both sides quantize the same F16 GGUF with {report['threads']} threads "
-             "(llama.cpp: nthread; quantkit: torch threads" + (", tensors on the GPU" if report["device"] == "cuda"
-                                                            else "") +
-             ") and write the whole file; their tensor data was compared and is identical.", "",
+             "(llama.cpp: nthread; quantkit: a pool of that many threads with one torch thread each"
+             + (", tensors on the GPU" if report["device"] == "cuda" else "")
+             + ") and write the whole file; their tensor data was compared and is identical.", "",
              "| type | llama.cpp | quantkit | llama.cpp / quantkit (time) | quantkit CPU time | quantkit F16 GB/s |",
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
