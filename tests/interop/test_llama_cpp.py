@@ -80,3 +80,17 @@ def test_llama_cpp_logits_match_quantkit_forward(model, gguf_files, type_name):
         assert torch.quantile(per_position, 0.9) < bound, f"{type_name}: 90% of positions within {bound}"
     else:
         assert per_position.max() < bound, f"{type_name}: max |dlogit| / max |logit| = {per_position.max():.2e}"
+
+
+def test_llama_cpp_loads_split_shards(model, gguf_files, tmp_path):
+    """gguf-split layout: llama.cpp opens the first shard, finds the rest, and computes the unsplit logits."""
+    [(first, _)] = api.convert(model, ["gguf:Q4_K_M"], tmp_path / "split.gguf", split_max_size="2M")
+    shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert first == shards[0] and len(shards) >= 2
+    ids = torch.randint(3, 3000, (CONTEXT,), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = []
+    for path in (first, gguf_files["Q4_K_M"]):
+        llm = _llama(path)
+        llm.eval(ids)
+        logits.append(np.array(llm.scores[:CONTEXT], dtype=np.float32))
+    assert np.array_equal(logits[0], logits[1])
