@@ -21,9 +21,12 @@ setup(
     ],
     # llama-cpp-python is pinned: quantkit's llama.cpp mixture rules follow the llama.cpp it vendors, and the
     # interop tests compare our bytes with that ggml. It builds from source (about 8 minutes on 2 cores).
+    # lm-eval (the `quantkit` model type, quantkit.evaluation.lm_eval_backend) is wheels only and needs no torch
+    # (about 40 s to install).
     extras_require={
-        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "llama-cpp-python==0.3.36"],
+        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "llama-cpp-python==0.3.36", "lm-eval==0.4.13"],
         "interop": ["transformers>=4.57", "llama-cpp-python==0.3.36"],
+        "lm-eval": ["lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
 )

@@ -11,6 +11,7 @@ token, so each window scores ctx/2 - 1 tokens whose context is at least half a w
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import math
@@ -28,6 +29,16 @@ from quantkit.evaluation.variants import Variant, hf_config, open_variant
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
               "positions ctx/2 .. ctx-2 scored on the next token")
 _LOGPROB_BUDGET = 1 << 26  # float32 log-probs per variant per step (256 MiB): sets the windows per step
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after large frees (up to 32 MiB); the per-window log-prob tensors then
+    come from heap arenas that fragment, and RSS grew by ~60 MB per window step (8.6 GB on a full run of five
+    variants). A fixed threshold keeps every large block an mmap, returned to the system when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = 4 MiB
+    except (OSError, AttributeError):  # not glibc: its allocator, its behaviour
+        pass
 
 
 def baseline_tokenizer(path: Path):
@@ -119,32 +130,19 @@ def _mc_items(tasks: Path | None, count: int | None) -> tuple[list[dict], str]:
     return items[:count] if count else items, str(tasks)
 
 
-def _mc_batches(tokenizer, items: list[dict]) -> list[tuple[torch.Tensor, list[int], list[int], list[int]]]:
-    """Per item: its choices right-padded into one batch (causal attention: padding after a sequence never
-    changes its logits), each choice's context length, token count and byte length."""
-    out = []
-    for item in items:
-        context = tokenizer.encode(item["context"], add_special_tokens=False).ids
-        choices = [tokenizer.encode(c, add_special_tokens=False).ids for c in item["choices"]]
-        longest = max(len(context) + len(c) for c in choices)
-        batch = torch.zeros(len(choices), longest, dtype=torch.long)
-        for row, c in enumerate(choices):
-            batch[row, : len(context) + len(c)] = torch.tensor(context + c)
-        out.append((batch, [len(context)] * len(choices), [len(c) for c in choices],
-                    [len(c.encode()) for c in item["choices"]]))
-    return out
+def _mc_tokens(tokenizer, items: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
+    """Per item: context ids and each choice's ids, tokenized apart (as lm-eval does)."""
+    return [(tokenizer.encode(item["context"], add_special_tokens=False).ids,
+             [tokenizer.encode(c, add_special_tokens=False).ids for c in item["choices"]]) for item in items]
 
 
-def _multiple_choice(variant: Variant, batches, items: list[dict]) -> dict:
+def _multiple_choice(variant: Variant, tokenized, items: list[dict]) -> dict:
+    """acc: the choice with the highest log-likelihood; acc_norm: per byte of the choice's text."""
     correct = correct_norm = 0
-    for (batch, starts, lengths, nbytes), item in zip(batches, items, strict=True):
-        logprobs = F.log_softmax(variant.logits(batch), dim=-1)
-        scores = []
-        for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
-            picked = logprobs[row, start - 1:start - 1 + length].gather(-1, batch[row, start:start + length, None])
-            scores.append(float(picked.sum()))
+    for (context, choices), item in zip(tokenized, items, strict=True):
+        scores = variant.choice_logprobs(context, choices)
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
-        norm = [s / b for s, b in zip(scores, nbytes, strict=True)]
+        norm = [s / len(c.encode()) for s, c in zip(scores, item["choices"], strict=True)]
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
     return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
 
@@ -157,6 +155,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
     from quantkit.bundled import resolve_model, textsets
 
     say = progress or (lambda _message: None)
+    _fixed_mmap_threshold()
     baseline_path = resolve_model(str(baseline_path))
     config = hf_config(baseline_path) if baseline_path.is_dir() else None
     if config is None:
@@ -169,8 +168,8 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
     batches = windows(tokens, ctx, max_windows, bos_id(baseline_path, config))
     first = ctx // 2
     items, tasks_name = _mc_items(tasks, mc_items) if mc_items != 0 else ([], None)
-    mc_batches = _mc_batches(tokenizer, items)
-    longest = max([ctx] + [b[0].shape[1] for b in mc_batches])
+    mc_tokens = _mc_tokens(tokenizer, items)
+    longest = max([ctx] + [len(context) + max(map(len, choices)) for context, choices in mc_tokens])
 
     variants: list[Variant] = []
     try:
@@ -205,7 +204,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
         for index, variant in enumerate(variants):
             say(f"multiple choice: {variant.name}")
             began = time.perf_counter()
-            mc = _multiple_choice(variant, mc_batches, items) if items else None
+            mc = _multiple_choice(variant, mc_tokens, items) if items else None
             seconds[index] += time.perf_counter() - began
             rows.append(_row(variant, scores[index], scores[0], mc, ctx, seconds[index]))
     finally:

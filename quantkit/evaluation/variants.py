@@ -43,6 +43,18 @@ class Variant:
         """The vocabulary's token strings, where the artifact carries them (to check they match)."""
         return None
 
+    def choice_logprobs(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """Log-likelihood of each choice's tokens after the context. The choices go in one right-padded batch:
+        with causal attention, padding after a sequence never changes its logits."""
+        longest = max(len(context) + len(c) for c in choices)
+        batch = torch.zeros(len(choices), longest, dtype=torch.long)
+        for row, choice in enumerate(choices):
+            batch[row, : len(context) + len(choice)] = torch.tensor(context + choice)
+        logprobs = torch.log_softmax(self.logits(batch), dim=-1)
+        start = len(context)
+        return [float(logprobs[row, start - 1:start - 1 + len(c)].gather(-1, torch.tensor(c)[:, None]).sum())
+                for row, c in enumerate(choices)]
+
     def size_bytes(self) -> int:
         raise NotImplementedError
 
@@ -202,8 +214,25 @@ class LlamaCppVariant(_GGUFVariant):
             out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
         return torch.stack(out)
 
+    def choice_logprobs(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """The context is evaluated once; each choice continues from its KV cache (llama-cpp-python's eval
+        drops the cache past n_tokens first)."""
+        self.llm.reset()
+        self.llm.eval(context)
+        start = len(context)
+        after_context = torch.log_softmax(torch.from_numpy(np.array(self.llm.scores[start - 1])), dim=-1)
+        out = []
+        for choice in choices:
+            self.llm.n_tokens = start
+            self.llm.eval(choice)
+            rows = torch.from_numpy(np.array(self.llm.scores[start:start + len(choice) - 1], dtype=np.float32))
+            logprobs = torch.cat((after_context[None], torch.log_softmax(rows, dim=-1)))
+            out.append(float(logprobs.gather(-1, torch.tensor(choice)[:, None]).sum()))
+        return out
+
     def close(self) -> None:
         self.llm.close()
+        self.llm = None  # released now: Llama.__del__ at interpreter exit fails once ctypes is torn down
 
 
 def open_variant(path: str | Path, backend: str, *, config: dict | None, n_ctx: int, device: str = "cpu",
