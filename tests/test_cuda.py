@@ -78,3 +78,16 @@ def test_convert_on_cuda_writes_the_cpu_files(name, tmp_path):
 
     cpu, gpu = digests("cpu"), digests("cuda")
     assert len(cpu) == len(targets) and cpu == gpu
+
+
+def test_eval_on_cuda_matches_cpu_and_measures_its_peak(tmp_path):
+    from quantkit.evaluation.runner import evaluate
+
+    [(gguf, _)] = api.convert(model_path("tiny-qwen2"), ["gguf:Q4_K_M"], tmp_path / "q4.gguf")
+    kwargs = {"ctx": 256, "max_windows": 8, "mc_items": 10, "backend": "torch"}
+    cpu = evaluate(model_path("tiny-qwen2"), [gguf], device="cpu", **kwargs)
+    gpu = evaluate(model_path("tiny-qwen2"), [gguf], device="cuda", **kwargs)
+    for a, b in zip([cpu["baseline"], *cpu["variants"]], [gpu["baseline"], *gpu["variants"]], strict=True):
+        assert abs(a["ppl"] / b["ppl"] - 1) < 1e-4 and a["mc"] == b["mc"]
+        assert "measured_peak_torch" not in a["vram"]
+        assert b["vram"]["measured_peak_torch"] > a["vram"]["weights"]  # float32 weights + activations

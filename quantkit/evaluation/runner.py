@@ -242,7 +242,9 @@ def _row(variant: Variant, s: _Scores, base: _Scores, mc: dict | None, ctx: int,
                         "p99": float(kld.kthvalue(math.ceil(0.99 * len(kld))).values), "max": float(kld.max())},
                    top1_pct=100 * float(torch.cat(s.top1).double().mean()),
                    delta_p_mean=100 * float(torch.cat(s.delta_p).mean()))
-    vram = variant.vram(ctx)
-    row.update(mc=mc, size_bytes=variant.size_bytes(), bpw=variant.bpw(), vram=vram.as_dict(),
+    vram = variant.vram(ctx).as_dict()
+    if variant.measured_peak() is not None:  # quantkit's torch forward on the GPU, dequantized float32 weights
+        vram["measured_peak_torch"] = variant.measured_peak()
+    row.update(mc=mc, size_bytes=variant.size_bytes(), bpw=variant.bpw(), vram=vram,
                vram_saving_pct=0.0, seconds=seconds)
     return row

@@ -64,6 +64,10 @@ class Variant:
     def vram(self, ctx: int) -> VramEstimate:
         raise NotImplementedError
 
+    def measured_peak(self) -> int | None:
+        """Peak GPU bytes this variant's own forwards held, when it ran on CUDA."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -90,7 +94,32 @@ class _CachedWeights:
         return tensor
 
 
-class HFVariant(Variant):
+class _TorchForward:
+    """The reference forward on cached weights; on CUDA it also tracks this variant's peak: its cached weights
+    plus the most any one forward allocated on top of what was resident before it (other variants share the
+    device in lockstep, so the device-wide peak would not be this variant's)."""
+
+    arch: Architecture
+    weights: _CachedWeights
+    device: torch.device
+    _peak: int | None = None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.device.type != "cuda":
+                return self.arch.forward(self.weights, ids.to(self.device)).float().cpu()
+            resident, cached = torch.cuda.memory_allocated(self.device), self.weights.used
+            torch.cuda.reset_peak_memory_stats(self.device)
+            logits = self.arch.forward(self.weights, ids.to(self.device)).float()
+            peak = torch.cuda.max_memory_allocated(self.device) - resident + cached
+            self._peak = max(self._peak or 0, peak)
+            return logits.cpu()
+
+    def measured_peak(self) -> int | None:
+        return self._peak
+
+
+class HFVariant(_TorchForward, Variant):
     format, backend = "hf", "torch"
 
     def __init__(self, path: Path, device: str = "cpu", name: str | None = None):
@@ -100,11 +129,8 @@ class HFVariant(Variant):
         self.type = "FP8" if self.model.source.config.get("quantization_config") else _stored_dtype(self.model)
         self.vocab_size = self.arch.vocab_size
         self.max_context = self.arch.config.get("max_position_embeddings")
-        self.weights = _CachedWeights(self.model.source.read, self.model.device)
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.arch.forward(self.weights, ids.to(self.model.device)).float().cpu()
+        self.device = self.model.device
+        self.weights = _CachedWeights(self.model.source.read, self.device)
 
     def tokens(self) -> list[str] | None:
         return hf_tokens(self.path)
@@ -175,7 +201,7 @@ def _file_type_name(gguf: GGUFFile) -> str:
     return names[0] if names else f"ftype {ftype}"
 
 
-class TorchGGUFVariant(_GGUFVariant):
+class TorchGGUFVariant(_TorchForward, _GGUFVariant):
     backend = "torch"
 
     def __init__(self, path: Path, config: dict, device: str = "cpu", name: str | None = None):
@@ -183,10 +209,6 @@ class TorchGGUFVariant(_GGUFVariant):
         self.arch = load_architecture(config)
         self.device = torch.device(device)
         self.weights = _CachedWeights(self.arch.weights_from_gguf(self.gguf.read), self.device)
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.arch.forward(self.weights, ids.to(self.device)).float().cpu()
 
 
 class LlamaCppVariant(_GGUFVariant):
