@@ -40,7 +40,18 @@ import time
 from pathlib import Path
 
 # Stdlib only here too (read_memory explains why: an exec'd child starts from its parent's ru_maxrss).
-from read_memory import GB, REPO, GiB, MiB, _describe_checkpoint, _machine, _maxrss, _prepare, _proc_status
+from read_memory import (
+    GB,
+    REPO,
+    GiB,
+    MiB,
+    _describe_checkpoint,
+    _machine,
+    _maxrss,
+    _prepare,
+    _proc_status,
+    write_results,
+)
 
 DEFAULT_JSON = REPO / "bench" / "results" / "convert_memory.json"
 DEFAULT_MD = REPO / "bench" / "results" / "convert_memory.md"
@@ -278,12 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(_verdicts(report)))
     print(f"quantkit peak RSS under target and not growing with size: {'PASS' if report['pass'] else 'FAIL'}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(_markdown(report))
-    print(f"wrote {args.out} and {args.md}")
-    return 0 if report["pass"] else 1
+    return write_results(report, _markdown(report), args.out, args.md)
 
 
 if __name__ == "__main__":

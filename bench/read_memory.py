@@ -430,11 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(_verdicts(results)))
     print(f"quantkit peak RSS above baseline under 1 GiB: {'YES' if report['pass'] else 'NO'}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(_markdown(report))
-    print(f"wrote {args.out} and {args.md}")
+    return write_results(report, _markdown(report), args.out, args.md)
+
+
+def write_results(report: dict, markdown: str, json_path: Path, md_path: Path) -> int:
+    """Both result files; the exit status: 0 when the report passes."""
+    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"), (md_path, markdown)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {json_path} and {md_path}")
     return 0 if report["pass"] else 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,28 +11,18 @@ import torch
 from quantkit.calib.imatrix import Imatrix
 from quantkit.errors import ConfigError
 from quantkit.model import Model
+from quantkit.tokenizer import added_bos, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
+def _folder(model: Model) -> Path:
+    return model.source.path if model.source.path.is_dir() else model.source.path.parent
+
+
 def tokenize_file(model: Model, text: str) -> torch.Tensor:
-    from tokenizers import Tokenizer
-
-    folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
-    tokenizer_file = folder / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise ConfigError(f"{folder}: no tokenizer.json to tokenize the calibration text with")
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _bos_id(model: Model) -> int | None:
-    """llama-imatrix starts every chunk with BOS when the tokenizer adds one."""
-    folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
-    config_file = folder / "tokenizer_config.json"
-    if not config_file.is_file() or not json.loads(config_file.read_text()).get("add_bos_token", False):
-        return None
-    return model.arch.config.get("bos_token_id")
+    tokenizer = load_tokenizer(_folder(model), "tokenize the calibration text with")
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
 
 
 def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
@@ -47,7 +36,7 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
         raise ConfigError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}; "
                           "give more text or a smaller --ctx")
     imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
-    bos = _bos_id(model)
+    bos = added_bos(_folder(model), model.arch.config)
     arch, weights = model.arch, model.weights()
     arch.observe = imatrix.add
     try:

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from quantkit.bundled import resolve_model
 from quantkit.errors import ConfigError, QuantkitError
-from quantkit.evaluation.runner import baseline_tokenizer, bos_id
 from quantkit.evaluation.variants import hf_config, open_variant
+from quantkit.tokenizer import added_bos, load_tokenizer
 
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # where configs name it, in lm-eval's order
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a config names no context length
@@ -75,8 +75,8 @@ class QuantkitLM(TemplateLM):
         self.max_length = int(max_length or next((settings[k] for k in _CONTEXT_KEYS if settings.get(k)),
                                                  _DEFAULT_MAX_LENGTH))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else _AUTO_BATCH
-        self.tokenizer = baseline_tokenizer(folder)
-        self.bos = bos_id(folder, settings)  # put in front of every text, when the tokenizer adds one
+        self.tokenizer = load_tokenizer(folder, "tokenize lm-eval's requests with")
+        self.bos = added_bos(folder, settings)  # put in front of every text, when the tokenizer adds one
         eos = settings.get("eos_token_id")
         self._eot = _special_id(folder, self.tokenizer, "eos_token")
         if self._eot is None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
 from quantkit.evaluation.variants import Variant, hf_config, open_variant
+from quantkit.tokenizer import added_bos, load_tokenizer
 
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
               "positions ctx/2 .. ctx-2 scored on the next token")
@@ -39,24 +40,6 @@ def _fixed_mmap_threshold() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = 4 MiB
     except (OSError, AttributeError):  # not glibc: its allocator, its behaviour
         pass
-
-
-def baseline_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise ConfigError(f"{path}: the baseline needs a tokenizer.json (the text is tokenized once, with the "
-                          "baseline's tokenizer, for every variant)")
-    return Tokenizer.from_file(str(file))
-
-
-def bos_id(path: Path, config: dict) -> int | None:
-    """The BOS llama.cpp puts at every window start, when the tokenizer adds one."""
-    file = path / "tokenizer_config.json"
-    if file.is_file() and json.loads(file.read_text()).get("add_bos_token", False):
-        return config.get("bos_token_id")
-    return None
 
 
 def windows(tokens: torch.Tensor, ctx: int, max_windows: int | None, bos: int | None) -> torch.Tensor:
@@ -161,11 +144,12 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
     if config is None:
         raise ConfigError(f"{baseline_path}: the baseline must be an HF model folder (the source checkpoint, "
                           "BF16 or FP8, with its tokenizer.json)")
-    tokenizer = baseline_tokenizer(baseline_path)
+    tokenizer = load_tokenizer(baseline_path, "tokenize the text with (once, with the baseline's tokenizer, for "
+                                              "every variant)")
     if text is None:
         text, text_name = textsets.text("heldout"), f"bundled held-out text (Python {textsets.python_version()})"
     tokens = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
-    batches = windows(tokens, ctx, max_windows, bos_id(baseline_path, config))
+    batches = windows(tokens, ctx, max_windows, added_bos(baseline_path, config))
     first = ctx // 2
     items, tasks_name = _mc_items(tasks, mc_items) if mc_items != 0 else ([], None)
     mc_tokens = _mc_tokens(tokenizer, items)

@@ -273,7 +273,7 @@ def open_variant(path: str | Path, backend: str, *, config: dict | None, n_ctx: 
             raise ConfigError(f"{path}: the llama.cpp backend reads GGUF files; use --backend torch for HF folders")
         return HFVariant(path, device)
     if backend == "auto":
-        backend = "llama.cpp" if _has_llama_cpp() else "torch"
+        backend = "llama.cpp" if has_llama_cpp() else "torch"
     if backend == "llama.cpp":
         return LlamaCppVariant(path, n_ctx, threads)
     if config is None:
@@ -282,7 +282,7 @@ def open_variant(path: str | Path, backend: str, *, config: dict | None, n_ctx: 
     return TorchGGUFVariant(path, config, device)
 
 
-def _has_llama_cpp() -> bool:
+def has_llama_cpp() -> bool:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

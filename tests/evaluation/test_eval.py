@@ -12,22 +12,14 @@ from quantkit.bundled import MODEL_NAMES, model_path, textsets
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.runner import evaluate
+from quantkit.evaluation.variants import has_llama_cpp
 from quantkit.testing.factory import make_tiny_model
 
 CTX = 256
 WINDOWS = 24  # spread over the held-out text: 24 * 127 = 3048 scored tokens
 LADDER = ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
-
-def _llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_llama_cpp = pytest.mark.skipif(not _llama_cpp_available(), reason="llama-cpp-python is not installed")
+needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python is not installed")
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
