@@ -24,7 +24,9 @@ setup(
     # lm-eval (the `quantkit` model type, quantkit.evaluation.lm_eval_backend) is wheels only and needs no torch
     # (about 40 s to install).
     extras_require={
-        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "llama-cpp-python==0.3.36", "lm-eval==0.4.13"],
+        # sentencepiece trains and checks the SentencePiece test tokenizers; quantkit reads tokenizer.model itself
+        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "sentencepiece>=0.2", "llama-cpp-python==0.3.36",
+                 "lm-eval==0.4.13"],
         "interop": ["transformers>=4.57", "llama-cpp-python==0.3.36"],
         "lm-eval": ["lm-eval==0.4.13"],
     },

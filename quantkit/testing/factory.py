@@ -1,6 +1,7 @@
 """Tiny Hugging Face model folders with random weights, for tests and benchmarks.
 
-Each folder is complete: config.json, generation_config.json, a locally trained BPE tokenizer, and weights
+Each folder is complete: config.json, generation_config.json, a locally trained tokenizer (byte-level BPE or
+SentencePiece BPE), and weights
 sharded into several safetensors files with model.safetensors.index.json; in BF16, or for deepseek_v3 also
 in DeepSeek's FP8 layout (F8_E4M3 weights with 128x128 `weight_scale_inv` blocks, MTP layer included).
 """
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from quantkit.arch import load_architecture
 from quantkit.arch.deepseek_v3 import DeepseekV3Architecture
+from quantkit.testing.spm_tokenizer import save_spm_tokenizer, train_spm
 from quantkit.testing.tokenizer import BOS, EOS, PAD, save_tokenizer, train_bpe
 
 FP8_BLOCK = (128, 128)
@@ -56,16 +58,27 @@ PRESETS["deepseek_v3-ragged"] = {**PRESETS["deepseek_v3"], "hidden_size": 200, "
                                  "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 40}
 
 
+TOKENIZERS = ("bpe", "spm", "spm-json", "spm-model")
+
+
 def make_tiny_model(folder: str | Path, preset: str = "llama", *, fp8: bool = False, fused_experts: bool = False,
-                    mtp: bool = True, shards: int = 2, seed: int = 0, config_overrides: dict | None = None) -> Path:
+                    mtp: bool = True, shards: int = 2, seed: int = 0, config_overrides: dict | None = None,
+                    tokenizer: str = "bpe") -> Path:
     """Write a complete tiny HF model folder and return its path.
 
     fp8: DeepSeek FP8 layout (deepseek_v3 only). fused_experts: routed experts as transformers >= 5 saves them.
     mtp: include the multi-token-prediction layer that DeepSeek ships past num_hidden_layers.
+    tokenizer: "bpe" (byte-level, Qwen2-style) or a SentencePiece BPE tokenizer saved as tokenizer.model and
+    tokenizer.json ("spm"), tokenizer.json only ("spm-json") or tokenizer.model only ("spm-model").
     """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(PRESETS[preset])
+    if tokenizer != "bpe":  # SentencePiece's fixed ids; Llama 2 has no pad token
+        config.update(bos_token_id=1, eos_token_id=2)
+        config.pop("pad_token_id")
     config.update(config_overrides or {})
     is_deepseek = config["model_type"] == "deepseek_v3"
     if fp8 and not is_deepseek:
@@ -87,7 +100,11 @@ def make_tiny_model(folder: str | Path, preset: str = "llama", *, fp8: bool = Fa
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                   "do_sample": True, "temperature": 0.6, "top_p": 0.95}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_tokenizer(_tokenizer(config["vocab_size"]), folder, config["max_position_embeddings"])
+    if tokenizer == "bpe":
+        save_tokenizer(_tokenizer(config["vocab_size"]), folder, config["max_position_embeddings"])
+    else:
+        save_spm_tokenizer(_spm_model(config["vocab_size"]), folder, config["max_position_embeddings"],
+                           tokenizer_model=tokenizer != "spm-json", tokenizer_json=tokenizer != "spm-model")
     return folder
 
 
@@ -182,13 +199,19 @@ def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _tokenizer_texts() -> list[str]:
+    return [Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+            for module in ("argparse", "textwrap", "json.decoder", "string", "difflib")]
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer_json(vocab_size: int) -> str:
-    texts = []
-    for module in ("argparse", "textwrap", "json.decoder", "string", "difflib"):
-        origin = importlib.util.find_spec(module).origin
-        texts.append(Path(origin).read_text(encoding="utf-8"))
-    return train_bpe(texts, vocab_size).to_str()
+    return train_bpe(_tokenizer_texts(), vocab_size).to_str()
+
+
+@functools.lru_cache(maxsize=4)
+def _spm_model(vocab_size: int) -> bytes:
+    return train_spm(_tokenizer_texts(), vocab_size)
 
 
 def _tokenizer(vocab_size: int):
