@@ -78,3 +78,17 @@ def llama_quantize(src, out, ftype: int, *, nthread: int = 1, importance: dict[s
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {out}")
+
+
+def tensor_data_digest(path) -> str:
+    """sha256 over a GGUF's tensors (name, type, bytes, in name order): equal for files whose metadata differ."""
+    import hashlib
+
+    from quantkit.source.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    digest = hashlib.sha256()
+    for name in sorted(gguf.tensors):
+        digest.update(f"{name}:{gguf.type_name(name)}:".encode())
+        digest.update(np.ascontiguousarray(gguf.data(name)).tobytes())
+    return digest.hexdigest()
