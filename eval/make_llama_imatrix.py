@@ -2,7 +2,8 @@
 
 For each bundled model: quantkit writes its F32 GGUF; llama-imatrix computes the importance matrix of the
 first CHARS characters of the bundled calibration text (GGUF, and legacy .dat for one model); llama-quantize
---imatrix quantizes the F32 GGUF to a few types, and a digest of each output's tensor data is recorded.
+quantizes the F32 GGUF to the issue's byte-exact types, with and without that imatrix, and a digest of each
+output's tensor data is recorded.
 manifest.json keeps what the tests need to know the inputs are unchanged (text and weight digests).
 
 Build the tools from the llama.cpp that llama-cpp-python 0.3.36 vendors (its sdist), about 5 min on 2 cores:
@@ -29,7 +30,7 @@ OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama_imatrix"
 CHARS = 60_000
 CTX = 128
 CHUNKS = 8
-TYPES = ["Q4_K_M", "IQ4_XS", "Q2_K"]
+TYPES = ["Q4_K_M", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "Q2_K"]
 DAT_MODEL = "tiny-qwen2"
 
 
@@ -48,8 +49,8 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], cwd: Path) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
 
@@ -72,16 +73,18 @@ def main() -> None:
             imatrix = args.out / f"{name}.imatrix.gguf"
             formats = [("gguf", imatrix)] + ([("dat", args.out / f"{name}.imatrix.dat")] if name == DAT_MODEL else [])
             for fmt, path in formats:
-                _run([str(args.bin / "llama-imatrix"), "-m", str(f32), "-f", str(tmp / "calibration.txt"),
-                      "-c", str(CTX), "--chunks", str(CHUNKS), "--no-ppl", "-t", "2", "--output-format", fmt,
-                      "-o", str(path)])
-            quantized = {}
-            for type_name in TYPES:
-                out = tmp / f"{name}-{type_name}.gguf"
-                _run([str(args.bin / "llama-quantize"), "--imatrix", str(imatrix), str(f32), str(out), type_name, "2"])
-                quantized[type_name] = tensor_data_digest(out)
-            manifest["models"][name] = {"weights_sha256": weights_digest(folder), "llama_quantize": quantized}
-            print(name, quantized)
+                # run where the text is, so the file records the dataset as "calibration.txt" on every run
+                _run([str(args.bin / "llama-imatrix"), "-m", str(f32), "-f", "calibration.txt", "-c", str(CTX),
+                      "--chunks", str(CHUNKS), "--no-ppl", "-t", "2", "--output-format", fmt, "-o", str(path)], tmp)
+            entry = {"weights_sha256": weights_digest(folder)}
+            for key, flags in (("llama_quantize", []), ("llama_quantize_imatrix", ["--imatrix", str(imatrix)])):
+                entry[key] = {}
+                for type_name in TYPES:
+                    out = tmp / f"{name}-{type_name}.gguf"
+                    _run([str(args.bin / "llama-quantize"), *flags, str(f32), str(out), type_name, "2"], tmp)
+                    entry[key][type_name] = tensor_data_digest(out)
+            manifest["models"][name] = entry
+            print(name, "done")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

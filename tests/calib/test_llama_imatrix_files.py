@@ -1,6 +1,6 @@
 """Importance matrices written by the real llama-imatrix (tests/data/llama_imatrix, made by
 eval/make_llama_imatrix.py): quantkit reads them (GGUF and legacy .dat), computes the same statistics on the
-same text, and `convert --imatrix` with them gives the tensor data llama-quantize --imatrix gave."""
+same text, and `convert` gives the tensor data the llama-quantize binary gave, with and without them."""
 
 import json
 from pathlib import Path
@@ -56,12 +56,14 @@ def test_same_statistics_as_llama_imatrix_on_the_same_text(name):
         assert (a - b).norm() / b.norm() < bound, key
 
 
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_convert_with_llama_imatrix_equals_llama_quantize(name, tmp_path):
+def test_convert_equals_the_llama_quantize_cli(name, with_imatrix, tmp_path):
+    """The llama-quantize binary itself, run on the F32 GGUF (tests/interop compares with its library call)."""
     _check_model_unchanged(name)
-    expected = MANIFEST["models"][name]["llama_quantize"]
+    expected = MANIFEST["models"][name]["llama_quantize_imatrix" if with_imatrix else "llama_quantize"]
     written = api.convert(MODELS_DIR / name, [f"gguf:{t}" for t in expected], tmp_path,
-                          imatrix=DATA / f"{name}.imatrix.gguf")
+                          imatrix=DATA / f"{name}.imatrix.gguf" if with_imatrix else None)
     got = {plan.file_type.name: tensor_data_digest(path) for path, plan in written}
     assert got == expected
 
