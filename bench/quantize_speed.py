@@ -56,8 +56,9 @@ def _layers_for(size_gb: float) -> int:
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process and its finished children (quantkit's encoding worker processes end with each conversion)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, float]:
@@ -102,7 +103,8 @@ def _markdown(report: dict) -> str:
              f"Load average (1 min) before / after: {report['load_before']:.1f} / {report['load_after']:.1f} "
              f"on {m['cores']} cores", "",
              f"Input: {report['model']}. Both sides quantize the same F16 GGUF with {report['threads']} threads "
-             "(llama.cpp: nthread; quantkit: a pool of that many threads with one torch thread each"
+             "(llama.cpp: nthread; quantkit: that many workers with one torch thread each, processes for the "
+             "k-quants"
              + (", tensors on the GPU" if report["device"] == "cuda" else "")
              + ") and write the whole file; their tensor data was compared and is identical.", "",
              "| type | llama.cpp | quantkit | llama.cpp / quantkit (time) | quantkit CPU time | quantkit F16 GB/s |",

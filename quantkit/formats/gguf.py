@@ -9,13 +9,17 @@ an FP8 checkpoint is dequantized block-row by block-row on read, never copied.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import multiprocessing
 import re
+import signal
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType
 
@@ -104,6 +108,7 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
             if progress is not None:
                 progress(tensor.name)
             _write_tensor(tensor, weights, outputs, writers, importance.get(tensor.name), encoder)
+        encoder.flush()
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(t.name, t.shape, out.tensor_types[t.name]) for t in tensors])
@@ -111,28 +116,83 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
 
 
 class ChunkEncoder:
-    """Encodes row chunks in order. On CPU the chunks go to a pool of threads with one torch thread each, as
-    ggml splits rows across its threads: torch's own intra-op threads meet at a barrier after every op, and a
-    codec is hundreds of small ops per chunk, so with another process on a core Q4_K ran up to 90x slower."""
+    """Encodes row chunks on `threads` CPU workers with one torch thread each, as ggml splits rows across its
+    threads, and hands the results to their writers in submission order. torch's own intra-op threads meet at a
+    barrier after every op, and a codec is hundreds of small ops per chunk, so with another process on a core
+    Q4_K ran up to 90x slower.
+
+    The scale-search codecs (k-quants, IQ4, imatrix-weighted legacy types) run in forked worker processes
+    unless a tensor is a single chunk: their Python between ops holds the GIL, and two threads encoded Q4_K
+    only 1.3x as fast as one (processes: 1.9x). The rest, a few large ops per chunk, run on threads, which need
+    no copy. Up to two chunks per worker stay in flight, across tensor boundaries, so the workers keep busy
+    while the next tensor is read."""
 
     def __init__(self, threads: int | None = None):
         self.threads = threads or torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._thread_pool: ThreadPoolExecutor | None = None
+        self._process_pool: ProcessPoolExecutor | None = None
+        self._pending: collections.deque = collections.deque()  # (writer, tensor name, future)
 
-    def map(self, jobs: list[tuple[type, torch.Tensor, torch.Tensor | None]]):
-        """Yields codec.encode(chunk, vector) for each (codec, chunk, vector), in order."""
-        if self._pool is None or jobs[0][1].device.type != "cpu":
-            return (codec.encode(chunk, vector) for codec, chunk, vector in jobs)
-        return self._pool.map(_encode_single_threaded, jobs)
+    def submit(self, codec, chunk: torch.Tensor, vector: torch.Tensor | None, writer: GGUFWriter, name: str,
+               single: bool) -> None:
+        """Queue codec.encode(chunk, vector) for writer; `single`: the tensor's only chunk in this run."""
+        if self.threads == 1 or chunk.device.type != "cpu":
+            self.flush()
+            writer.write(name, codec.encode(chunk, vector).cpu().numpy())
+            return
+        if not single and codec.searches(vector) and _CAN_FORK:
+            # by value through the pipe: torch's shared-memory tensors outlived their use and piled up
+            future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
+                                              None if vector is None else vector.numpy())
+        else:
+            future = self._threads().submit(_encode_single_threaded, codec, chunk, vector)
+        self._pending.append((writer, name, future))
+        while len(self._pending) > 2 * self.threads:
+            self._write_oldest()
+
+    def flush(self) -> None:
+        while self._pending:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        writer, name, future = self._pending.popleft()
+        data = future.result()
+        writer.write(name, data.numpy() if isinstance(data, torch.Tensor) else data)
+
+    def _processes(self) -> ProcessPoolExecutor:
+        if self._process_pool is None:
+            if self._thread_pool is not None:  # fork with no worker threads alive (they could hold locks)
+                self._thread_pool.shutdown()
+                self._thread_pool = None
+            self._process_pool = ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("fork"),
+                                                     initializer=_init_worker_process)
+        return self._process_pool
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._thread_pool is None:
+            self._thread_pool = ThreadPoolExecutor(self.threads)
+        return self._thread_pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        for pool in (self._thread_pool, self._process_pool):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
 
-def _encode_single_threaded(job) -> torch.Tensor:
+_CAN_FORK = "fork" in multiprocessing.get_all_start_methods()
+
+
+def _init_worker_process() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it shuts the pool down and cleans up
+    torch.set_num_threads(1)
+
+
+def _encode_in_process(codec, chunk: np.ndarray, vector: np.ndarray | None) -> np.ndarray:
+    return codec.encode(torch.from_numpy(chunk), None if vector is None else torch.from_numpy(vector)).numpy()
+
+
+def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
     torch.set_num_threads(1)  # per worker thread: the calling thread keeps its setting
-    codec, chunk, vector = job
     return codec.encode(chunk, vector)
 
 
@@ -149,12 +209,12 @@ def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writer
             raise QuantkitError(f"tensor {tensor.name} has {bad} NaN/Inf value(s) (piece {index}); the checkpoint "
                                 "is corrupt or was saved from a diverged run; nothing was written")
         rows_per_chunk = max(1, _CHUNK_ELEMENTS.get(piece.device.type, 1 << 20) // width)
-        # every writer gets the chunks in row order; encode moves the vector to the chunk's device
-        jobs = [(codec, piece[start:start + rows_per_chunk], vectors[index], writer)
-                for start in range(0, piece.shape[0], rows_per_chunk)
-                for codec, writer in zip(codecs, writers, strict=True)]
-        for (_, _, _, writer), data in zip(jobs, encoder.map([job[:3] for job in jobs]), strict=True):
-            writer.write(tensor.name, data.cpu().numpy())
+        starts = range(0, piece.shape[0], rows_per_chunk)
+        single = len(starts) * n_pieces * len(codecs) == 1
+        for start in starts:  # every writer gets the chunks in row order
+            for codec, writer in zip(codecs, writers, strict=True):
+                encoder.submit(codec, piece[start:start + rows_per_chunk], vectors[index], writer, tensor.name,
+                               single)
 
 
 def verify_gguf(paths: list[Path], expected: list[tuple[str, tuple[int, ...], str]]) -> None:
@@ -224,6 +284,7 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
                 yield from (full if len(shape) == 3 else [full.reshape(-1, shape[-1])])
 
             _write_tensor(GGUFTensor(name, shape, pieces), None, outputs, writers, importance.get(name), encoder)
+        encoder.flush()
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(n, source.shape(n), out.tensor_types[n]) for n in names])

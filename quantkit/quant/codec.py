@@ -42,6 +42,12 @@ class Codec:
         return cls.encode_blocks(x.reshape(-1, cls.block_size))
 
     @classmethod
+    def searches(cls, importance: torch.Tensor | None) -> bool:
+        """Whether encoding runs one of ggml's scale searches: hundreds of small torch ops per chunk, so on CPU
+        Python (and its GIL) costs as much as the arithmetic and parallel chunks need processes."""
+        return False
+
+    @classmethod
     def decode(cls, data: torch.Tensor, n: int) -> torch.Tensor:
         """uint8 [rows, bytes per row] -> float32 [rows, n]."""
         rows = data.shape[0]

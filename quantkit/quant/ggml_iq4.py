@@ -150,7 +150,13 @@ def _chunks(x: torch.Tensor):
         yield x[r:r + step]
 
 
-class IQ4_NL(Codec):
+class _Searched:
+    @classmethod
+    def searches(cls, importance):
+        return True
+
+
+class IQ4_NL(_Searched, Codec):
     name, type_id, block_size, block_bytes = "IQ4_NL", 20, 32, 18
 
     @classmethod
@@ -171,7 +177,7 @@ class IQ4_NL(Codec):
         return f16_from(data[:, :2]) * kv[unpack_nibbles(data[:, 2:]).long()]
 
 
-class IQ4_XS(Codec):
+class IQ4_XS(_Searched, Codec):
     name, type_id, block_size, block_bytes = "IQ4_XS", 23, 256, 136
 
     @classmethod

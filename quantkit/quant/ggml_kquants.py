@@ -139,6 +139,10 @@ class _KQuant:
     chunk_cpu: int = _CHUNK_CPU
 
     @classmethod
+    def searches(cls, importance: torch.Tensor | None) -> bool:
+        return True
+
+    @classmethod
     def encode_rows(cls, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         xs = x.reshape(-1, QK_K)
         per_row = x.shape[1] // QK_K

@@ -122,6 +122,10 @@ class _Weighted:
             return cls.encode_blocks(x.reshape(-1, cls.block_size))
         return _weighted_blocks(x, importance, cls.weighted)
 
+    @classmethod
+    def searches(cls, importance):
+        return importance is not None
+
 
 class Q8_0(Codec):
     name, type_id, block_size, block_bytes = "Q8_0", 8, 32, 34
