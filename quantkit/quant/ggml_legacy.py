@@ -132,7 +132,8 @@ class Q8_0(Codec):
 
     @classmethod
     def encode_blocks(cls, blocks):
-        d = divide(blocks.abs().amax(dim=1, keepdim=True), 127)
+        low, high = torch.aminmax(blocks, dim=1, keepdim=True)  # one pass, no |blocks| copy
+        d = divide(torch.maximum(high, -low).abs_(), 127)  # abs_: +0 for blocks of -0, as fabsf gives
         q = round_half_away(blocks * _inverse(d)).to(torch.int8)
         return torch.cat((f16_bytes(d), q.view(torch.uint8)), dim=1)
 

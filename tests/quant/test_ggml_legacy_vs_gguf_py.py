@@ -55,3 +55,18 @@ def test_unknown_type_lists_valid_ones():
 def test_row_length_must_fit_blocks():
     with pytest.raises(QuantkitError, match="multiple of 32"):
         get_codec("Q4_0").encode(torch.zeros(2, 48))
+
+
+def test_round_half_away_is_c_roundf():
+    """Every float32 in [0.25, 4) and both neighbours of every k + 0.5 up to 2^22, against roundf computed in
+    float64 (where |x| + 0.5 is exact)."""
+    from quantkit.quant.codec import round_half_away
+
+    start, stop = (np.array([v], dtype=np.float32).view(np.int32)[0] for v in (0.25, 4.0))
+    dense = torch.arange(int(start), int(stop), dtype=torch.int32).view(torch.float32)
+    halves = torch.arange(0, 1 << 22, dtype=torch.float64).add_(0.5).to(torch.float32)
+    near = torch.cat([torch.nextafter(halves, torch.full_like(halves, v)) for v in (0.0, 1e30)] + [halves])
+    for x in (dense, near, torch.tensor([0.0, 0.49999997, 0.5, 127.5, 126.49999])):
+        for signed in (x, -x):
+            expected = signed.double().abs().add(0.5).floor().copysign(signed.double()).float()
+            assert torch.equal(round_half_away(signed), expected)
