@@ -68,36 +68,32 @@ def wrap_i8(i: torch.Tensor) -> torch.Tensor:
 def seqsum(t: torch.Tensor, start_zero: bool = True) -> torch.Tensor:
     """Sequential float32 sum over dim 0 of [n, ...]: `float s = 0; for (i) s += t[i];` (start_zero) or
     `float s = t[0]; for (i = 1..) s += t[i];`. Stack independent sums along a second dim to share the loop."""
-    if start_zero:
-        acc = torch.zeros_like(t[0])
-        first = 0
-    else:
-        acc = t[0].clone()
-        first = 1
-    for i in range(first, t.shape[0]):
-        acc.add_(t[i])
+    rows = t.unbind(0)  # all row views in one call: indexing t[i] before each add cost Q4_K 12%
+    acc = torch.zeros_like(rows[0]) if start_zero else rows[0].clone()
+    for row in rows[0 if start_zero else 1:]:
+        acc.add_(row)
     return acc
 
 
 def signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`float max = 0, amax = 0; for (i) if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` over dim 0
     of [n, B]: (max, amax); the first element on ties, +0 for a block of (possibly negative) zeros."""
-    ax = x.abs()
     amax = torch.zeros_like(x[0])
     mx = torch.zeros_like(x[0])
-    for i in range(x.shape[0]):
-        more = ax[i] > amax
-        amax = torch.where(more, ax[i], amax)
-        mx = torch.where(more, x[i], mx)
+    for xi, ai in zip(x.unbind(0), x.abs().unbind(0), strict=True):
+        more = ai > amax
+        amax = torch.where(more, ai, amax)
+        mx = torch.where(more, xi, mx)
     return mx, amax
 
 
 def first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`min = max = x[0]; for (i = 1..) { if (x[i] < min) min = x[i]; if (x[i] > max) max = x[i]; }` over dim 0."""
-    mn, mx = x[0].clone(), x[0].clone()
-    for i in range(1, x.shape[0]):
-        mn = torch.where(x[i] < mn, x[i], mn)
-        mx = torch.where(x[i] > mx, x[i], mx)
+    rows = x.unbind(0)
+    mn, mx = rows[0].clone(), rows[0].clone()
+    for xi in rows[1:]:
+        mn = torch.where(xi < mn, xi, mn)
+        mx = torch.where(xi > mx, xi, mx)
     return mn, mx
 
 
@@ -175,14 +171,14 @@ def _coordinate_descent(x: torch.Tensor, w: torch.Tensor, lv: torch.Tensor, suml
     for _ in range(5):
         rows = list(clv.unbind(0))
         changed = torch.zeros_like(cslx, dtype=torch.bool)
-        for i in range(x.shape[0]):
+        for i, (xi, wi, wxi) in enumerate(zip(cx.unbind(0), cw.unbind(0), cwx.unbind(0), strict=True)):
             li = rows[i]
-            slx = cslx - cwx[i] * li
-            sl2 = csl2 - cw[i] * li * li
-            new_int = nearest_int(cx[i] * sl2 / slx).clamp_(lo, hi)
+            slx = cslx - wxi * li
+            sl2 = csl2 - wi * li * li
+            new_int = nearest_int(xi * sl2 / slx).clamp_(lo, hi)
             new = new_int.to(torch.float32)
-            slx_new = slx + cwx[i] * new
-            sl2_new = sl2 + cw[i] * new * new
+            slx_new = slx + wxi * new
+            sl2_new = sl2 + wi * new * new
             take = (slx > 0) & (new != li) & (slx_new * slx_new * csl2 > cslx * cslx * sl2_new)
             take &= (sl2 > 0) if qp else (sl2_new > 0)
             rows[i] = torch.where(take, wrap_u8(new_int).to(torch.float32) if qp else new, li)
