@@ -68,7 +68,9 @@ def inspect(model, as_json):
 @click.option("--force", is_flag=True, help="Replace existing output files (only once the new one is complete).")
 @click.option("--split-max-size", metavar="SIZE", help="Write gguf-split shards of at most SIZE (e.g. 2G).")
 @click.option("--device", default=None, help="Device to quantize on (default: cuda if available, else cpu).")
-@click.option("--threads", type=int, default=None, help="CPU threads for quantizing (default: all cores).")
+@click.option("--threads", type=int, default=None,
+              help="CPU workers for quantizing, one core each; k-quant and IQ4 chunks use worker processes "
+                   "(default: all cores).")
 @click.option("--tokenizer-pre", metavar="NAME",
               help="llama.cpp pre-tokenizer name, when quantkit cannot tell it from tokenizer.json.")
 @click.option("--name", help="general.name and file name stem (default: the model folder's name).")
