@@ -49,14 +49,8 @@ KNOWN_PRE = {"qwen2": "Qwen2 / R1-Distill-Qwen", "llama-bpe": "Llama 3 / R1-Dist
 
 
 def _split_patterns(pre_tokenizer: dict | None) -> list[str]:
-    if not pre_tokenizer:
-        return []
-    if pre_tokenizer.get("type") == "Sequence":
-        return [p for sub in pre_tokenizer.get("pretokenizers", []) for p in _split_patterns(sub)]
-    if pre_tokenizer.get("type") == "Split":
-        pattern = pre_tokenizer.get("pattern", {})
-        return [pattern.get("Regex") or pattern.get("String") or ""]
-    return []
+    splits = [p.get("pattern", {}) for p in _flatten(pre_tokenizer, "pretokenizers") if p.get("type") == "Split"]
+    return [pattern.get("Regex") or pattern.get("String") or "" for pattern in splits]
 
 
 def detect_pre(tokenizer_json: dict) -> str | None:

@@ -17,6 +17,7 @@ class Codec:
     type_id: ClassVar[int]  # ggml_type enum value
     block_size: ClassVar[int]  # elements per block
     block_bytes: ClassVar[int]  # bytes per block
+    scale_search: ClassVar[bool] = False  # see searches()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -45,7 +46,7 @@ class Codec:
     def searches(cls, importance: torch.Tensor | None) -> bool:
         """Whether encoding runs one of ggml's scale searches: hundreds of small torch ops per chunk, so on CPU
         Python (and its GIL) costs as much as the arithmetic and parallel chunks need processes."""
-        return False
+        return cls.scale_search
 
     @classmethod
     def decode(cls, data: torch.Tensor, n: int) -> torch.Tensor:

@@ -150,14 +150,9 @@ def _chunks(x: torch.Tensor):
         yield x[r:r + step]
 
 
-class _Searched:
-    @classmethod
-    def searches(cls, importance):
-        return True
-
-
-class IQ4_NL(_Searched, Codec):
+class IQ4_NL(Codec):
     name, type_id, block_size, block_bytes = "IQ4_NL", 20, 32, 18
+    scale_search = True
 
     @classmethod
     def encode_rows(cls, x, importance):
@@ -177,8 +172,9 @@ class IQ4_NL(_Searched, Codec):
         return f16_from(data[:, :2]) * kv[unpack_nibbles(data[:, 2:]).long()]
 
 
-class IQ4_XS(_Searched, Codec):
+class IQ4_XS(Codec):
     name, type_id, block_size, block_bytes = "IQ4_XS", 23, 256, 136
+    scale_search = True
 
     @classmethod
     def encode_rows(cls, x, importance):

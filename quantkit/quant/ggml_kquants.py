@@ -137,10 +137,7 @@ class _KQuant:
 
     block_bytes: int
     chunk_cpu: int = _CHUNK_CPU
-
-    @classmethod
-    def searches(cls, importance: torch.Tensor | None) -> bool:
-        return True
+    scale_search = True
 
     @classmethod
     def encode_rows(cls, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
