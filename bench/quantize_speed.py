@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quantkit import convert as api  # noqa: E402
-from quantkit.plan import file_type  # noqa: E402
+from quantkit.formats.gguf.mixtures import file_type  # noqa: E402
 from quantkit.source.gguf_file import GGUFFile  # noqa: E402
 from quantkit.testing.factory import make_tiny_model  # noqa: E402
 from quantkit.testing.ggml_reference import llama_quantize  # noqa: E402

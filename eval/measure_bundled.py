@@ -51,19 +51,21 @@ VARIANTS = {  # label -> (llama.cpp file type, --pure)
 def quantized_weights(model: Model, file_type: str, pure: bool) -> Callable[[str], torch.Tensor]:
     """Checkpoint tensors after a GGUF round trip of this file type: each GGUF tensor is encoded with the type
     llama-quantize would give it and decoded again (exactly what llama.cpp would hold)."""
-    from quantkit.convert import MixtureOptions, Target, model_facts, plan_gguf
+    from quantkit.formats import ConvertOptions, get_format
+    from quantkit.formats.gguf.tensors import mapping_for
     from quantkit.quant import get_codec
 
-    tensors = model.arch.gguf_tensors()
-    plan = plan_gguf({t.name: t.shape for t in tensors}, model_facts(model), Target("gguf", file_type),
-                     MixtureOptions(pure=pure))
+    gguf_format, mapping = get_format("gguf"), mapping_for(model.arch)
+    options = ConvertOptions(pure=pure)
+    gguf_format.prepare(model, options)
+    plan = gguf_format.plan(model, gguf_format.parse_spec(file_type), options)
     source = model.weights()
     gguf: dict[str, torch.Tensor] = {}
-    for t in tensors:
-        codec = get_codec(plan.types[t.name])
+    for t in mapping.tensors():
+        codec = get_codec(plan.schemes[t.name])
         pieces = [codec.decode(codec.encode(p), p.shape[-1]) for p in t.pieces(source)]
         gguf[t.name] = torch.cat(pieces).reshape(t.shape)
-    return model.arch.weights_from_gguf(gguf.__getitem__)
+    return mapping.weights_from_gguf(gguf.__getitem__)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def inspect(model, as_json):
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="Importance matrix (quantkit imatrix or llama-imatrix output, GGUF or legacy .dat).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes, bpw); write nothing.")
+@click.option("--save-plan", "plan_file", type=click.Path(path_type=Path),
+              help="Also save each output's plan as JSON (several --to: <output stem>.<NAME>).")
 @click.option("--force", is_flag=True, help="Replace existing output files (only once the new one is complete).")
 @click.option("--split-max-size", metavar="SIZE", help="Write gguf-split shards of at most SIZE (e.g. 2G).")
 @click.option("--device", default=None, help="Device to quantize on (default: cuda if available, else cpu).")
@@ -75,29 +77,31 @@ def inspect(model, as_json):
               help="llama.cpp pre-tokenizer name, when quantkit cannot tell it from tokenizer.json.")
 @click.option("--name", help="general.name and file name stem (default: the model folder's name).")
 def convert(model, targets, output, tensor_types, output_tensor_type, token_embedding_type, pure, imatrix, dry_run,
-            force, split_max_size, device, threads, tokenizer_pre, name):
+            plan_file, force, split_max_size, device, threads, tokenizer_pre, name):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
 
     from quantkit import convert as api
     from quantkit.bundled import resolve_model
-    from quantkit.plan import format_plan
+    from quantkit.formats import get_format
 
-    options = api.MixtureOptions(list(tensor_types), output_tensor_type, token_embedding_type, pure)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with _progress() as show:
-        results = api.convert(resolve_model(model), list(targets), output, options=options, imatrix=imatrix,
-                              device=device, threads=threads, force=force, dry_run=dry_run,
-                              split_max_size=split_max_size, tokenizer_pre=tokenizer_pre, name=name,
-                              progress=None if dry_run else show)
+        results = api.convert(resolve_model(model), list(targets), output, dry_run=dry_run,
+                              tensor_types=list(tensor_types), output_tensor_type=output_tensor_type,
+                              token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
+                              threads=threads, force=force, split_max_size=split_max_size,
+                              tokenizer_pre=tokenizer_pre, name=name, progress=None if dry_run else show)
     for path, plan in results:
         if dry_run:
             click.echo(f"# {path}")
-            click.echo(format_plan(plan))
+            click.echo(get_format(plan.format).describe(plan))
         else:
-            click.echo(f"wrote {path} ({plan.file_type.name}, {_bytes(plan.total_bytes)} of tensors, "
+            click.echo(f"wrote {path} ({plan.format}:{plan.target}, {_bytes(plan.total_bytes)} of tensors, "
                        f"{plan.bpw:.2f} bpw)")
+        if plan_file is not None:
+            plan.save(plan_file if len(results) == 1 else plan_file.with_name(f"{path.stem}.{plan_file.name}"))
 
 
 @main.command()
@@ -110,12 +114,16 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
 @click.option("--chunks", type=int, help="Use at most this many chunks.")
 @click.option("--device", default=None, help="Device (default: cuda if available, else cpu).")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
-def imatrix(model, calib, output, ctx, chunks, device, force):
+@click.option("--no-cache", is_flag=True, help="Compute the statistics even when the cache holds them for the same "
+                                                 "model files, text and settings ($QUANTKIT_CACHE, default "
+                                                 "~/.cache/quantkit).")
+def imatrix(model, calib, output, ctx, chunks, device, force, no_cache):
     """Compute llama.cpp's importance matrix for MODEL with quantkit's layer-by-layer forward."""
     import torch
 
     from quantkit.bundled import resolve_model
     from quantkit.calib import collect_imatrix, tokenize_file
+    from quantkit.calib.cache import StatisticsCache
     from quantkit.calib.runner import read_calibration
     from quantkit.model import Model
 
@@ -128,9 +136,10 @@ def imatrix(model, calib, output, ctx, chunks, device, force):
 
         def show(done, total):
             if sys.stderr.isatty():
-                click.echo(f"\rchunk {done}/{total}", nl=False, err=True)
+                click.echo(f"\rcalibrating {done}/{total}", nl=False, err=True)
 
-        result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show)
+        result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show,
+                                 cache=None if no_cache else StatisticsCache())
     result.save(output)
     click.echo(f"\nwrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
     for name, counts in result.expert_counts().items():

@@ -40,7 +40,7 @@ def inspect_checkpoint(path) -> dict:
         inactive = 0
         linears = []
         for layer in arch.layers():
-            routed = sum(lin.numel for lin in layer.linears if lin.role.endswith("_exps"))
+            routed = sum(lin.numel for lin in layer.linears if lin.role.startswith("mlp.experts."))
             if layer.routed_experts:
                 inactive += routed * (layer.routed_experts - layer.experts_per_token) // layer.routed_experts
             linears += layer.linears

@@ -53,7 +53,7 @@ def test_cli_inspect_text_and_json(model_cache):
     assert "qwen2" in text.output and "quantizable" in text.output
     as_json = runner.invoke(main, ["inspect", str(folder), "--json"])
     report = json.loads(as_json.output)
-    assert report["quantizable"]["by_role"]["attn_q"] == 2
+    assert report["quantizable"]["by_role"]["self_attn.q_proj"] == 2
     assert report["architecture"] == "qwen2"
 
 

@@ -1,81 +1,33 @@
 """What every architecture module provides, and the numerics they share.
 
-An architecture describes its tensors (names, shapes, roles) from config.json alone, and runs a reference
-forward in plain float32 torch one decoder layer at a time, pulling each layer's weights from a `Weights`
-callable (a checkpoint, a dequantized GGUF, ...). Only one layer's weights are alive at a time, so a model
-larger than RAM still runs.
+An architecture describes its tensors by their checkpoint names, with shapes, from config.json alone; its
+layers' structure (input groups: which linears share an input and what produces it; routed experts) and its
+KV cache; and runs a reference forward in plain float32 torch one decoder layer at a time, pulling each
+layer's weights from a `Weights` callable (a checkpoint, a dequantized GGUF, a calibration layer cache). Only
+one layer's weights are alive at a time, so a model larger than RAM still runs. No output format's naming
+lives here: each format maps these names itself (quantkit/formats/<format>).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from quantkit.errors import ConfigError, SourceError
-from quantkit.formats.gguf_file import Value
 
 Weights = Callable[[str], torch.Tensor]  # full tensor name -> float32 tensor on the compute device
 
 
 @dataclass(frozen=True)
-class GGUFTensor:
-    """A tensor of the model's GGUF file, and how it maps to the checkpoint's tensors.
-
-    `pieces(weights)` yields 2-D float32 pieces [rows, ne0] whose concatenation is the tensor in row-major
-    order: the whole tensor for 1-D/2-D ones, one expert or head at a time for 3-D ones, so a stacked
-    expert tensor never exists in memory at once and an importance vector applies per piece.
-    `unpack(tensor)` is the inverse: the GGUF tensor (torch order) back to its `sources`, in order."""
-
-    name: str
-    shape: tuple[int, ...]  # torch order; ggml's ne is the reverse
-    pieces: Callable[[Weights], Iterator[torch.Tensor]]
-    sources: tuple[str, ...] = ()
-    unpack: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
-
-    @property
-    def quantizable(self) -> bool:
-        """llama.cpp quantizes .weight tensors of 2+ dims except norms and the MoE router (llama-quant.cpp)."""
-        return (len(self.shape) >= 2 and self.name.endswith(".weight") and "_norm.weight" not in self.name
-                and "ffn_gate_inp.weight" not in self.name)
-
-
-def gguf_tensor(name: str, source: str, shape: tuple[int, ...],
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                inverse: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GGUFTensor:
-    """A GGUF tensor that is one checkpoint tensor, optionally transformed (e.g. Llama's q/k row order)."""
-
-    def pieces(weights: Weights) -> Iterator[torch.Tensor]:
-        w = weights(source)
-        if transform is not None:
-            w = transform(w)
-        yield w.reshape(-1, shape[-1])
-
-    def unpack(t: torch.Tensor) -> list[torch.Tensor]:
-        return [inverse(t) if inverse is not None else t]
-
-    return GGUFTensor(name, shape, pieces, (source,), unpack)
-
-
-def gguf_stacked(name: str, sources: list[str], shape: tuple[int, ...]) -> GGUFTensor:
-    """A 3-D GGUF tensor stacked from 2-D checkpoint tensors (routed experts), one piece per source."""
-
-    def pieces(weights: Weights) -> Iterator[torch.Tensor]:
-        for source in sources:
-            yield weights(source)
-
-    return GGUFTensor(name, shape, pieces, tuple(sources), lambda t: list(t.unbind(0)))
-
-
-@dataclass(frozen=True)
 class LinearSpec:
-    """A linear weight of a decoder layer (or the head), with its role in llama.cpp's naming."""
+    """A linear weight of a decoder layer, by its checkpoint name."""
 
     name: str
-    role: str  # attn_q, attn_k, ..., ffn_down, ffn_gate_exps, ffn_down_shexp, output, ...
+    role: str  # the module path inside the layer: self_attn.q_proj, mlp.experts.down_proj, ...
     layer: int | None
     shape: tuple[int, ...]
     expert: int | None = None  # routed expert index for per-expert 2-D tensors
@@ -85,11 +37,38 @@ class LinearSpec:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read one and the same input, and the op that produces that input.
+
+    `key` names the group in observations (the forward reports the group's input under it). `producer` is the
+    tensor whose output the input is: a norm's weight (kind "norm": AWQ-style scales fold into it), a linear's
+    weight (kind "linear": they fold into its output rows, e.g. up_proj -> down_proj), or the attention
+    (kind "attention": nothing to fold into). `expert` marks a routed expert's group: its input is only the
+    tokens routed to it. For fused 3-D expert tensors, `linears` names the fused tensor and `expert` the slice."""
+
+    key: str
+    linears: tuple[str, ...]
+    producer: str
+    kind: str  # "norm" | "linear" | "attention"
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """What one token costs in the KV cache of every layer, in elements (before the runtime's dtype)."""
+
+    k_per_token: tuple[int, ...]  # per layer
+    v_per_token: tuple[int, ...]
+    latent: bool = False  # MLA: the cache holds the compressed latent + rope key (V shares K's latent)
+
+
 @dataclass
 class LayerSpec:
     index: int
     linears: list[LinearSpec] = field(default_factory=list)
     others: dict[str, tuple[int, ...]] = field(default_factory=dict)  # norms, biases, router
+    input_groups: list[InputGroup] = field(default_factory=list)
     routed_experts: int = 0  # routed experts in this layer (0: dense)
     experts_per_token: int = 0
 
@@ -114,14 +93,15 @@ class Architecture:
         self.vocab_size = self._require("vocab_size")
         self.rms_norm_eps = float(config.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        # observe(gguf weight name, its input [tokens, in], matrix index, matrices, per-matrix counts): what
-        # calibration (imatrix) records; each forward reports the inputs of the matmuls llama.cpp runs.
-        self.observe: Callable[..., None] | None = None
+        # observe(key, x [tokens, in], index, count): calibration's view of the forward. Each layer reports every
+        # input group's input under the group's key; with `observe_probes`, also runtime-specific activations
+        # (probe keys, per head: index of count), e.g. the inputs of llama.cpp's absorbed MLA matmuls.
+        self.observe: Callable[[str, torch.Tensor, int, int], None] | None = None
+        self.observe_probes = False
 
-    def _observe(self, name: str, x: torch.Tensor, matrix: int = 0, matrices: int = 1,
-                 per_matrix_counts: bool = False) -> None:
+    def _observe(self, key: str, x: torch.Tensor, index: int = 0, count: int = 1) -> None:
         if self.observe is not None:
-            self.observe(name, x.reshape(-1, x.shape[-1]), matrix, matrices, per_matrix_counts)
+            self.observe(key, x.reshape(-1, x.shape[-1]), index, count)
 
     # ---- description ----------------------------------------------------------------------------------
     def layers(self) -> list[LayerSpec]:
@@ -144,6 +124,13 @@ class Architecture:
             shapes.update(layer.tensor_shapes())
         return shapes
 
+    def kv_cache_layout(self) -> KVCacheLayout:
+        raise NotImplementedError
+
+    def layer_weight_names(self, index: int) -> list[str]:
+        """Every checkpoint tensor layer `index`'s forward reads."""
+        return list(self.layer_spec(index).tensor_shapes())
+
     def is_skipped(self, name: str) -> bool:
         """Tensors in the checkpoint that the model (and conversion) ignores, e.g. MTP layers."""
         return False
@@ -158,55 +145,6 @@ class Architecture:
         if missing:
             raise SourceError(f"{where}: {len(missing)} tensor(s) the {self.name} architecture needs are missing, "
                               f"e.g. {missing[0]!r}; the checkpoint is incomplete or does not match config.json")
-
-    # ---- GGUF (llama.cpp) description --------------------------------------------------------------------
-    gguf_arch: str = ""  # llama.cpp's architecture name (general.architecture)
-
-    def gguf_hparams(self) -> dict[str, Value]:
-        """The `{arch}.*` metadata llama.cpp's loader reads for this architecture (llama-model.cpp)."""
-        raise NotImplementedError
-
-    def gguf_tensors(self) -> list[GGUFTensor]:
-        """Every tensor of the GGUF file, in llama-quantize's order: non-block tensors first (by name), then
-        each block's tensors by name (llama-model-loader.h `weight_name_comparer`)."""
-        h, vocab = self.hidden_size, self.vocab_size
-        tensors = [gguf_tensor("token_embd.weight", "model.embed_tokens.weight", (vocab, h)),
-                   gguf_tensor("output_norm.weight", "model.norm.weight", (h,))]
-        if not self.tie_word_embeddings:
-            tensors.append(gguf_tensor("output.weight", "lm_head.weight", (vocab, h)))
-        tensors += self.gguf_extra_tensors()
-        tensors.sort(key=lambda t: t.name)
-        for index in range(self.num_layers):
-            tensors += sorted(self.gguf_layer_tensors(index), key=lambda t: t.name)
-        return tensors
-
-    def gguf_extra_tensors(self) -> list[GGUFTensor]:
-        """Generated non-block tensors (e.g. llama3 rope_freqs)."""
-        return []
-
-    def gguf_layer_tensors(self, index: int) -> list[GGUFTensor]:
-        raise NotImplementedError
-
-    def weights_from_gguf(self, read: Callable[[str], torch.Tensor]) -> Weights:
-        """The checkpoint's tensors rebuilt from a GGUF file's (dequantized) tensors, for the forward:
-        `read(gguf_name)` gives a float32 tensor in torch order."""
-        origin = {}
-        for tensor in self.gguf_tensors():
-            for index, source in enumerate(tensor.sources):
-                origin[source] = (tensor, index)
-        cache: dict[str, list[torch.Tensor]] = {}
-
-        def weights(name: str) -> torch.Tensor:
-            if name not in origin:
-                raise SourceError(f"the GGUF file has no tensor for {name}")
-            tensor, index = origin[name]
-            if tensor.name not in cache:
-                if len(cache) >= 4:  # a layer's experts alternate between three stacked tensors
-                    cache.pop(next(iter(cache)))
-                cache[tensor.name] = tensor.unpack(read(tensor.name))
-            return cache[tensor.name][index]
-
-        return weights
 
     # ---- forward ----------------------------------------------------------------------------------------
     def embed(self, weights: Weights, input_ids: torch.Tensor) -> torch.Tensor:

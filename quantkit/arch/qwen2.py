@@ -9,8 +9,6 @@ class Qwen2Architecture(LlamaArchitecture):
     name = "qwen2"
     hf_architectures = ("Qwen2ForCausalLM",)
     model_types = ("qwen2",)
-    gguf_arch = "qwen2"
-    rope_pairs_adjacent = False  # llama.cpp runs qwen2 with NEOX rope, HF's own row order
 
     def __init__(self, config, tensor_names=None):
         super().__init__(config, tensor_names)

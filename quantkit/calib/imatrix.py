@@ -22,7 +22,7 @@ import torch
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from quantkit.errors import QuantkitError, SourceError
-from quantkit.formats.gguf_file import GGUFWriter, TensorEntry, array, string, u32
+from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, array, string, u32
 
 
 @dataclass

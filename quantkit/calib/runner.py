@@ -1,4 +1,4 @@
-"""Running calibration text through quantkit's layer-by-layer forward and collecting statistics."""
+"""Calibration runs built on the engine: llama.cpp's importance matrix today."""
 
 from __future__ import annotations
 
@@ -8,53 +8,87 @@ from pathlib import Path
 
 import torch
 
+from quantkit.arch.base import Architecture
+from quantkit.calib.cache import StatisticsCache
+from quantkit.calib.engine import Observer, calibrate
 from quantkit.calib.imatrix import Imatrix
 from quantkit.errors import ConfigError
 from quantkit.model import Model
-from quantkit.tokenizer import added_bos, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _folder(model: Model) -> Path:
-    return model.source.path if model.source.path.is_dir() else model.source.path.parent
-
-
 def tokenize_file(model: Model, text: str) -> torch.Tensor:
-    tokenizer = load_tokenizer(_folder(model), "tokenize the calibration text with")
-    return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    return torch.tensor(model.tokenizer("tokenize the calibration text with").encode(
+        text, add_special_tokens=False).ids, dtype=torch.long)
+
+
+class ImatrixObserver(Observer):
+    """Accumulates llama.cpp's imatrix entries (GGUF tensor names) from the engine's input-group observations,
+    through the architecture's llama.cpp mapping: one group's input feeds every GGUF weight that reads it
+    (q/k/v; gate/up), a routed expert's group feeds its row of the stacked expert tensors, and the absorbed
+    MLA probes feed attn_k_b / attn_v_b per head."""
+
+    probes = True
+
+    def __init__(self, imatrix: Imatrix):
+        self.imatrix = imatrix
+        self._targets: dict[str, list] = {}
+
+    def begin_layer(self, arch: Architecture, layer: int) -> None:
+        from quantkit.formats.gguf.tensors import mapping_for
+
+        mapping = mapping_for(arch)
+        self._targets = {g.key: mapping.imatrix_targets(g) for g in arch.layer_spec(layer).input_groups}
+        self._targets.update(mapping.probe_targets(layer))
+
+    def observe(self, layer: int, key: str, x: torch.Tensor, index: int, count: int) -> None:
+        for t in self._targets.get(key, ()):
+            matrix = index if t.matrix is None else t.matrix
+            self.imatrix.add(t.name, x, matrix, count if t.matrix is None else t.matrices, t.per_matrix_counts)
+
+    def end_layer(self, layer: int) -> None:
+        for name, sums in self.imatrix.sums.items():
+            if name.startswith(f"blk.{layer}.") and not torch.isfinite(sums).all():
+                raise ConfigError(f"the calibration statistics of {name} became NaN/Inf in layer {layer}: the "
+                                  "model's weights or activations overflow; check the checkpoint")
 
 
 def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
-                    dataset: str = "", progress: Callable[[int, int], None] | None = None) -> Imatrix:
+                    dataset: str = "", progress: Callable[[int, int], None] | None = None,
+                    cache: StatisticsCache | None = None) -> Imatrix:
     """llama-imatrix's statistics from non-overlapping chunks of `ctx` tokens (a partial last chunk is
-    dropped, as llama-imatrix does)."""
+    dropped, as llama-imatrix does), each chunk starting with the model's BOS where it adds one."""
     n_chunks = len(tokens) // ctx
     if max_chunks:
         n_chunks = min(n_chunks, max_chunks)
     if n_chunks == 0:
         raise ConfigError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}; "
                           "give more text or a smaller --ctx")
+    chunks = []
+    for chunk in range(n_chunks):
+        ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
+        if model.bos is not None:
+            ids[0] = model.bos
+        chunks.append(ids)
+    key = None
+    if cache is not None:
+        key = cache.key(model, "imatrix", torch.stack(chunks), dataset=dataset)
+        cached = cache.load_imatrix(key)
+        if cached is not None:
+            log.info("imatrix statistics reused from %s", cache.path(key, ".imatrix.gguf"))
+            return cached
     imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
-    bos = added_bos(_folder(model), model.arch.config)
-    arch, weights = model.arch, model.weights()
-    arch.observe = imatrix.add
-    try:
-        for chunk in range(n_chunks):
-            ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
-            if bos is not None:
-                ids[0] = bos
-            arch.forward(weights, ids.to(model.device))
-            imatrix.chunk_count = chunk + 1
-            if progress is not None:
-                progress(chunk + 1, n_chunks)
-    finally:
-        arch.observe = None
+    calibrate(model.arch, model.weights(), chunks, [ImatrixObserver(imatrix)], device=model.device,
+              progress=progress)
+    imatrix.chunk_count = n_chunks
     for name, counts in imatrix.expert_counts().items():
         unused = [e for e, c in enumerate(counts) if c == 0]
         if unused:
             log.warning("%s: experts %s received no calibration tokens; their importance is 1.0 (as llama.cpp "
                         "does), i.e. they are quantized as without an imatrix", name, unused)
+    if cache is not None:
+        cache.save_imatrix(key, imatrix)
     return imatrix
 
 

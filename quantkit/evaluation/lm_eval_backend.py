@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from quantkit.bundled import resolve_model
 from quantkit.errors import ConfigError, QuantkitError
-from quantkit.evaluation.variants import hf_config, open_variant
-from quantkit.tokenizer import added_bos, load_tokenizer
+from quantkit.evaluation.variants import HFVariant, open_variant
+from quantkit.model import Model
 
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # where configs name it, in lm-eval's order
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a config names no context length
@@ -66,17 +66,17 @@ class QuantkitLM(TemplateLM):
         if path.suffix == ".gguf" and baseline is None:
             raise ConfigError(f"{path}: a GGUF needs baseline=HF_FOLDER, the checkpoint it was made from (its "
                               "tokenizer.json tokenizes the text)")
-        folder = path if path.suffix != ".gguf" else resolve_model(str(baseline))
-        config = hf_config(folder)
-        settings = config or {}
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
+        # the HF checkpoint (the target itself, or a GGUF's baseline), opened once: config, tokenizer, BOS
+        source = Model(path if path.suffix != ".gguf" else resolve_model(str(baseline)), device=device)
+        folder, settings = source.folder, source.config or {}
         self.max_length = int(max_length or next((settings[k] for k in _CONTEXT_KEYS if settings.get(k)),
                                                  _DEFAULT_MAX_LENGTH))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else _AUTO_BATCH
-        self.tokenizer = load_tokenizer(folder, "tokenize lm-eval's requests with")
-        self.bos = added_bos(folder, settings)  # put in front of every text, when the tokenizer adds one
+        self.tokenizer = source.tokenizer("tokenize lm-eval's requests with")
+        self.bos = source.bos  # put in front of every text, when the tokenizer adds one
         eos = settings.get("eos_token_id")
         self._eot = _special_id(folder, self.tokenizer, "eos_token")
         if self._eot is None:
@@ -84,8 +84,12 @@ class QuantkitLM(TemplateLM):
         if self._eot is None:
             raise ConfigError(f"{folder}: no EOS token in tokenizer_config.json or config.json")
         self._prefix = _special_id(folder, self.tokenizer, "bos_token")
-        self.variant = open_variant(path, backend, config=config, n_ctx=self.max_length, device=device,
-                                    threads=threads)
+        if path.suffix == ".gguf":
+            source.close()
+            self.variant = open_variant(path, backend, config=settings, n_ctx=self.max_length, device=device,
+                                        threads=threads)
+        else:
+            self.variant = HFVariant(source)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> QuantkitLM:

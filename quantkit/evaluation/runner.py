@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
-from quantkit.evaluation.variants import Variant, hf_config, open_variant
-from quantkit.tokenizer import added_bos, load_tokenizer
+from quantkit.evaluation.variants import Variant, open_variant
 
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
               "positions ctx/2 .. ctx-2 scored on the next token")
@@ -140,28 +139,29 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
     say = progress or (lambda _message: None)
     _fixed_mmap_threshold()
     baseline_path = resolve_model(str(baseline_path))
-    config = hf_config(baseline_path) if baseline_path.is_dir() else None
-    if config is None:
+    if not (baseline_path / "config.json").is_file():
         raise ConfigError(f"{baseline_path}: the baseline must be an HF model folder (the source checkpoint, "
                           "BF16 or FP8, with its tokenizer.json)")
-    tokenizer = load_tokenizer(baseline_path, "tokenize the text with (once, with the baseline's tokenizer, for "
-                                              "every variant)")
-    if text is None:
-        text, text_name = textsets.text("heldout"), f"bundled held-out text (Python {textsets.python_version()})"
-    tokens = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
-    batches = windows(tokens, ctx, max_windows, added_bos(baseline_path, config))
-    first = ctx // 2
-    items, tasks_name = _mc_items(tasks, mc_items) if mc_items != 0 else ([], None)
-    mc_tokens = _mc_tokens(tokenizer, items)
-    longest = max([ctx] + [len(context) + max(map(len, choices)) for context, choices in mc_tokens])
-
     variants: list[Variant] = []
     try:
-        baseline = open_variant(baseline_path, "torch", config=config, n_ctx=longest, device=device)
+        # the baseline is opened once: its Model carries the config, tokenizer and BOS every step below uses
+        baseline = open_variant(baseline_path, "torch", config=None, n_ctx=ctx, device=device)
         variants.append(baseline)
+        model = baseline.model
+        tokenizer = model.tokenizer("tokenize the text with (once, with the baseline's tokenizer, for every "
+                                    "variant)")
+        if text is None:
+            text, text_name = textsets.text("heldout"), f"bundled held-out text (Python {textsets.python_version()})"
+        tokens = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+        batches = windows(tokens, ctx, max_windows, model.bos)
+        first = ctx // 2
+        items, tasks_name = _mc_items(tasks, mc_items) if mc_items != 0 else ([], None)
+        mc_tokens = _mc_tokens(tokenizer, items)
+        longest = max([ctx] + [len(context) + max(map(len, choices)) for context, choices in mc_tokens])
         check_compatible(baseline, baseline, ctx)
         for path in target_paths:
-            variant = open_variant(path, backend, config=config, n_ctx=longest, device=device, threads=threads)
+            variant = open_variant(path, backend, config=model.config, n_ctx=longest, device=device,
+                                   threads=threads)
             variants.append(variant)
             check_compatible(baseline, variant, ctx)
         names = [v.name for v in variants]

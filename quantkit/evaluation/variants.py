@@ -9,7 +9,6 @@ VRAM), on one of two backends.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import torch
 
 from quantkit.arch import Architecture, load_architecture
 from quantkit.errors import ConfigError, QuantkitError
-from quantkit.evaluation.vram import VramEstimate, vram_checkpoint, vram_gguf
+from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.model import Model
+from quantkit.plan.vram import VramEstimate, vram_checkpoint, vram_gguf
 from quantkit.source.gguf_file import GGUFFile
 
 BACKENDS = ("auto", "torch", "llama.cpp")
@@ -122,11 +122,11 @@ class _TorchForward:
 class HFVariant(_TorchForward, Variant):
     format, backend = "hf", "torch"
 
-    def __init__(self, path: Path, device: str = "cpu", name: str | None = None):
-        self.model = Model(path, device=device)
+    def __init__(self, model: Model, name: str | None = None):
+        self.model = model
         self.path, self.name = self.model.source.path, name or self.model.source.path.name
         self.arch: Architecture = self.model.arch
-        self.type = "FP8" if self.model.source.config.get("quantization_config") else _stored_dtype(self.model)
+        self.type = self.model.source.label()
         self.vocab_size = self.arch.vocab_size
         self.max_context = self.arch.config.get("max_position_embeddings")
         self.device = self.model.device
@@ -148,11 +148,6 @@ class HFVariant(_TorchForward, Variant):
 
     def close(self) -> None:
         self.model.close()
-
-
-def _stored_dtype(model: Model) -> str:
-    dtypes = {t.dtype for t in model.source.tensors() if len(t.shape) >= 2}
-    return "/".join(sorted(dtypes))
 
 
 def hf_tokens(folder: Path) -> list[str] | None:
@@ -194,7 +189,7 @@ class _GGUFVariant(Variant):
 
 
 def _file_type_name(gguf: GGUFFile) -> str:
-    from quantkit.plan.ggml_mixtures import FILE_TYPES
+    from quantkit.formats.gguf.mixtures import FILE_TYPES
 
     ftype = gguf.metadata("general.file_type")
     names = [ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype]
@@ -208,7 +203,7 @@ class TorchGGUFVariant(_TorchForward, _GGUFVariant):
         super().__init__(path, name)
         self.arch = load_architecture(config)
         self.device = torch.device(device)
-        self.weights = _CachedWeights(self.arch.weights_from_gguf(self.gguf.read), self.device)
+        self.weights = _CachedWeights(mapping_for(self.arch).weights_from_gguf(self.gguf.read), self.device)
 
 
 class LlamaCppVariant(_GGUFVariant):
@@ -271,7 +266,7 @@ def open_variant(path: str | Path, backend: str, *, config: dict | None, n_ctx: 
     if path.suffix != ".gguf":
         if backend == "llama.cpp":
             raise ConfigError(f"{path}: the llama.cpp backend reads GGUF files; use --backend torch for HF folders")
-        return HFVariant(path, device)
+        return HFVariant(Model(path, device=device))
     if backend == "auto":
         backend = "llama.cpp" if has_llama_cpp() else "torch"
     if backend == "llama.cpp":
@@ -288,8 +283,3 @@ def has_llama_cpp() -> bool:
     except ImportError:
         return False
     return True
-
-
-def hf_config(path: Path) -> dict | None:
-    file = Path(path) / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None

@@ -1,31 +1,6 @@
-"""Planning: which type each tensor gets before anything is quantized (llama.cpp mixtures today)."""
+"""Planning, format-neutral: which scheme each tensor gets (Plan), and what a plan costs in VRAM at a context.
+Each output format produces plans its own way (GGUF: llama.cpp's mixture rules, quantkit.formats.gguf.mixtures)."""
 
-from quantkit.plan.ggml_mixtures import (
-    FileType,
-    ModelFacts,
-    Plan,
-    PlanEntry,
-    file_type,
-    file_types,
-    format_plan,
-    ggml_type,
-    parse_tensor_type,
-    plan_types,
-    quantize_order,
-    tensor_nbytes,
-)
+from quantkit.plan.plan import Plan, PlanEntry, bits_per_weight, format_plan
 
-__all__ = [
-    "FileType",
-    "ModelFacts",
-    "Plan",
-    "PlanEntry",
-    "file_type",
-    "file_types",
-    "format_plan",
-    "ggml_type",
-    "parse_tensor_type",
-    "plan_types",
-    "quantize_order",
-    "tensor_nbytes",
-]
+__all__ = ["Plan", "PlanEntry", "bits_per_weight", "format_plan"]

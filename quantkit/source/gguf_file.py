@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError, SourceError
-from quantkit.formats.gguf_file import StoredTensor, Value, read_header
+from quantkit.formats.gguf.file import StoredTensor, Value, read_header
 from quantkit.quant import CODECS, get_codec
 
 

@@ -1,8 +1,8 @@
 """A Hugging Face checkpoint: a model folder (config.json + one or many .safetensors) or one .safetensors file.
 
 Listing reads only headers. Reading returns one tensor at a time in float32 (or a requested dtype) on a
-requested device; FP8 weights with a `weight_scale_inv` sibling are dequantized on the way, and the scale
-tensors are hidden from the listing.
+requested device, through the checkpoint's input decoder (quantkit.source.decoders): FP8 weights with a
+`weight_scale_inv` sibling are dequantized on the way, and the scale tensors are hidden from the listing.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import ConfigError, SourceError
-from quantkit.source.fp8 import dequantize_blocks, expected_scale_shape
-from quantkit.source.safetensors_file import FLOAT_DTYPES, FP8_DTYPES, SafetensorsFile
+from quantkit.source.decoders import BlockFP8Decoder, decoder_for
+from quantkit.source.safetensors_file import FLOAT_DTYPES, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"
-DEFAULT_FP8_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -72,10 +70,10 @@ class HFCheckpoint:
                                       "download — re-download both")
                 self._location[name] = file
 
-        self.fp8_block = self._fp8_block_size()
-        self._scale_of = self._pair_fp8_scales()
-        scales = set(self._scale_of.values())
-        self._infos = {name: self._info(name) for name in self._location if name not in scales}
+        self.decoder = decoder_for(self._location, self.config, str(self.path))
+        self._companion_of = self.decoder.companions()
+        hidden = set(self._companion_of.values())
+        self._infos = {name: self._info(name) for name in self._location if name not in hidden}
 
     # ---- listing -------------------------------------------------------------------------------------
     def tensors(self) -> list[TensorInfo]:
@@ -92,7 +90,15 @@ class HFCheckpoint:
 
     @property
     def is_fp8(self) -> bool:
-        return bool(self._scale_of)
+        return isinstance(self.decoder, BlockFP8Decoder) and bool(self._companion_of)
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        return self.decoder.block if isinstance(self.decoder, BlockFP8Decoder) else None
+
+    def label(self) -> str:
+        """How the weights are stored: BF16, FP8 (128x128 blocks), ..."""
+        return self.decoder.label({i.dtype for i in self._infos.values() if len(i.shape) >= 2})
 
     @property
     def files(self) -> list[Path]:
@@ -104,14 +110,12 @@ class HFCheckpoint:
     # ---- reading -------------------------------------------------------------------------------------
     def read(self, name: str, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu") -> torch.Tensor:
-        """One tensor, dequantized if it is block FP8, converted to `dtype`, on `device`."""
+        """One tensor, decoded (e.g. block FP8 dequantized), converted to `dtype`, on `device`."""
         info = self.info(name)
         file = self._location[name]
-        scale_name = self._scale_of.get(name)
-        if scale_name is not None:
-            weight = file.read(name, device=device, dtype=torch.float32)
-            scale = self._location[scale_name].read(scale_name, device=device)
-            return dequantize_blocks(weight, scale, self.fp8_block).to(dtype)
+        decoded = self.decoder.read(name, device)
+        if decoded is not None:
+            return decoded.to(dtype)
         if info.dtype in FLOAT_DTYPES and dtype.is_floating_point:
             return file.read(name, device=device, dtype=dtype)
         return file.read(name, device=device)
@@ -127,48 +131,13 @@ class HFCheckpoint:
         self.close()
 
     # ---- helpers -------------------------------------------------------------------------------------
-    def _fp8_block_size(self) -> tuple[int, int]:
-        qc = (self.config or {}).get("quantization_config") or {}
-        block = qc.get("weight_block_size")
-        if block is None:
-            return DEFAULT_FP8_BLOCK
-        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-            raise ConfigError(f"{self.path / 'config.json'}: quantization_config.weight_block_size must be two "
-                              f"positive integers, got {block!r}")
-        return (block[0], block[1])
-
-    def _pair_fp8_scales(self) -> dict[str, str]:
-        pairs = {}
-        for name, file in self._location.items():
-            dtype = file.entries[name].dtype
-            if dtype not in FP8_DTYPES:
-                continue
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in self._location:
-                raise SourceError(f"{file.path}: FP8 weight {name!r} ({dtype}) has no {scale_name!r} block scale in "
-                                  "the checkpoint; quantkit cannot dequantize it. Check the index lists every "
-                                  "*_scale_inv tensor, or re-download the checkpoint")
-            scale_entry = self._location[scale_name].entries[scale_name]
-            weight_shape = file.entries[name].shape
-            if len(weight_shape) != 2:
-                raise SourceError(f"{file.path}: FP8 weight {name!r} has shape {list(weight_shape)}; block FP8 "
-                                  "weights must be 2-D")
-            expected = expected_scale_shape(weight_shape, self.fp8_block)
-            if scale_entry.shape != expected:
-                raise SourceError(f"{self._location[scale_name].path}: block scale {scale_name!r} has shape "
-                                  f"{list(scale_entry.shape)} but weight {name!r} {list(weight_shape)} with "
-                                  f"{self.fp8_block[0]}x{self.fp8_block[1]} blocks needs {list(expected)}; "
-                                  "check quantization_config.weight_block_size in config.json")
-            pairs[name] = scale_name
-        return pairs
-
     def _info(self, name: str) -> TensorInfo:
         file = self._location[name]
         entry = file.entries[name]
         nbytes = entry.nbytes
-        scale_name = self._scale_of.get(name)
-        if scale_name is not None:
-            nbytes += self._location[scale_name].entries[scale_name].nbytes
+        companion = self._companion_of.get(name)
+        if companion is not None:
+            nbytes += self._location[companion].entries[companion].nbytes
         return TensorInfo(name, entry.shape, entry.dtype, nbytes, file.path.name)
 
 

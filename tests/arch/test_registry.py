@@ -39,7 +39,7 @@ def test_deepseek_layers_dense_then_moe_and_mtp_skipped():
     assert layers[0].routed_experts == 0
     assert all(layer.routed_experts == 8 and layer.experts_per_token == 2 for layer in layers[1:])
     roles = {lin.role for lin in layers[1].linears}
-    assert {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output", "ffn_gate_exps",
-            "ffn_down_shexp"} <= roles
+    assert {"self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+            "self_attn.o_proj", "mlp.experts.gate_proj", "mlp.shared_experts.down_proj"} <= roles
     assert arch.is_skipped(f"model.layers.{arch.num_layers}.eh_proj.weight")
     assert not arch.is_skipped("model.layers.0.self_attn.o_proj.weight")

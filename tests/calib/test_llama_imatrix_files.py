@@ -64,7 +64,7 @@ def test_convert_equals_the_llama_quantize_cli(name, with_imatrix, tmp_path):
     expected = MANIFEST["models"][name]["llama_quantize_imatrix" if with_imatrix else "llama_quantize"]
     written = api.convert(MODELS_DIR / name, [f"gguf:{t}" for t in expected], tmp_path,
                           imatrix=DATA / f"{name}.imatrix.gguf" if with_imatrix else None)
-    got = {plan.file_type.name: tensor_data_digest(path) for path, plan in written}
+    got = {plan.target: tensor_data_digest(path) for path, plan in written}
     assert got == expected
 
 

@@ -26,7 +26,7 @@ needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-pyth
 def ggufs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     written = api.convert(model_path(request.param), [f"gguf:{t}" for t in ["F32", *LADDER]], out)
-    return request.param, {plan.file_type.name: path for path, plan in written}
+    return request.param, {plan.target: path for path, plan in written}
 
 
 def _run(name, targets, **kwargs):

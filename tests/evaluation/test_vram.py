@@ -13,8 +13,8 @@ import pytest
 from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, model_path
 from quantkit.errors import ConfigError
-from quantkit.evaluation.vram import VramEstimate, kv_type_row_bytes, llama_cpp_n_ctx, vram_checkpoint, vram_gguf
 from quantkit.model import Model
+from quantkit.plan.vram import VramEstimate, kv_type_row_bytes, llama_cpp_n_ctx, vram_checkpoint, vram_gguf
 from quantkit.source.gguf_file import GGUFFile
 from quantkit.source.safetensors_file import SafetensorsFile
 
@@ -33,7 +33,7 @@ def ggufs(tmp_path_factory):
         if name not in made:
             out = tmp_path_factory.mktemp(name)
             written = api.convert(model_path(name), [f"gguf:{t}" for t in TYPES], out)
-            made[name] = {plan.file_type.name: path for path, plan in written}
+            made[name] = {plan.target: path for path, plan in written}
         return made[name]
 
     return get
@@ -91,8 +91,8 @@ def test_checkpoint_kv_cache(name, ctx):
     config = json.loads((model_path(name) / "config.json").read_text())
     layers = config["num_hidden_layers"]
     with Model(model_path(name)) as model:
-        for dtype_bytes in (1, 2):
-            kv = vram_checkpoint(model, ctx, kv_dtype_bytes=dtype_bytes).kv_cache
+        for kv_type, dtype_bytes in (("f32", 4), ("bf16", 2)):
+            kv = vram_checkpoint(model, ctx, kv_type).kv_cache
             if "kv_lora_rank" in config:  # MLA as vLLM caches it: the latent and the rope key
                 expected = layers * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * ctx * dtype_bytes
             else:

@@ -6,7 +6,7 @@ import torch
 
 from quantkit import convert as api
 from quantkit.errors import QuantkitError
-from quantkit.formats import gguf
+from quantkit.formats.gguf import writer as gguf
 from quantkit.quant import get_codec
 from quantkit.testing.ggml_reference import tensor_data_digest
 

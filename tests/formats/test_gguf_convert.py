@@ -13,6 +13,7 @@ from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.model import Model
 from quantkit.source.gguf_file import GGUFFile
 
@@ -28,7 +29,7 @@ def test_f32_gguf_reproduces_the_source_forward(model_cache, tmp_path, preset, k
     with Model(folder) as model:
         expected = model.forward(ids)
     arch = load_architecture(json.loads((folder / "config.json").read_text()))  # per-expert names
-    got = arch.forward(arch.weights_from_gguf(GGUFFile(path).read), ids)
+    got = arch.forward(mapping_for(arch).weights_from_gguf(GGUFFile(path).read), ids)
     assert torch.equal(got, expected)
     assert path.stat().st_size > plan.total_bytes
 
@@ -71,7 +72,7 @@ def test_deepseek_metadata_is_mla_profile(model_cache, tmp_path):
     assert g.shape("blk.0.attn_k_b.weight") == (2, 128, 64) and g.shape("blk.0.attn_v_b.weight") == (2, 64, 128)
     assert g.type_name("blk.1.exp_probs_b.bias") == "F32" and g.type_name("blk.1.ffn_gate_inp.weight") == "F32"
     assert not any(name.startswith("blk.3.") for name in g.tensors)  # the MTP layer is dropped
-    assert plan.types["blk.0.attn_k_b.weight"] == "Q8_0"
+    assert plan.schemes["blk.0.attn_k_b.weight"] == "Q8_0"
 
 
 def test_several_targets_share_one_read(model_cache, tmp_path):

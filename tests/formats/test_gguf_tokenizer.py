@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from quantkit.errors import ConfigError
-from quantkit.formats import sentencepiece_model as spm_model
-from quantkit.formats.gguf_tokenizer import tokenizer_metadata
+from quantkit.formats.gguf import sentencepiece_model as spm_model
+from quantkit.formats.gguf.tokenizer import tokenizer_metadata
 from quantkit.testing.spm_tokenizer import save_spm_tokenizer, train_spm
 from quantkit.testing.tokenizer import save_tokenizer, train_bpe
 

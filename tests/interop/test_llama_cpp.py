@@ -11,6 +11,7 @@ import torch
 from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR, textsets
+from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.source.gguf_file import GGUFFile
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
@@ -44,7 +45,7 @@ def model(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gguf_files(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
-    return {plan.file_type.name: path for path, plan in api.convert(model, [f"gguf:{t}" for t in TYPES], out)}
+    return {plan.target: path for path, plan in api.convert(model, [f"gguf:{t}" for t in TYPES], out)}
 
 
 def _llama(path, **kwargs):
@@ -71,7 +72,7 @@ def test_llama_cpp_logits_match_quantkit_forward(model, gguf_files, type_name):
     llm.eval(ids.tolist())
     theirs = torch.from_numpy(np.array(llm.scores[:CONTEXT], dtype=np.float32))
     arch = load_architecture(config)
-    ours = arch.forward(arch.weights_from_gguf(GGUFFile(gguf_files[type_name]).read), ids)[0]
+    ours = arch.forward(mapping_for(arch).weights_from_gguf(GGUFFile(gguf_files[type_name]).read), ids)[0]
     per_position = (theirs - ours).abs().max(-1).values / ours.abs().max()
     bound = BOUNDS.get(type_name, QUANTIZED_BOUND)
     if config.get("n_routed_experts") and type_name not in BOUNDS:

@@ -9,8 +9,8 @@ import torch
 from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR
 from quantkit.calib import Imatrix, collect_imatrix
+from quantkit.formats.gguf.mixtures import file_type
 from quantkit.model import Model
-from quantkit.plan import file_type
 from quantkit.source.gguf_file import GGUFFile
 from quantkit.testing.ggml_reference import llama_quantize
 

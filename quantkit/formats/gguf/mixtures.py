@@ -1,8 +1,9 @@
 """llama.cpp's per-tensor type selection ("mixtures") for its file types, as plain data logic.
 
 Given a model's GGUF tensor names and shapes, a few model facts and a llama-quantize file type (Q4_K_M, ...),
-`plan_types` returns the ggml type llama-quantize would give every tensor, plus the LLAMA_FTYPE value for
-`general.file_type`, bytes per tensor and bits per weight (`format_plan` prints a --dry-run table).
+`plan_types` returns a plan (quantkit.plan.Plan, format "gguf", target the file type) of the ggml type
+llama-quantize would give every tensor, with bytes per tensor; `file_type(name).ftype` is the LLAMA_FTYPE
+value for `general.file_type`.
 
 Version followed: the llama.cpp vendored in llama-cpp-python 0.3.36, `src/llama-quant.cpp`. That file is the
 refactored quantizer FORMATS.md §3 calls [lc-quant-new] (`tensor_category`, `tensor_type_fallback`,
@@ -35,11 +36,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.errors import ConfigError
+from quantkit.plan.plan import Plan, PlanEntry
 
 # ---------------------------------------------------------------------------------------------------------------
 # file types
@@ -186,48 +188,6 @@ class ModelFacts:
         if self.arch == "llama":  # src/models/llama.cpp: 80 layers with GQA, not an 8-expert model
             return self.n_expert != 8 and self.n_layer == 80 and self.n_head != self.n_head_kv
         return {"qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}.get(self.arch) == self.n_layer
-
-
-@dataclass(frozen=True)
-class PlanEntry:
-    name: str
-    shape: tuple[int, ...]  # torch order (GGUF stores it reversed)
-    type: str  # ggml type name
-    nbytes: int
-    quantized: bool  # llama-quantize would choose a type for it (tensor_allows_quantization)
-    note: str = ""  # why the type differs from the mixture's plain choice: "override", "fallback from Q4_K", ...
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Plan:
-    file_type: FileType
-    entries: tuple[PlanEntry, ...]  # in llama-quantize order (quantize_order)
-    types: dict[str, str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "types", {e.name: e.type for e in self.entries})
-
-    @property
-    def ftype(self) -> int:
-        """The LLAMA_FTYPE value for general.file_type."""
-        return self.file_type.ftype
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
-
-    @property
-    def n_elements(self) -> int:
-        return sum(e.n_elements for e in self.entries)
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight over all tensors (tensor data only, as llama.cpp's BPW)."""
-        return 8 * self.total_bytes / self.n_elements if self.n_elements else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,40 +467,4 @@ def plan_types(
         if new_type in _NEED_IMATRIX and not imatrix and cat not in (_OUTPUT, _TOKEN_EMBD):
             raise ConfigError(f"{name}: type {new_type} needs an importance matrix (pass one with --imatrix)")
         entries.append(PlanEntry(name, shape, new_type, tensor_nbytes(new_type, shape), True, note))
-    return Plan(ft, tuple(entries))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# dry-run printout
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def format_plan(plan: Plan) -> str:
-    """A text table (tensor, shape, type, bytes) with totals, for --dry-run."""
-    rows = [(e.name, "[" + ", ".join(map(str, e.shape)) + "]", e.type, f"{e.nbytes:,}", e.note)
-            for e in plan.entries]
-    head = ("tensor", "shape", "type", "bytes", "note")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-
-    def line(r):
-        return "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
-                          r[3].rjust(widths[3]), r[4]]).rstrip()
-
-    out = [line(head), line(tuple("-" * w for w in widths))]
-    out += [line(r) for r in rows]
-    counts: dict[str, int] = {}
-    for e in plan.entries:
-        counts[e.type] = counts.get(e.type, 0) + 1
-    ft = plan.file_type
-    out.append("")
-    out.append(f"file type {ft.name} (general.file_type = {ft.ftype}); tensors by type: "
-               + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())))
-    out.append(f"total: {len(plan.entries)} tensors, {plan.n_elements:,} weights, {plan.total_bytes:,} bytes "
-               f"({_size(plan.total_bytes)}), {plan.bpw:.4f} bpw")
-    return "\n".join(out) + "\n"
+    return Plan("gguf", ft.name, tuple(entries))

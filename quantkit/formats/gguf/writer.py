@@ -24,10 +24,10 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from quantkit import __version__
-from quantkit.arch.base import GGUFTensor
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf_file import GGUFWriter, TensorEntry, Value, read_header, string, u32
-from quantkit.formats.gguf_tokenizer import tokenizer_metadata
+from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, Value, read_header, string, u32
+from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
+from quantkit.formats.gguf.tokenizer import tokenizer_metadata
 from quantkit.model import Model
 from quantkit.quant import get_codec
 
@@ -50,13 +50,13 @@ class GGUFOutput:
 
 def model_metadata(model: Model, file_type: int, name: str | None = None,
                    tokenizer_pre: str | None = None) -> dict[str, Value]:
-    arch = model.arch
-    meta: dict[str, Value] = {"general.architecture": string(arch.gguf_arch), "general.type": string("model"),
+    arch, mapping = model.arch, mapping_for(model.arch)
+    meta: dict[str, Value] = {"general.architecture": string(mapping.gguf_arch), "general.type": string("model"),
                               "general.name": string(name or model.source.path.name)}
     meta["general.quantization_version"] = u32(GGML_QUANTIZATION_VERSION)
     meta["general.file_type"] = u32(file_type)
     meta["general.quantized_by"] = string(f"quantkit {__version__}")
-    meta.update(arch.gguf_hparams())
+    meta.update(mapping.hparams())
     folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
     meta.update(tokenizer_metadata(folder, arch.vocab_size, arch.config, tokenizer_pre))
     return meta
@@ -92,7 +92,7 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
     """Write every output from one pass over the checkpoint; returns each output's file paths. `threads`:
     CPU encoding threads (default: torch's thread count)."""
     check_outputs(outputs, force)
-    tensors = model.arch.gguf_tensors()
+    tensors = mapping_for(model.arch).tensors()
     importance = importance or {}
     writers = []
     with contextlib.ExitStack() as stack:

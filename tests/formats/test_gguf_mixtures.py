@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from quantkit.errors import ConfigError
-from quantkit.plan import ModelFacts, file_type, file_types, format_plan, plan_types, quantize_order, tensor_nbytes
+from quantkit.formats.gguf.format import FORMAT as GGUF
+from quantkit.formats.gguf.mixtures import (
+    ModelFacts,
+    file_type,
+    file_types,
+    plan_types,
+    quantize_order,
+    tensor_nbytes,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic models: GGUF name -> torch-order shape (the shapes llama.cpp's loader expects)
@@ -91,7 +99,7 @@ def facts_for(arch, tensors, n_layer, n_head, n_head_kv, n_expert=0):
 
 
 def layers_with(plan, suffix, type_name):
-    return sorted(int(n.split(".")[1]) for n, t in plan.types.items() if n.endswith(suffix) and t == type_name)
+    return sorted(int(n.split(".")[1]) for n, t in plan.schemes.items() if n.endswith(suffix) and t == type_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,10 +129,10 @@ def test_q4_k_m_32_layers_ffn_down_and_attn_v_use_more_bits():
     assert layers_with(plan, "ffn_down.weight", "Q6_K") == more
     assert layers_with(plan, "ffn_down.weight", "Q4_K") == sorted(set(range(32)) - set(more))
     assert layers_with(plan, "attn_v.weight", "Q6_K") == more  # attn_v ordinal == layer here
-    assert plan.types["output.weight"] == "Q6_K" and plan.types["token_embd.weight"] == "Q4_K"
-    assert {plan.types[f"blk.5.{n}.weight"] for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} == {
+    assert plan.schemes["output.weight"] == "Q6_K" and plan.schemes["token_embd.weight"] == "Q4_K"
+    assert {plan.schemes[f"blk.5.{n}.weight"] for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} == {
         "Q4_K"}
-    assert plan.types["blk.5.attn_norm.weight"] == "F32" and plan.ftype == 15
+    assert plan.schemes["blk.5.attn_norm.weight"] == "F32" and file_type(plan.target).ftype == 15
 
 
 def test_quantize_order_and_attn_v_counter_follow_it():
@@ -140,8 +148,8 @@ def test_quantize_order_and_attn_v_counter_follow_it():
                                                   "blk.0.attn_k.weight"]
     plan = plan_types(t, facts_for("llama", t, 12, 8, 2), "Q3_K_M")
     assert layers_with(plan, "attn_v.weight", "Q5_K") == [0, 1]
-    assert layers_with(plan, "ffn_down.weight", "Q5_K") == [] and plan.types["blk.0.ffn_down.weight"] == "Q4_K"
-    assert plan.types["blk.0.attn_output.weight"] == "Q4_K" and plan.types["blk.0.attn_q.weight"] == "Q3_K"
+    assert layers_with(plan, "ffn_down.weight", "Q5_K") == [] and plan.schemes["blk.0.ffn_down.weight"] == "Q4_K"
+    assert plan.schemes["blk.0.attn_output.weight"] == "Q4_K" and plan.schemes["blk.0.attn_q.weight"] == "Q3_K"
 
 
 def test_output_and_tied_embedding_rule():
@@ -150,13 +158,13 @@ def test_output_and_tied_embedding_rule():
     for ft, out, emb in [("Q4_0", "Q6_K", "Q4_0"), ("Q8_0", "Q8_0", "Q8_0"), ("Q2_K", "Q6_K", "Q2_K"),
                          ("IQ4_NL", "Q6_K", "IQ4_NL"), ("F16", "F16", "F16"), ("BF16", "BF16", "BF16")]:
         plan = plan_types(t, f, ft)
-        assert (plan.types["output.weight"], plan.types["token_embd.weight"]) == (out, emb), ft
+        assert (plan.schemes["output.weight"], plan.schemes["token_embd.weight"]) == (out, emb), ft
     tied = llama_like(tied=True)
     plan = plan_types(tied, facts_for("qwen2", tied, 8, 8, 2), "Q4_K_M")
-    assert plan.types["token_embd.weight"] == "Q6_K"
+    assert plan.schemes["token_embd.weight"] == "Q6_K"
     odd = llama_like(n_embd=160, n_ff=160, head_dim=20)  # row length not a multiple of 256 -> Q8_0
     plan = plan_types(odd, facts_for("llama", odd, 8, 8, 2), "Q4_K_M")
-    assert plan.types["output.weight"] == "Q8_0" and plan.types["token_embd.weight"] == "Q5_0"
+    assert plan.schemes["output.weight"] == "Q8_0" and plan.schemes["token_embd.weight"] == "Q5_0"
     with pytest.raises(ConfigError, match="has_output"):
         plan_types(tied, ModelFacts("qwen2", 8, 8, 2, has_output=True), "Q4_0")
 
@@ -165,8 +173,8 @@ def test_gqa_dependent_attn_v_rules():
     t = llama_like()
     for n_head_kv, q2k, iq4 in [(2, "Q4_K", "Q5_K"), (4, "Q3_K", "IQ4_XS")]:  # n_gqa 4 vs 2
         f = ModelFacts("llama", 8, 8, n_head_kv)
-        assert plan_types(t, f, "Q2_K").types["blk.3.attn_v.weight"] == q2k
-        assert plan_types(t, f, "IQ4_XS").types["blk.3.attn_v.weight"] == iq4
+        assert plan_types(t, f, "Q2_K").schemes["blk.3.attn_v.weight"] == q2k
+        assert plan_types(t, f, "IQ4_XS").schemes["blk.3.attn_v.weight"] == iq4
 
 
 def test_70b_rule():
@@ -176,9 +184,9 @@ def test_70b_rule():
     assert not ModelFacts("llama", 80, 8, 1, n_expert=8).is_70b and not ModelFacts("deepseek2", 80, 8, 1).is_70b
     for ft, plain, big in [("Q4_K_M", "Q4_K", "Q5_K"), ("Q3_K_S", "Q3_K", "Q5_K"), ("Q2_K", "Q3_K", "Q5_K"),
                            ("Q5_K_M", "Q5_K", "Q5_K"), ("Q4_0", "Q4_0", "Q4_0")]:
-        assert plan_types(t, mha, ft).types["blk.40.attn_v.weight"] == plain, ft
-        assert plan_types(t, gqa, ft).types["blk.40.attn_v.weight"] == big, ft
-    assert plan_types(t, gqa, "Q4_K_M").types["blk.0.attn_v.weight"] == "Q6_K"
+        assert plan_types(t, mha, ft).schemes["blk.40.attn_v.weight"] == plain, ft
+        assert plan_types(t, gqa, ft).schemes["blk.40.attn_v.weight"] == big, ft
+    assert plan_types(t, gqa, "Q4_K_M").schemes["blk.0.attn_v.weight"] == "Q6_K"
 
 
 def test_imatrix_dependent_rules():
@@ -199,17 +207,17 @@ def test_deepseek2_moe_layers_fallbacks_and_unquantized():
     assert layers_with(plan, "ffn_down.weight", "Q6_K") == [0]
     assert layers_with(plan, "ffn_down_exps.weight", "Q6_K") == [3, 6, 7]
     assert layers_with(plan, "ffn_down_shexp.weight", "Q6_K") == [3, 6, 7]
-    assert plan.types["blk.2.ffn_down_exps.weight"] == "Q4_K"
+    assert plan.schemes["blk.2.ffn_down_exps.weight"] == "Q4_K"
     for i in range(8):  # attn_k_b: row length 128 -> Q4_K falls back to Q5_0
-        assert plan.types[f"blk.{i}.attn_k_b.weight"] == "Q5_0"
-    assert {plan.types[f"blk.1.{n}.weight"] for n in ("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_v_b",
+        assert plan.schemes[f"blk.{i}.attn_k_b.weight"] == "Q5_0"
+    assert {plan.schemes[f"blk.1.{n}.weight"] for n in ("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_v_b",
                                                       "ffn_gate_exps", "ffn_up_shexp")} == {"Q4_K"}
     quantized = {e.name: e.quantized for e in plan.entries}
     for n in ("ffn_gate_inp.weight", "exp_probs_b.bias", "attn_kv_a_norm.weight", "attn_q_a_norm.weight"):
-        assert plan.types[f"blk.1.{n}"] == "F32" and not quantized[f"blk.1.{n}"]
+        assert plan.schemes[f"blk.1.{n}"] == "F32" and not quantized[f"blk.1.{n}"]
     for ft, k_b in [("Q6_K", "Q8_0"), ("Q2_K", "Q4_0"), ("Q3_K_S", "Q4_0"), ("Q5_K_S", "Q5_1"),
                     ("IQ4_XS", "IQ4_NL"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0")]:
-        assert plan_types(t, f, ft).types["blk.1.attn_k_b.weight"] == k_b, ft
+        assert plan_types(t, f, ft).schemes["blk.1.attn_k_b.weight"] == k_b, ft
     with pytest.raises(ConfigError, match="layer"):
         plan_types({"foo.ffn_down.weight": (256, 256)}, ModelFacts("deepseek2", 4, 2, 1, 4), "Q4_K_M")
 
@@ -219,8 +227,8 @@ def test_eight_expert_rules():
     f = facts_for("llama", t, 8, 8, 2, n_expert=8)
     for ft, attn_output in [("Q4_K_M", "Q5_K"), ("Q3_K_M", "Q5_K"), ("Q5_K_M", "Q5_K"), ("Q3_K_L", "Q3_K")]:
         plan = plan_types(t, f, ft)
-        assert plan.types["blk.2.attn_v.weight"] == plan.types["blk.2.attn_k.weight"] == "Q8_0"
-        assert plan.types["blk.2.attn_output.weight"] == attn_output, ft
+        assert plan.schemes["blk.2.attn_v.weight"] == plan.schemes["blk.2.attn_k.weight"] == "Q8_0"
+        assert plan.schemes["blk.2.attn_output.weight"] == attn_output, ft
     plan = plan_types(t, f, "Q4_K_M")
     assert layers_with(plan, "ffn_down_exps.weight", "Q6_K") == [0, 3, 6, 7]
 
@@ -228,7 +236,7 @@ def test_eight_expert_rules():
 def test_fallback_to_f16_when_no_32_block_fits():
     t = {"blk.0.attn_q.weight": (48, 48), "blk.0.ffn_up.weight": (256, 48)}
     plan = plan_types(t, ModelFacts("llama", 1, 1, 1), "Q4_K_M")
-    assert plan.types == {"blk.0.attn_q.weight": "F16", "blk.0.ffn_up.weight": "F16"}
+    assert plan.schemes == {"blk.0.attn_q.weight": "F16", "blk.0.ffn_up.weight": "F16"}
     assert plan.entries[0].note == "fallback from Q4_K"
 
 
@@ -237,34 +245,34 @@ def test_overrides_precedence():
     f = facts_for("llama", t, 8, 8, 2)
     # first matching pattern wins; an overridden attn_v does not advance the attn_v counter
     plan = plan_types(t, f, "Q3_K_M", tensor_types=[r"BLK\.0\.attn_v=q8_0", "attn_v=q6_k", r"blk\.1\.=f16"])
-    assert plan.types["blk.0.attn_v.weight"] == "Q8_0" and plan.types["blk.1.attn_v.weight"] == "Q6_K"
-    assert plan.types["blk.1.attn_q.weight"] == "F16" and plan.types["blk.2.attn_q.weight"] == "Q3_K"
+    assert plan.schemes["blk.0.attn_v.weight"] == "Q8_0" and plan.schemes["blk.1.attn_v.weight"] == "Q6_K"
+    assert plan.schemes["blk.1.attn_q.weight"] == "F16" and plan.schemes["blk.2.attn_q.weight"] == "Q3_K"
     plan = plan_types(t, f, "Q3_K_M", tensor_types=[r"blk\.0\.attn_v=q8_0"])
-    assert [plan.types[f"blk.{i}.attn_v.weight"] for i in range(4)] == ["Q8_0", "Q5_K", "Q5_K", "Q4_K"]
+    assert [plan.schemes[f"blk.{i}.attn_v.weight"] for i in range(4)] == ["Q8_0", "Q5_K", "Q5_K", "Q4_K"]
     # an override naming the mixture's own default still skips the mixture rule
     plan = plan_types(t, f, "Q4_K_M", tensor_types=[("ffn_down", "Q4_K")])
     assert layers_with(plan, "ffn_down.weight", "Q4_K") == list(range(8))
     # --pure: no mixture rules, but --tensor-type still applies
     plan = plan_types(t, f, "Q4_K_M", pure=True, tensor_types=["attn_k=q8_0"])
-    assert set(plan.types[n] for n in t if t[n].__len__() == 2 and "attn_k" not in n) == {"Q4_K"}
-    assert plan.types["blk.3.attn_k.weight"] == "Q8_0"
+    assert set(plan.schemes[n] for n in t if t[n].__len__() == 2 and "attn_k" not in n) == {"Q4_K"}
+    assert plan.schemes["blk.3.attn_k.weight"] == "Q8_0"
     # --output-tensor-type / --token-embedding-type beat patterns, and apply even for F16 files
     plan = plan_types(t, f, "Q4_K_M", tensor_types=["output=q4_0", "token_embd=q4_0"], output_tensor_type="q8_0",
                       token_embedding_type="bf16")
-    assert plan.types["output.weight"] == "Q8_0" and plan.types["token_embd.weight"] == "BF16"
+    assert plan.schemes["output.weight"] == "Q8_0" and plan.schemes["token_embd.weight"] == "BF16"
     plan = plan_types(t, f, "F16", output_tensor_type="q6_k", tensor_types=["attn=q8_0"])
-    assert plan.types["output.weight"] == "Q6_K" and plan.types["blk.0.attn_q.weight"] == "F16"
+    assert plan.schemes["output.weight"] == "Q6_K" and plan.schemes["blk.0.attn_q.weight"] == "F16"
     # overrides are followed by the row-size fallback
     ds = deepseek2_like()
     plan = plan_types(ds, facts_for("deepseek2", ds, 4, 2, 1, 4), "Q8_0", tensor_types=["attn_k_b=q6_k"])
-    assert plan.types["blk.0.attn_k_b.weight"] == "Q8_0"
+    assert plan.schemes["blk.0.attn_k_b.weight"] == "Q8_0"
     tied = llama_like(tied=True)
     ft = facts_for("qwen2", tied, 8, 8, 2)
-    assert plan_types(tied, ft, "Q4_K_M", output_tensor_type="q5_k").types["token_embd.weight"] == "Q5_K"
+    assert plan_types(tied, ft, "Q4_K_M", output_tensor_type="q5_k").schemes["token_embd.weight"] == "Q5_K"
     assert plan_types(tied, ft, "Q4_K_M", output_tensor_type="q5_k",
-                      token_embedding_type="q8_0").types["token_embd.weight"] == "Q8_0"
+                      token_embedding_type="q8_0").schemes["token_embd.weight"] == "Q8_0"
     assert plan_types(tied, ft, "Q4_K_M", output_tensor_type="q5_k",
-                      tensor_types=["token_embd=q4_0"]).types["token_embd.weight"] == "Q4_0"
+                      tensor_types=["token_embd=q4_0"]).schemes["token_embd.weight"] == "Q4_0"
     with pytest.raises(ConfigError, match="unknown ggml type"):
         plan_types(t, f, "Q4_0", output_tensor_type="q9_k")
     with pytest.raises(ConfigError, match="malformed"):
@@ -278,10 +286,10 @@ def test_sizes_bpw_and_table():
     assert tensor_nbytes("F32", (7,)) == 28 and tensor_nbytes("Q8_0", (2, 3, 64)) == 6 * 2 * 34
     t = llama_like()
     plan = plan_types(t, facts_for("llama", t, 8, 8, 2), "Q6_K")
-    assert plan.total_bytes == sum(tensor_nbytes(plan.types[n], s) for n, s in t.items())
+    assert plan.total_bytes == sum(tensor_nbytes(plan.schemes[n], s) for n, s in t.items())
     assert plan.n_elements == sum(int(np.prod(s)) for s in t.values())
     assert 6.5 < plan.bpw < 7.0  # Q6_K is 6.5625 bpw; the F32 norms add a little
-    text = format_plan(plan)
+    text = GGUF.describe(plan)
     assert re.search(r"blk\.0\.attn_q\.weight\s+\[256, 256\]\s+Q6_K\s+53,760", text)
     assert f"{plan.total_bytes:,} bytes" in text and f"{plan.bpw:.4f} bpw" in text
     assert "general.file_type = 18" in text
@@ -417,7 +425,7 @@ def check_against_llama_cpp(gguf_model, tmp_path, key, file_type_name, **opts):
     plan = plan_types(tensors, facts, file_type_name, **opts)
     got, names = llama_cpp_types(gguf_model(key), tmp_path / "out.gguf", file_type_name, **opts)
     assert names == [e.name for e in plan.entries]  # same tensor order as llama-quantize writes
-    diff = {n: (plan.types[n], got[n]) for n in got if plan.types[n] != got[n]}
+    diff = {n: (plan.schemes[n], got[n]) for n in got if plan.schemes[n] != got[n]}
     assert not diff, f"{key} {file_type_name} {opts}: (ours, llama.cpp) differ: {diff}"
     return plan
 
@@ -459,7 +467,7 @@ def test_mixtral_eight_experts(gguf_model, tmp_path, ft):
 @pytest.mark.parametrize("ft", ["Q2_K", "Q3_K_S", "Q4_K_M"])
 def test_llama_70b_rule(gguf_model, tmp_path, ft):
     plan = check_against_llama_cpp(gguf_model, tmp_path, "llama70b", ft)
-    assert plan.types["blk.40.attn_v.weight"] == "Q5_K"
+    assert plan.schemes["blk.40.attn_v.weight"] == "Q5_K"
 
 
 @pytest.mark.interop

@@ -20,8 +20,8 @@ from pathlib import Path
 from gguf.constants import GGUFValueType
 
 from quantkit.errors import ConfigError
-from quantkit.formats.gguf_file import Value, array, boolean, string, u32
-from quantkit.formats.sentencepiece_model import (
+from quantkit.formats.gguf.file import Value, array, boolean, string, u32
+from quantkit.formats.gguf.sentencepiece_model import (
     BYTE,
     CONTROL,
     NORMAL,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.errors import ConfigError
+from quantkit.plan.plan import Plan, PlanEntry
 
 F32 = 4
 CTX_PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
@@ -146,36 +147,61 @@ def _per_layer(value, n_layer: int) -> list[int]:
     return [int(value)] * n_layer
 
 
-# ---- HF checkpoints ---------------------------------------------------------------------------------------------
-def vram_checkpoint(model, ctx: int, kv_dtype_bytes: int = 2) -> VramEstimate:
-    """Memory a GPU runtime (vLLM, transformers) needs for an HF checkpoint (`quantkit.model.Model`) at its
-    stored precision, at context `ctx` with a KV cache of `kv_dtype_bytes` per value."""
-    if ctx <= 0:
-        raise ConfigError("context length must be positive")
-    arch, source = model.arch, model.source
-    weights = sum(t.nbytes for t in source.tensors() if not arch.is_skipped(t.name))
-
-    layers, n_head = arch.num_layers, getattr(arch, "num_heads", 0)
-    if hasattr(arch, "kv_lora_rank"):  # MLA: the compressed latent and the shared rope key, per token and layer
-        latent = arch.kv_lora_rank + arch.qk_rope_head_dim
-        kv_cache = layers * latent * ctx * kv_dtype_bytes
-        q_width, k_width, v_width = n_head * latent, latent, arch.kv_lora_rank
-    elif hasattr(arch, "num_kv_heads") and hasattr(arch, "head_dim"):
-        kv_width = arch.num_kv_heads * arch.head_dim
-        kv_cache = 2 * layers * kv_width * ctx * kv_dtype_bytes
-        q_width, k_width, v_width = n_head * arch.head_dim, kv_width, kv_width
+# ---- from an architecture and a plan, before anything is written ------------------------------------------
+def _arch_dims(arch) -> _Dims:
+    layout = arch.kv_cache_layout()
+    n_head = getattr(arch, "num_heads", 0)
+    k_width, v_width = max(layout.k_per_token), max(layout.v_per_token)
+    if layout.latent:  # MLA runs as MQA over the latent: every head's query is latent-wide, V is the latent
+        q_width, v_width = n_head * k_width, arch.kv_lora_rank
     else:
-        raise ConfigError(f"no KV cache layout known for the {arch.name} architecture")
-
+        q_width = n_head * arch.head_dim
     ffn = getattr(arch, "intermediate_size", 0)
     used = getattr(arch, "experts_per_token", 0) if getattr(arch, "n_routed_experts", 0) else 0
     if used:
         ff_exp = arch.moe_intermediate_size
         ffn = max(ffn, used * ff_exp + ff_exp * arch.n_shared_experts + arch.n_routed_experts)
-    dims = _Dims(n_embd=arch.hidden_size, n_head=n_head, q_width=q_width, k_width=k_width, v_width=v_width,
+    return _Dims(n_embd=arch.hidden_size, n_head=n_head, q_width=q_width, k_width=k_width, v_width=v_width,
                  ffn_width=ffn, n_vocab=arch.vocab_size)
-    compute = _compute_bytes(dims, ctx, min(DEFAULT_UBATCH, ctx))
-    return VramEstimate(weights=weights, kv_cache=kv_cache, compute=compute)
+
+
+def vram_plan(arch, plan, ctx: int, kv_type: str = "f16", n_ubatch: int = DEFAULT_UBATCH) -> VramEstimate:
+    """Memory the plan's runtime needs for `arch` (quantkit.arch.Architecture) stored as `plan`
+    (quantkit.plan.Plan) at context `ctx`, with a KV cache in ggml type `kv_type` (f16, bf16, q8_0, ...).
+
+    GGUF plans follow llama.cpp (n_ctx padded to 256, or the training context for 0; V stored per layer at
+    the widest layer's width; MLA caches only K, the latent); other plans a GPU runtime holding the KV cache
+    at exactly `ctx` positions (vLLM, transformers). Weights are the plan's bytes."""
+    layout = arch.kv_cache_layout()
+    if plan.format == "gguf":
+        n_kv = llama_cpp_n_ctx(ctx, int(arch.config.get("max_position_embeddings", 0)))
+        n_ub = min(n_ubatch, n_kv)  # llama.cpp caps the batch (and so the ubatch) at the context size
+    elif ctx <= 0:
+        raise ConfigError("context length must be positive")
+    else:
+        n_kv, n_ub = ctx, min(n_ubatch, ctx)
+    k_bytes = sum(kv_type_row_bytes(kv_type, k) for k in layout.k_per_token) * n_kv
+    v_bytes = 0
+    if not layout.latent:
+        widest = max(layout.v_per_token) if plan.format == "gguf" else None
+        v_bytes = sum(kv_type_row_bytes(kv_type, widest or v) for v in layout.v_per_token) * n_kv
+    return VramEstimate(weights=plan.total_bytes, kv_cache=k_bytes + v_bytes,
+                        compute=_compute_bytes(_arch_dims(arch), n_kv, n_ub))
+
+
+def stored_plan(model) -> Plan:
+    """An HF checkpoint as it is stored (every tensor at its stored bytes, FP8 block scales included, MTP layers
+    left out): what a GPU runtime loads when it serves the checkpoint as is."""
+    arch, source = model.arch, model.source
+    entries = tuple(PlanEntry(t.name, tuple(t.shape), t.dtype, t.nbytes, False) for t in source.tensors()
+                    if not arch.is_skipped(t.name))
+    return Plan("hf", "stored", entries)
+
+
+def vram_checkpoint(model, ctx: int, kv_type: str = "bf16") -> VramEstimate:
+    """Memory a GPU runtime (vLLM, transformers) needs for an HF checkpoint (`quantkit.model.Model`) at its
+    stored precision, at context `ctx`."""
+    return vram_plan(model.arch, stored_plan(model), ctx, kv_type)
 
 
 # ---- compute buffers ----------------------------------------------------------------------------------------
@@ -198,4 +224,5 @@ def _compute_bytes(d: _Dims, n_kv: int, n_ub: int) -> int:
     return F32 * max(attention, feed_forward, output)
 
 
-__all__ = ["VramEstimate", "vram_gguf", "vram_checkpoint", "llama_cpp_n_ctx", "kv_type_row_bytes"]
+__all__ = ["VramEstimate", "vram_gguf", "vram_plan", "vram_checkpoint", "stored_plan", "llama_cpp_n_ctx",
+           "kv_type_row_bytes"]

@@ -1,0 +1,116 @@
+"""The calibration engine: calibration samples through the model one decoder layer at a time.
+
+The hidden states of every sample entering layer i are kept (on the compute device, or in CPU memory when they
+would not fit there); layer i's weights are read once, when the forward first asks for each (a MoE layer reads
+only the experts some token reaches), and dropped when the layer is done; every sample runs through the layer
+while the observers see each input group's input (keyed by the architecture's InputGroup.key, see
+quantkit.arch.base); then a layer hook may replace the layer's outputs (a quantizer propagating its quantized
+outputs, GPTQ's sequential mode) before they become layer i+1's inputs. Peak memory: one layer's weights plus
+the activations, whatever the model's size.
+
+Samples run one at a time with batch 1, exactly as a whole-model forward per sample would: statistics equal
+those of quantkit's (and llama.cpp's) per-chunk forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from quantkit.arch.base import Architecture, Weights
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+
+class Observer:
+    """Base class of what calibration collects. `probes`: also wants the forward's runtime-specific probe
+    activations (e.g. llama.cpp's absorbed MLA inputs), which cost extra compute."""
+
+    probes = False
+
+    def begin_layer(self, arch: Architecture, layer: int) -> None:
+        """Called before layer `layer` runs its first sample."""
+
+    def observe(self, layer: int, key: str, x: torch.Tensor, index: int, count: int) -> None:
+        """`x` [tokens, in] is input group `key`'s input (or a probe's activation, head `index` of `count`)."""
+
+    def end_layer(self, layer: int) -> None:
+        """Called once every sample has run through layer `layer`."""
+
+
+# layer_hook(layer, layer weights, inputs, outputs) -> replacement outputs (same shapes) or None
+LayerHook = Callable[[int, Weights, list[torch.Tensor], list[torch.Tensor]], "list[torch.Tensor] | None"]
+
+
+class LayerWeights:
+    """One layer's weights, each read from the source once, on first use, and kept until `clear()`."""
+
+    def __init__(self, read: Weights):
+        self._read = read
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        tensor = self._cache.get(name)
+        if tensor is None:
+            tensor = self._cache[name] = self._read(name)
+        return tensor
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _store_device(device: torch.device, n_values: int) -> torch.device:
+    """Where the hidden states live: the compute device when they take at most half its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 4 * n_values <= free // 2 else torch.device("cpu")
+
+
+@torch.no_grad()
+def calibrate(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor], observers: Sequence[Observer],
+              *, device: torch.device | str = "cpu", layer_hook: LayerHook | None = None,
+              progress: Callable[[int, int], None] | None = None) -> None:
+    """Run `samples` (1-D token id tensors, each one forward's worth) through every decoder layer, feeding
+    `observers`. `progress(done, total)` counts (layer, sample) steps."""
+    device = torch.device(device)
+    if not samples:
+        raise QuantkitError("calibration needs at least one sample")
+    store = _store_device(device, sum(len(s) for s in samples) * arch.hidden_size)
+    embed = LayerWeights(weights)
+    hidden = [arch.embed(embed, s.to(device)[None]).to(store) for s in samples]
+    embed.clear()
+    total, done = arch.num_layers * len(samples), 0
+    arch.observe_probes = any(o.probes for o in observers)
+    try:
+        for layer in range(arch.num_layers):
+            for o in observers:
+                o.begin_layer(arch, layer)
+
+            def dispatch(key: str, x: torch.Tensor, index: int, count: int, layer=layer) -> None:
+                for o in observers:
+                    o.observe(layer, key, x, index, count)
+
+            arch.observe = dispatch
+            layer_weights = LayerWeights(weights)
+            outputs = []
+            for h in hidden:
+                positions = torch.arange(h.shape[1], device=device)
+                outputs.append(arch.layer_forward(layer, layer_weights, h.to(device), positions).to(store))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            arch.observe = None
+            if layer_hook is not None:
+                replaced = layer_hook(layer, layer_weights, hidden, outputs)
+                outputs = replaced if replaced is not None else outputs
+            layer_weights.clear()
+            for o in observers:
+                o.end_layer(layer)
+            hidden = outputs
+    finally:
+        arch.observe = None
+        arch.observe_probes = False

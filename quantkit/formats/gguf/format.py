@@ -1,0 +1,94 @@
+"""The GGUF output format: `--to gguf:TYPE` with TYPE a llama-quantize file type (Q4_K_M, Q8_0, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantkit.calib.imatrix import Imatrix
+from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
+from quantkit.formats.gguf import writer
+from quantkit.formats.gguf.file import Value, string, u32
+from quantkit.formats.gguf.mixtures import ModelFacts, file_type, plan_types
+from quantkit.formats.gguf.tensors import mapping_for
+from quantkit.model import Model
+from quantkit.plan import Plan, format_plan
+from quantkit.source.gguf_file import GGUFFile
+
+
+def model_facts(model: Model) -> ModelFacts:
+    mapping = mapping_for(model.arch)
+    hp = {k.split(".", 1)[1]: v.value for k, v in mapping.hparams().items()}
+    return ModelFacts(arch=mapping.gguf_arch, n_layer=model.arch.num_layers, n_head=hp["attention.head_count"],
+                      n_head_kv=hp.get("attention.head_count_kv", hp["attention.head_count"]),
+                      n_expert=hp.get("expert_count", 0), has_output=not model.arch.tie_word_embeddings)
+
+
+def gguf_facts(source: GGUFFile) -> ModelFacts:
+    """ModelFacts from a GGUF file's metadata (what llama-quantize reads from its input)."""
+    arch = source.metadata("general.architecture")
+
+    def first(key, default=0):
+        value = source.metadata(f"{arch}.{key}")
+        return value[0] if isinstance(value, list) else (default if value is None else value)
+
+    return ModelFacts(arch=arch, n_layer=first("block_count"), n_head=first("attention.head_count"),
+                      n_head_kv=first("attention.head_count_kv", first("attention.head_count")),
+                      n_expert=first("expert_count"), has_output="output.weight" in source.tensors)
+
+
+def imatrix_metadata(path: Path, imatrix: Imatrix) -> dict[str, Value]:
+    """The provenance keys llama-quantize writes when it uses an imatrix (tools/quantize/quantize.cpp)."""
+    meta = {"quantize.imatrix.file": string(str(path)),
+            "quantize.imatrix.entries_count": u32(len(imatrix.sums)),
+            "quantize.imatrix.chunks_count": u32(imatrix.chunk_count)}
+    if imatrix.datasets:
+        meta["quantize.imatrix.dataset"] = string(imatrix.datasets[0])
+    return meta
+
+
+class GGUFFormat(OutputFormat):
+    name = "gguf"
+    example = "Q4_K_M"
+
+    def __init__(self):
+        self._imatrix: tuple[Path, Imatrix] | None = None
+
+    def parse_spec(self, spec: str) -> Target:
+        return Target(self.name, file_type(spec).name)
+
+    def file_name(self, model_name: str, target: Target) -> str:
+        return f"{model_name}-{target.spec}.gguf"
+
+    def describe(self, plan: Plan) -> str:
+        ft = file_type(plan.target)
+        return format_plan(plan, heading=f"file type {ft.name} (general.file_type = {ft.ftype})")
+
+    def prepare(self, source, options: ConvertOptions) -> None:
+        self._imatrix = (options.imatrix, Imatrix.load(options.imatrix)) if options.imatrix is not None else None
+
+    def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
+        if isinstance(source, GGUFFile):
+            shapes, facts = {n: source.shape(n) for n in source.tensors}, gguf_facts(source)
+        else:
+            shapes, facts = {t.name: t.shape for t in mapping_for(source.arch).tensors()}, model_facts(source)
+        return plan_types(shapes, facts, target.spec, imatrix=self._imatrix is not None,
+                          tensor_types=options.tensor_types, output_tensor_type=options.output_tensor_type,
+                          token_embedding_type=options.token_embedding_type, pure=options.pure)
+
+    def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
+        importance, extra = None, {}
+        if self._imatrix is not None:
+            importance = self._imatrix[1].importances()
+            extra = imatrix_metadata(*self._imatrix)
+        outputs = [writer.GGUFOutput(job.path, file_type(job.plan.target).ftype, job.plan.schemes, extra)
+                   for job in jobs]
+        split = writer.parse_size(options.split_max_size) if options.split_max_size else None
+        common = dict(importance=importance, split_max_bytes=split, force=options.force, threads=options.threads,
+                      progress=options.progress)
+        if isinstance(source, GGUFFile):
+            return writer.requantize(source, outputs, device=options.device, **common)
+        return writer.convert(source, outputs, name=options.name or source.source.path.name,
+                              tokenizer_pre=options.tokenizer_pre, **common)
+
+
+FORMAT = GGUFFormat()

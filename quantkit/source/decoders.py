@@ -1,0 +1,113 @@
+"""Input decoders: how a checkpoint's stored tensors become the model's float tensors, chosen by what the folder
+holds (config.json's `quantization_config.quant_method`, or FP8 tensors without one).
+
+A decoder may hide stored companions of a tensor (FP8 block scales; GPTQ's qzeros/scales/g_idx as those
+formats land) from the listing and read the tensor through them. New input formats register a class in
+DECODERS; `HFCheckpoint` and everything above it (Model, eval) then read them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import ConfigError, SourceError
+from quantkit.source.fp8 import dequantize_blocks, expected_scale_shape
+from quantkit.source.safetensors_file import FP8_DTYPES, SafetensorsFile
+
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_FP8_BLOCK = (128, 128)
+
+
+class Decoder:
+    """Base: tensors stored as they are used (BF16/F16/F32)."""
+
+    name = "dense"
+
+    def __init__(self, location: dict[str, SafetensorsFile], config: dict | None, origin: str):
+        self.location, self.config, self.origin = location, config or {}, origin
+
+    def companions(self) -> dict[str, str]:
+        """Model tensor -> the stored tensor it is read with (hidden from the listing)."""
+        return {}
+
+    def read(self, name: str, device) -> torch.Tensor | None:
+        """The float32 tensor for `name` when this decoder builds it; None: read as stored."""
+        return None
+
+    def label(self, stored_dtypes: set[str]) -> str:
+        return "/".join(sorted(stored_dtypes))
+
+
+class BlockFP8Decoder(Decoder):
+    """DeepSeek-V3/R1's FP8: e4m3 weights with a `weight_scale_inv` float32 scale per block (default 128x128)."""
+
+    name = "fp8"
+
+    def __init__(self, location, config, origin):
+        super().__init__(location, config, origin)
+        self.block = self._block_size()
+        self._scales = self._pair_scales()
+
+    def companions(self) -> dict[str, str]:
+        return self._scales
+
+    def read(self, name: str, device) -> torch.Tensor | None:
+        scale_name = self._scales.get(name)
+        if scale_name is None:
+            return None
+        weight = self.location[name].read(name, device=device, dtype=torch.float32)
+        scale = self.location[scale_name].read(scale_name, device=device)
+        return dequantize_blocks(weight, scale, self.block)
+
+    def label(self, stored_dtypes: set[str]) -> str:
+        return f"FP8 ({self.block[0]}x{self.block[1]} blocks)"
+
+    def _block_size(self) -> tuple[int, int]:
+        block = (self.config.get("quantization_config") or {}).get("weight_block_size")
+        if block is None:
+            return DEFAULT_FP8_BLOCK
+        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise ConfigError(f"{self.origin}/config.json: quantization_config.weight_block_size must be two "
+                              f"positive integers, got {block!r}")
+        return (block[0], block[1])
+
+    def _pair_scales(self) -> dict[str, str]:
+        pairs = {}
+        for name, file in self.location.items():
+            dtype = file.entries[name].dtype
+            if dtype not in FP8_DTYPES:
+                continue
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in self.location:
+                raise SourceError(f"{file.path}: FP8 weight {name!r} ({dtype}) has no {scale_name!r} block scale in "
+                                  "the checkpoint; quantkit cannot dequantize it. Check the index lists every "
+                                  "*_scale_inv tensor, or re-download the checkpoint")
+            scale_entry = self.location[scale_name].entries[scale_name]
+            weight_shape = file.entries[name].shape
+            if len(weight_shape) != 2:
+                raise SourceError(f"{file.path}: FP8 weight {name!r} has shape {list(weight_shape)}; block FP8 "
+                                  "weights must be 2-D")
+            expected = expected_scale_shape(weight_shape, self.block)
+            if scale_entry.shape != expected:
+                raise SourceError(f"{self.location[scale_name].path}: block scale {scale_name!r} has shape "
+                                  f"{list(scale_entry.shape)} but weight {name!r} {list(weight_shape)} with "
+                                  f"{self.block[0]}x{self.block[1]} blocks needs {list(expected)}; "
+                                  "check quantization_config.weight_block_size in config.json")
+            pairs[name] = scale_name
+        return pairs
+
+
+# quantization_config.quant_method -> decoder; None: no quantization_config
+DECODERS: dict[str | None, type[Decoder]] = {None: Decoder, "fp8": BlockFP8Decoder}
+
+
+def decoder_for(location: dict[str, SafetensorsFile], config: dict | None, origin: str) -> Decoder:
+    qc = (config or {}).get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method is None and any(f.entries[n].dtype in FP8_DTYPES for n, f in location.items()):
+        method = "fp8"  # FP8 weights without a config (a lone .safetensors file): DeepSeek's layout
+    if method not in DECODERS:
+        readable = ", ".join(m for m in DECODERS if m) + " and unquantized BF16/F16/F32"
+        raise SourceError(f"{origin}: config.json's quantization_config says quant_method {method!r}, which quantkit "
+                          f"cannot read yet (it reads {readable}); give the original checkpoint")
+    return DECODERS[method](location, config, origin)
