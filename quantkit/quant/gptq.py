@@ -7,7 +7,8 @@ those tools would have produced from the same Hessian:
 - a group's grid is found when the loop enters its first column, from W as the lazy batch updates left it: error
   feedback from earlier blocks is in, feedback from earlier columns of the current block (held in the block's
   copy) is not, so block_size changes results whenever a group starts inside a block;
-- an all-non-negative group with sym=True keeps xmin = 0, so its top values clamp at (maxq - 1) / 2 steps.
+- a group with no negative value keeps xmin = 0 when sym=True: scale = xmax / maxq around the midpoint zero, so
+  values above (maxq - 1) / 2 steps (about half of xmax) clamp there.
 Everything runs in float32 on W's device, deterministically (ties in act-order sort by column index). CUDA
 matmuls must be in true float32 (torch's default; the references switch TF32 off globally).
 """
@@ -41,10 +42,10 @@ class GPTQConfig:
     compatible block (4-bit, group 128, symmetric, no act-order) with AutoGPTQ's damping and block size."""
 
     bits: int = 4
-    group_size: int = 128  # input columns per scale/zero; -1 = one group per output row
+    group_size: int = 128  # input columns per scale/zero (the last group may be short); -1 = one per output row
     sym: bool = True
     desc_act: bool = False  # act-order: quantize columns by descending Hessian diagonal
-    static_groups: bool = False  # with desc_act: every group's grid from the unpermuted W, before any update
+    static_groups: bool = False  # grids from W before any update, natural groups (matters with desc_act)
     damp_percent: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128  # columns per lazy batch update
     mse: bool = False  # shrink each grid's range to minimise the MSE_NORM error (see MSE_* above)
@@ -86,14 +87,16 @@ class GPTQResult:
     ([G, N] float16); qzeros packs `zeros.T` along the output dim, minus 1 for checkpoint_format "gptq" (v1), as is
     for "gptq_v2"; g_idx is stored as is. Take q from here: it is exact, whereas AutoGPTQ re-derives it from the
     float weight and the fp16 scales. A runtime dequantizes with the fp16 scales, so its weight differs from w_hat
-    by the scales' fp16 rounding (relative 2^-11)."""
+    by the scales' fp16 rounding (relative 2^-11); a scale below fp16's smallest subnormal (6e-8) would store as 0."""
 
     q: torch.Tensor  # int32 [out, in], codes 0..maxq in original column order
     scales: torch.Tensor  # float32 [out, n_groups]
     zeros: torch.Tensor  # int32 [out, n_groups]: true zero points (sym: 2^(bits-1))
     g_idx: torch.Tensor  # int32 [in]: group of each input column
     w_hat: torch.Tensor  # float32 [out, in] = dequantize(q, scales, zeros, g_idx)
-    loss: float | None  # GPTQ: sum over all weights of (w - w_hat)^2 / Hinv[i, i]^2 / 2 as the references; RTN: None
+    # GPTQ: sum over all weights of (w - w_hat)^2 / U[i, i]^2 / 2 (U: upper Cholesky factor of H^-1), the references'
+    # loss; it scales with H, so with HessianAccumulator's sample count. RTN: None
+    loss: float | None
     damp_percent: float | None  # damping actually used (config's, or raised by retries); RTN: None
     damp_retries: int = 0  # how many times the damped Cholesky failed before one succeeded
 
@@ -242,7 +245,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQR
 
     g_idx and q are in original column order. Without static_groups, act-order groups are runs of gs columns in
     the permuted order: scales[:, k] belongs to permuted positions k*gs..(k+1)*gs-1 and g_idx[c] is the position of
-    column c // gs. With static_groups, groups are natural (g_idx[c] = c // gs) and found before any update."""
+    column c // gs. With static_groups, groups are natural (g_idx[c] = c // gs) and found before any update.
+
+    A Hessian whose damped Cholesky fails is retried with damp_percent x10 (DAMP_RETRIES times; damp_retries and a
+    warning say so). QuantkitError if that never works, if H is not finite or has no positive mean diagonal, or if H
+    is all zero (no calibration input reached the layer: the references would zero the whole weight; use
+    rtn_quantize)."""
     W = _check_weight(W)
     rows, columns = W.shape
     if H.shape != (columns, columns):
@@ -280,7 +288,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQR
     q = torch.empty_like(W)
     column_loss = torch.empty(columns, dtype=torch.float32, device=W.device)
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
-    scale = zero = None
     for i1 in range(0, columns, config.block_size):
         i2 = min(i1 + config.block_size, columns)
         W1 = W[:, i1:i2].clone()
