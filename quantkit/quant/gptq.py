@@ -252,7 +252,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQR
     is all zero (no calibration input reached the layer: the references would zero the whole weight; use
     rtn_quantize)."""
     W = _check_weight(W)
-    rows, columns = W.shape
+    columns = W.shape[1]
     if H.shape != (columns, columns):
         raise ValueError(f"Hessian of shape {list(H.shape)} for a weight with {columns} input columns")
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
