@@ -118,9 +118,11 @@ def imatrix(model, calib, output, ctx, chunks, device, force):
     from quantkit.calib import collect_imatrix, tokenize_file
     from quantkit.calib.runner import read_calibration
     from quantkit.model import Model
+    from quantkit.output import check_writable
 
     if output.exists() and not force:
         raise QuantkitError(f"{output} already exists; pass --force to replace it")
+    check_writable(output.parent)
     text, dataset = read_calibration(calib)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with Model(resolve_model(model), device=device) as m:

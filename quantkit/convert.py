@@ -11,6 +11,7 @@ from quantkit.errors import ConfigError
 from quantkit.formats import gguf
 from quantkit.formats.gguf_file import Value, string, u32
 from quantkit.model import Model
+from quantkit.output import check_writable
 from quantkit.plan import ModelFacts, Plan, file_type, plan_types
 from quantkit.source.gguf_file import GGUFFile
 
@@ -98,6 +99,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
     parsed = [parse_target(t) for t in targets]
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:TYPE, e.g. --to gguf:Q4_K_M")
+    if not dry_run:  # every output shares one folder; one we cannot write fails now, not after the work
+        check_writable(output_paths("model", parsed, output)[0].parent)
     options = options or MixtureOptions()
     loaded = Imatrix.load(imatrix) if imatrix is not None else None
     importance = loaded.importances() if loaded is not None else None
