@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from quantkit.arch.base import Weights
 from quantkit.calib.imatrix import Imatrix
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, SourceError
 from quantkit.model import Model
 from quantkit.tokenizer import added_bos, load_tokenizer
 
@@ -37,7 +38,7 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
                           "give more text or a smaller --ctx")
     imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
     bos = added_bos(_folder(model), model.arch.config)
-    arch, weights = model.arch, model.weights()
+    arch, weights = model.arch, _finite_weights(model.weights())
     arch.observe = imatrix.add
     try:
         for chunk in range(n_chunks):
@@ -45,6 +46,7 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
             if bos is not None:
                 ids[0] = bos
             arch.forward(weights, ids.to(model.device))
+            _check_finite(imatrix, chunk)
             imatrix.chunk_count = chunk + 1
             if progress is not None:
                 progress(chunk + 1, n_chunks)
@@ -56,6 +58,32 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
             log.warning("%s: experts %s received no calibration tokens; their importance is 1.0 (as llama.cpp "
                         "does), i.e. they are quantized as without an imatrix", name, unused)
     return imatrix
+
+
+def _finite_weights(weights: Weights) -> Weights:
+    """`weights` that refuse a tensor with NaN/Inf at its first read: statistics through it would be NaN, and
+    llama-quantize would use them without a word."""
+    checked: set[str] = set()
+
+    def read(name: str) -> torch.Tensor:
+        tensor = weights(name)
+        if name not in checked:
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SourceError(f"tensor {name} has {bad} NaN/Inf value(s); the checkpoint is corrupt or was "
+                                  "saved from a diverged run; nothing was written")
+            checked.add(name)
+        return tensor
+
+    return read
+
+
+def _check_finite(imatrix: Imatrix, chunk: int) -> None:
+    """Finite weights can still overflow float32 activations; such an entry would poison every chunk after."""
+    for name, sums in imatrix.sums.items():
+        if not torch.isfinite(sums).all():
+            raise SourceError(f"imatrix entry {name} became NaN/Inf at chunk {chunk + 1}: the model's activations "
+                              "overflow on this text (the checkpoint is likely broken); nothing was written")
 
 
 def default_calibration_text() -> tuple[str, str]:
