@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.progress import CliProgress
 
 
 class _Group(click.Group):
@@ -23,10 +25,23 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as lines on the current sys.stderr (looked up per record, as click does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="quantkit")
 def main():
     """Quantize LLM checkpoints and measure what each variant costs and saves."""
+    log = logging.getLogger("quantkit")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the progress lines of batch runs (stderr not a terminal) are INFO
 
 
 @main.command()
@@ -86,7 +101,7 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
 
     options = api.MixtureOptions(list(tensor_types), output_tensor_type, token_embedding_type, pure)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with _progress() as show:
+    with CliProgress() as show:
         results = api.convert(resolve_model(model), list(targets), output, options=options, imatrix=imatrix,
                               device=device, threads=threads, force=force, dry_run=dry_run,
                               split_max_size=split_max_size, tokenizer_pre=tokenizer_pre, name=name,
@@ -127,14 +142,10 @@ def imatrix(model, calib, output, ctx, chunks, device, force):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with Model(resolve_model(model), device=device) as m:
         tokens = tokenize_file(m, text)
-
-        def show(done, total):
-            if sys.stderr.isatty():
-                click.echo(f"\rchunk {done}/{total}", nl=False, err=True)
-
-        result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show)
+        with CliProgress() as show:
+            result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show)
     result.save(output)
-    click.echo(f"\nwrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
+    click.echo(f"wrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
     for name, counts in result.expert_counts().items():
         if name.endswith("ffn_down_exps.weight"):
             click.echo(f"  {name[:-len('.ffn_down_exps.weight')]} tokens per expert: {counts}")
@@ -173,34 +184,12 @@ def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backen
             raise QuantkitError(f"{text_file}: no such text file")
         text, text_name = text_file.read_text(encoding="utf-8", errors="replace"), str(text_file)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def show(message: str) -> None:
-        if sys.stderr.isatty():
-            click.echo(f"\r\033[K{message}", nl=False, err=True)
-
-    report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
-                 ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)
+    with CliProgress() as show:
+        report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
+                     ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)
     files = write_report(report, output)
-    if sys.stderr.isatty():
-        click.echo("", err=True)
     click.echo(files["markdown"].read_text())
     click.echo(f"wrote {', '.join(str(p) for p in files.values())}")
-
-
-class _progress:
-    """One status line on a terminal showing the tensor being written; silent when output is not a tty."""
-
-    def __enter__(self):
-        self.active = sys.stderr.isatty()
-        return self.show
-
-    def show(self, tensor_name: str) -> None:
-        if self.active:
-            click.echo(f"\r\033[K{tensor_name}", nl=False, err=True)
-
-    def __exit__(self, *exc):
-        if self.active:
-            click.echo("\r\033[K", nl=False, err=True)
 
 
 def _summary_lines(r: dict):

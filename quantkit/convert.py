@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from quantkit.formats.gguf_file import Value, string, u32
 from quantkit.model import Model
 from quantkit.output import check_writable
 from quantkit.plan import ModelFacts, Plan, file_type, plan_types
+from quantkit.progress import ProgressCallback
 from quantkit.source.gguf_file import GGUFFile
 
 FORMATS = ("gguf",)
@@ -93,7 +93,7 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
             options: MixtureOptions | None = None, imatrix: Path | None = None, device: str = "cpu",
             threads: int | None = None, force: bool = False, dry_run: bool = False, split_max_size: str | None = None,
             tokenizer_pre: str | None = None, name: str | None = None,
-            progress: Callable[[str], None] | None = None) -> list[tuple[Path, Plan]]:
+            progress: ProgressCallback | None = None) -> list[tuple[Path, Plan]]:
     """Plan (and unless dry_run, write) every target. Returns (path, plan) per target; with split output
     the path is the first shard's."""
     parsed = [parse_target(t) for t in targets]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from quantkit.arch.base import Weights
 from quantkit.calib.imatrix import Imatrix
 from quantkit.errors import ConfigError, SourceError
 from quantkit.model import Model
+from quantkit.progress import Progress, ProgressCallback
 from quantkit.tokenizer import added_bos, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def tokenize_file(model: Model, text: str) -> torch.Tensor:
 
 
 def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
-                    dataset: str = "", progress: Callable[[int, int], None] | None = None) -> Imatrix:
+                    dataset: str = "", progress: ProgressCallback | None = None) -> Imatrix:
     """llama-imatrix's statistics from non-overlapping chunks of `ctx` tokens (a partial last chunk is
     dropped, as llama-imatrix does)."""
     n_chunks = len(tokens) // ctx
@@ -41,6 +41,8 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     arch, weights = model.arch, _finite_weights(model.weights())
     arch.observe = imatrix.add
     try:
+        if progress is not None:
+            progress(Progress("imatrix", 0, n_chunks, "chunks"))
         for chunk in range(n_chunks):
             ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
             if bos is not None:
@@ -49,7 +51,7 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
             _check_finite(imatrix, chunk)
             imatrix.chunk_count = chunk + 1
             if progress is not None:
-                progress(chunk + 1, n_chunks)
+                progress(Progress("imatrix", chunk + 1, n_chunks, "chunks"))
     finally:
         arch.observe = None
     for name, counts in imatrix.expert_counts().items():

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import multiprocessing
 import re
 import signal
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf_file import GGUFWriter, TensorEntry, Value, read_header, string, u32
 from quantkit.formats.gguf_tokenizer import tokenizer_metadata
 from quantkit.model import Model
+from quantkit.progress import Progress, ProgressCallback
 from quantkit.quant import get_codec
 
 GGML_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION (ggml.h)
@@ -88,9 +89,10 @@ def _importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int,
 def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, torch.Tensor] | None = None,
             name: str | None = None, tokenizer_pre: str | None = None, split_max_bytes: int | None = None,
             force: bool = False, threads: int | None = None,
-            progress: Callable[[str], None] | None = None) -> list[list[Path]]:
+            progress: ProgressCallback | None = None) -> list[list[Path]]:
     """Write every output from one pass over the checkpoint; returns each output's file paths. `threads`:
-    CPU encoding threads (default: torch's thread count)."""
+    CPU encoding threads (default: torch's thread count). `progress`: stage "quantize", in weights (tensors
+    differ in size by 1000x, so a count of tensors gives no ETA)."""
     check_outputs(outputs, force)
     tensors = model.arch.gguf_tensors()
     importance = importance or {}
@@ -104,11 +106,12 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
         weights = model.weights()
         encoder = ChunkEncoder(threads)
         stack.callback(encoder.close)
+        report = _quantize_progress(progress, [t.shape for t in tensors])
         for tensor in tensors:
-            if progress is not None:
-                progress(tensor.name)
+            report(tensor.shape)
             _write_tensor(tensor, weights, outputs, writers, importance.get(tensor.name), encoder)
         encoder.flush()
+        report(None)
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(t.name, t.shape, out.tensor_types[t.name]) for t in tensors])
@@ -196,6 +199,21 @@ def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | N
     return codec.encode(chunk, vector)
 
 
+def _quantize_progress(progress: ProgressCallback | None, shapes: list[tuple[int, ...]]):
+    """report(shape) before each tensor, report(None) once all are written: "quantize" events in weights."""
+    total = sum(math.prod(shape) for shape in shapes)
+    done = 0
+
+    def report(shape: tuple[int, ...] | None) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(Progress("quantize", total if shape is None else done, total, "weights"))
+        if shape is not None:
+            done += math.prod(shape)
+
+    return report
+
+
 def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writers: list[GGUFWriter],
                   importance: torch.Tensor | None, encoder: ChunkEncoder) -> None:
     width = tensor.shape[-1]
@@ -250,7 +268,7 @@ def copied_metadata(source) -> dict[str, Value]:
 
 def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch.Tensor] | None = None,
                split_max_bytes: int | None = None, force: bool = False, device: str = "cpu",
-               threads: int | None = None, progress: Callable[[str], None] | None = None) -> list[list[Path]]:
+               threads: int | None = None, progress: ProgressCallback | None = None) -> list[list[Path]]:
     """Re-encode the tensors of a GGUF file (a quantkit.source.gguf_file.GGUFFile) with new types; metadata
     is copied, general.file_type / quantization_version are set. Float inputs only (no requantizing of
     already-quantized data, as llama-quantize without --allow-requantize)."""
@@ -274,10 +292,10 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
             writers.append(stack.enter_context(GGUFWriter(out.path, meta, entries, split_max_bytes)))
         encoder = ChunkEncoder(threads)
         stack.callback(encoder.close)
+        report = _quantize_progress(progress, [source.shape(n) for n in names])
         for name in names:
-            if progress is not None:
-                progress(name)
             shape = source.shape(name)
+            report(shape)
 
             def pieces(_weights, name=name, shape=shape):
                 full = source.read(name, device=device)
@@ -285,6 +303,7 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
 
             _write_tensor(GGUFTensor(name, shape, pieces), None, outputs, writers, importance.get(name), encoder)
         encoder.flush()
+        report(None)
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(n, source.shape(n), out.tensor_types[n]) for n in names])
