@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -14,8 +15,17 @@ from quantkit.errors import QuantkitError
 from quantkit.progress import CliProgress
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that partial outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 class _Group(click.Group):
-    """Prints QuantkitError as one line, without a traceback, and exits 2."""
+    """Prints QuantkitError as one line, without a traceback, and exits 2; Ctrl-C and SIGTERM as one line
+    with the shell's codes (130, 143)."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +33,12 @@ class _Group(click.Group):
         except QuantkitError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(128 + signal.SIGINT)
+        except _Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(128 + signal.SIGTERM)
 
 
 class _StderrHandler(logging.Handler):
@@ -36,6 +52,7 @@ class _StderrHandler(logging.Handler):
 @click.version_option(__version__, prog_name="quantkit")
 def main():
     """Quantize LLM checkpoints and measure what each variant costs and saves."""
+    signal.signal(signal.SIGTERM, _terminate)
     log = logging.getLogger("quantkit")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()

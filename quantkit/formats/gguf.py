@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import re
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,9 @@ class ChunkEncoder:
             return
         if not single and codec.searches(vector) and _CAN_FORK:
             # by value through the pipe: torch's shared-memory tensors outlived their use and piled up
-            future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
-                                              None if vector is None else vector.numpy())
+            with _stop_signals_deferred():  # the first submit forks the workers
+                future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
+                                                  None if vector is None else vector.numpy())
         else:
             future = self._threads().submit(_encode_single_threaded, codec, chunk, vector)
         self._pending.append((writer, name, future))
@@ -185,8 +187,31 @@ class ChunkEncoder:
 _CAN_FORK = "fork" in multiprocessing.get_all_start_methods()
 
 
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C and SIGTERM only noted, then raised again at the end. Forking the pool's workers must not be cut
+    short (a half-started pool is never shut down: its workers outlive the parent's exit), and a worker forked
+    meanwhile inherits this harmless handler, not the parent's, until its initializer ignores both."""
+    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:
+            signal.raise_signal(s)
+
+
 def _init_worker_process() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it shuts the pool down and cleans up
+    # Ctrl-C and SIGTERM (sent to the whole process group) are the parent's: it shuts the pool down, which ends
+    # the workers, and removes the partial files
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
