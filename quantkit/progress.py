@@ -55,8 +55,8 @@ class CliProgress:
             if self.tty:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=event.total, desc=event.stage, unit=f" {event.unit}", unit_scale=True,
-                                 file=sys.stderr, dynamic_ncols=True)
+                self._bar = tqdm(total=event.total, desc=event.stage, unit=f" {event.unit}",
+                                 unit_scale=event.total >= 10_000, file=sys.stderr, dynamic_ncols=True)
         if self._bar is not None:
             self._bar.update(event.done - self._bar.n)
             return
