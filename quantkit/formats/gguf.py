@@ -192,12 +192,13 @@ def _stop_signals_deferred():
     """Ctrl-C and SIGTERM only noted, then raised again at the end. Forking the pool's workers must not be cut
     short (a half-started pool is never shut down: its workers outlive the parent's exit), and a worker forked
     meanwhile inherits this harmless handler, not the parent's, until its initializer ignores both."""
-    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+    stops = (signal.SIGINT, signal.SIGTERM)
+    # Python handlers are set from the main thread only, and one installed from C (None) could not be restored
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, stops):
         yield
         return
     received = []
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in stops}
     try:
         yield
     finally:
