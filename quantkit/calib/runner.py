@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from quantkit.arch.base import Architecture
+from quantkit.arch.base import Architecture, Weights
 from quantkit.calib.cache import StatisticsCache
 from quantkit.calib.engine import Observer, calibrate
 from quantkit.calib.imatrix import Imatrix
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, SourceError
 from quantkit.model import Model
+from quantkit.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,15 @@ class ImatrixObserver(Observer):
             self.imatrix.add(t.name, x, matrix, count if t.matrix is None else t.matrices, t.per_matrix_counts)
 
     def end_layer(self, layer: int) -> None:
+        # finite weights can still overflow float32 activations; such an entry would poison the file
         for name, sums in self.imatrix.sums.items():
             if name.startswith(f"blk.{layer}.") and not torch.isfinite(sums).all():
-                raise ConfigError(f"the calibration statistics of {name} became NaN/Inf in layer {layer}: the "
-                                  "model's weights or activations overflow; check the checkpoint")
+                raise SourceError(f"imatrix entry {name} became NaN/Inf in layer {layer}: the model's activations "
+                                  "overflow on this text (the checkpoint is likely broken); nothing was written")
 
 
 def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
-                    dataset: str = "", progress: Callable[[int, int], None] | None = None,
+                    dataset: str = "", progress: ProgressCallback | None = None,
                     cache: StatisticsCache | None = None) -> Imatrix:
     """llama-imatrix's statistics from non-overlapping chunks of `ctx` tokens (a partial last chunk is
     dropped, as llama-imatrix does), each chunk starting with the model's BOS where it adds one."""
@@ -79,8 +80,12 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
             log.info("imatrix statistics reused from %s", cache.path(key, ".imatrix.gguf"))
             return cached
     imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
-    calibrate(model.arch, model.weights(), chunks, [ImatrixObserver(imatrix)], device=model.device,
-              progress=progress)
+    steps = model.arch.num_layers * n_chunks  # layer-major: a chunk is done only after the last layer
+    if progress is not None:
+        progress(Progress("imatrix", 0, steps, "chunk-layers"))
+    calibrate(model.arch, _finite_weights(model.weights()), chunks, [ImatrixObserver(imatrix)], device=model.device,
+              progress=None if progress is None else lambda done, total: progress(
+                  Progress("imatrix", done, total, "chunk-layers")))
     imatrix.chunk_count = n_chunks
     for name, counts in imatrix.expert_counts().items():
         unused = [e for e, c in enumerate(counts) if c == 0]
@@ -90,6 +95,24 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     if cache is not None:
         cache.save_imatrix(key, imatrix)
     return imatrix
+
+
+def _finite_weights(weights: Weights) -> Weights:
+    """`weights` that refuse a tensor with NaN/Inf at its first read: statistics through it would be NaN, and
+    llama-quantize would use them without a word."""
+    checked: set[str] = set()
+
+    def read(name: str) -> torch.Tensor:
+        tensor = weights(name)
+        if name not in checked:
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SourceError(f"tensor {name} has {bad} NaN/Inf value(s); the checkpoint is corrupt or was "
+                                  "saved from a diverged run; nothing was written")
+            checked.add(name)
+        return tensor
+
+    return read
 
 
 def default_calibration_text() -> tuple[str, str]:

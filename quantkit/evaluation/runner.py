@@ -16,7 +16,6 @@ import datetime
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
 from quantkit.evaluation.variants import Variant, open_variant
+from quantkit.progress import Progress, ProgressCallback
 
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
               "positions ctx/2 .. ctx-2 scored on the next token")
@@ -118,25 +118,27 @@ def _mc_tokens(tokenizer, items: list[dict]) -> list[tuple[list[int], list[list[
              [tokenizer.encode(c, add_special_tokens=False).ids for c in item["choices"]]) for item in items]
 
 
-def _multiple_choice(variant: Variant, tokenized, items: list[dict]) -> dict:
+def _multiple_choice(variant: Variant, tokenized, items: list[dict], say: ProgressCallback) -> dict:
     """acc: the choice with the highest log-likelihood; acc_norm: per byte of the choice's text."""
     correct = correct_norm = 0
-    for (context, choices), item in zip(tokenized, items, strict=True):
+    for done, ((context, choices), item) in enumerate(zip(tokenized, items, strict=True)):
+        say(Progress(f"multiple choice ({variant.name})", done, len(items), "items"))
         scores = variant.choice_logprobs(context, choices)
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
         norm = [s / len(c.encode()) for s, c in zip(scores, item["choices"], strict=True)]
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
+    say(Progress(f"multiple choice ({variant.name})", len(items), len(items), "items"))
     return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
 
 
 def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text: str | None = None,
              text_name: str | None = None, tasks: Path | None = None, mc_items: int | None = 400,
              ctx: int = 512, max_windows: int | None = None, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+             threads: int | None = None, progress: ProgressCallback | None = None) -> dict:
     """Measure every target against the baseline; returns the report dict (see quantkit.evaluation.report)."""
     from quantkit.bundled import resolve_model, textsets
 
-    say = progress or (lambda _message: None)
+    say = progress or (lambda _event: None)
     _fixed_mmap_threshold()
     baseline_path = resolve_model(str(baseline_path))
     if not (baseline_path / "config.json").is_file():
@@ -171,6 +173,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
         scores = [_Scores() for _ in variants]
         seconds = [0.0] * len(variants)
         step = max(1, min(8, _LOGPROB_BUDGET // (ctx * baseline.vocab_size)))
+        say(Progress("windows", 0, len(batches), "windows"))
         for start in range(0, len(batches), step):
             ids = batches[start:start + step]
             targets = ids[:, first + 1:]
@@ -182,13 +185,12 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
                 if base is None:
                     base = logprobs
                 scores[index].add(logprobs, targets, None if index == 0 else base)
-            say(f"windows {min(start + step, len(batches))}/{len(batches)}")
+            say(Progress("windows", min(start + step, len(batches)), len(batches), "windows"))
 
         rows = []
         for index, variant in enumerate(variants):
-            say(f"multiple choice: {variant.name}")
             began = time.perf_counter()
-            mc = _multiple_choice(variant, mc_tokens, items) if items else None
+            mc = _multiple_choice(variant, mc_tokens, items, say) if items else None
             seconds[index] += time.perf_counter() - began
             rows.append(_row(variant, scores[index], scores[0], mc, ctx, seconds[index]))
     finally:
