@@ -18,6 +18,7 @@ import torch
 
 from quantkit.arch import Architecture, load_architecture
 from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.llama_cpp_guard import open_llama
 from quantkit.evaluation.vram import VramEstimate, vram_checkpoint, vram_gguf
 from quantkit.model import Model
 from quantkit.source.gguf_file import GGUFFile
@@ -217,13 +218,13 @@ class LlamaCppVariant(_GGUFVariant):
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, name: str | None = None):
         super().__init__(path, name)
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise ConfigError("the llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python "
                               "(or use --backend torch)") from None
         self.n_ctx = n_ctx
-        self.llm = llama_cpp.Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                                   logits_all=True, verbose=False, n_threads=threads or torch.get_num_threads())
+        self.llm = open_llama(self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True,
+                              verbose=False, n_threads=threads or torch.get_num_threads())
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out = []
