@@ -30,7 +30,7 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {
-        "json": (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(),
+        "json": (json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(),
         "markdown": render_markdown(report).encode(),
         "plot": render_plot(report),
     }
@@ -50,6 +50,17 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
         for tmp in staged:
             tmp.unlink(missing_ok=True)
     return paths
+
+
+def _json_safe(value):
+    """NaN/Inf (an undefined metric) as null: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -218,10 +218,11 @@ def _row(variant: Variant, s: _Scores, base: _Scores, mc: dict | None, ctx: int,
                    kld={"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}, top1_pct=100.0, delta_p_mean=0.0)
     else:
         diff = nll - torch.cat(base.window_nll)  # paired over windows
-        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        # One window has no spread to estimate the error from: undefined, null in report.json.
+        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else None
         kld = torch.cat(s.kld)
         row.update(delta_ppl_pct=100 * (math.exp(float(diff.mean())) - 1),
-                   delta_ppl_pct_2sigma=100 * (math.exp(two_sigma) - 1),
+                   delta_ppl_pct_2sigma=None if two_sigma is None else 100 * (math.exp(two_sigma) - 1),
                    kld={"mean": float(kld.mean()), "median": float(kld.median()),
                         "p99": float(kld.kthvalue(math.ceil(0.99 * len(kld))).values), "max": float(kld.max())},
                    top1_pct=100 * float(torch.cat(s.top1).double().mean()),

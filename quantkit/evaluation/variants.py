@@ -95,6 +95,21 @@ class _CachedWeights:
         return tensor
 
 
+def _finite(read, where: Path):
+    """`read` that refuses a weight holding NaN/Inf: it would turn every metric into NaN (and a report row into
+    nothing), so the variant is refused naming the tensor, as convert refuses it."""
+
+    def checked(name: str) -> torch.Tensor:
+        tensor = read(name)
+        if not torch.isfinite(torch.stack(torch.aminmax(tensor.float()))).all():  # NaN propagates into min/max
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise QuantkitError(f"{where}: tensor {name} has {bad} NaN/Inf value(s); the weights are corrupt (or "
+                                "saved from a diverged run) and cannot be evaluated")
+        return tensor
+
+    return checked
+
+
 class _TorchForward:
     """The reference forward on cached weights; on CUDA it also tracks this variant's peak: its cached weights
     plus the most any one forward allocated on top of what was resident before it (other variants share the
@@ -131,7 +146,7 @@ class HFVariant(_TorchForward, Variant):
         self.vocab_size = self.arch.vocab_size
         self.max_context = self.arch.config.get("max_position_embeddings")
         self.device = self.model.device
-        self.weights = _CachedWeights(self.model.source.read, self.device)
+        self.weights = _CachedWeights(_finite(self.model.source.read, self.path), self.device)
 
     def tokens(self) -> list[str] | None:
         return hf_tokens(self.path)
@@ -209,7 +224,7 @@ class TorchGGUFVariant(_TorchForward, _GGUFVariant):
         super().__init__(path, name)
         self.arch = load_architecture(config)
         self.device = torch.device(device)
-        self.weights = _CachedWeights(self.arch.weights_from_gguf(self.gguf.read), self.device)
+        self.weights = _CachedWeights(self.arch.weights_from_gguf(_finite(self.gguf.read, self.path)), self.device)
 
 
 class LlamaCppVariant(_GGUFVariant):
@@ -234,8 +249,18 @@ class LlamaCppVariant(_GGUFVariant):
                                     f"{self.n_ctx}")
             self.llm.reset()
             self.llm.eval(row)
-            out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+            out.append(self._scores(0, len(row)))
         return torch.stack(out)
+
+    def _scores(self, start: int, stop: int) -> torch.Tensor:
+        """Logits rows start..stop-1 of the last eval. llama.cpp computes with whatever the weights hold, so
+        non-finite logits are how NaN/Inf weights show; they would make every metric NaN."""
+        rows = torch.from_numpy(np.array(self.llm.scores[start:stop], dtype=np.float32))
+        if not torch.isfinite(rows).all():
+            raise QuantkitError(f"{self.path}: llama.cpp computed NaN/Inf logits: the file's weights hold NaN/Inf "
+                                "values (a corrupt file, or converted from a diverged checkpoint); it cannot be "
+                                "evaluated")
+        return rows
 
     def choice_logprobs(self, context: list[int], choices: list[list[int]]) -> list[float]:
         """The context is evaluated once; each choice continues from its KV cache (llama-cpp-python's eval
@@ -243,12 +268,12 @@ class LlamaCppVariant(_GGUFVariant):
         self.llm.reset()
         self.llm.eval(context)
         start = len(context)
-        after_context = torch.log_softmax(torch.from_numpy(np.array(self.llm.scores[start - 1])), dim=-1)
+        after_context = torch.log_softmax(self._scores(start - 1, start)[0], dim=-1)
         out = []
         for choice in choices:
             self.llm.n_tokens = start
             self.llm.eval(choice)
-            rows = torch.from_numpy(np.array(self.llm.scores[start:start + len(choice) - 1], dtype=np.float32))
+            rows = self._scores(start, start + len(choice) - 1)
             logprobs = torch.cat((after_context[None], torch.log_softmax(rows, dim=-1)))
             out.append(float(logprobs.gather(-1, torch.tensor(choice)[:, None]).sum()))
         return out

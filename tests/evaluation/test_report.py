@@ -166,3 +166,14 @@ def test_failed_rewrite_keeps_the_previous_files(report, tmp_path, monkeypatch):
     assert json.loads(paths["json"].read_text()) == report
     assert paths["markdown"].read_bytes() == before["markdown"]
     assert paths["plot"].read_bytes() == before["plot"]
+
+
+def test_report_json_is_valid_json_with_nan_as_null(report, tmp_path):
+    report["variants"][0]["delta_ppl_pct_2sigma"] = float("nan")  # undefined: a single window
+    report["variants"][1]["kld"]["max"] = float("inf")
+
+    def no_constant(name):
+        raise AssertionError(f"report.json holds {name}, which is not JSON")
+
+    saved = json.loads(write_report(report, tmp_path)["json"].read_text(), parse_constant=no_constant)
+    assert saved["variants"][0]["delta_ppl_pct_2sigma"] is None and saved["variants"][1]["kld"]["max"] is None

@@ -1,0 +1,83 @@
+"""quantkit eval on inputs a new user gives it: weights holding NaN, a GGUF of another model, quantized HF folders,
+an output folder that cannot take the report, and the bits per weight it reports for a converted file."""
+
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit import convert as api
+from quantkit.cli import main
+from quantkit.errors import QuantkitError
+from quantkit.evaluation.runner import evaluate
+from quantkit.evaluation.variants import has_llama_cpp
+from quantkit.source.gguf_file import GGUFFile
+from quantkit.source.safetensors_file import SafetensorsFile
+
+needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python is not installed")
+FAST = {"ctx": 64, "max_windows": 2, "mc_items": 0}
+
+
+def _plant_nan_hf(folder, name):
+    """One NaN in tensor `name` (BF16) of an HF folder, written in place."""
+    for shard in folder.glob("*.safetensors"):
+        file = SafetensorsFile(shard)
+        if name in file:
+            begin = file.entries[name].begin
+            file.close()
+            with open(shard, "r+b") as f:
+                f.seek(begin + 2 * 5)
+                f.write(struct.pack("<H", 0x7FC0))  # BF16 quiet NaN
+            return
+    raise AssertionError(f"no tensor {name}")
+
+
+def _plant_nan_gguf(path, name):
+    """One NaN in F32 tensor `name` of a GGUF file, written in place."""
+    tensor = GGUFFile(path).tensors[name]
+    assert tensor.type.name == "F32"
+    with open(path, "r+b") as f:
+        f.seek(tensor.offset + 4 * 7)
+        f.write(struct.pack("<f", float("nan")))
+
+
+# ---- 2. NaN/Inf weights ------------------------------------------------------------------------------------------
+
+def test_nan_weight_in_hf_target_is_refused_naming_the_tensor(model_cache, copy_model):
+    bad = copy_model("qwen2")
+    _plant_nan_hf(bad, "model.layers.1.mlp.down_proj.weight")
+    with pytest.raises(QuantkitError, match=r"tensor model\.layers\.1\.mlp\.down_proj\.weight has 1 NaN/Inf"):
+        evaluate(model_cache("qwen2"), [bad], **FAST)
+
+
+@pytest.fixture(scope="module")
+def f32_with_nan(tmp_path_factory):
+    from quantkit.testing.factory import make_tiny_model
+
+    root = tmp_path_factory.mktemp("nan")
+    model = make_tiny_model(root / "model", "qwen2")
+    [(path, _)] = api.convert(model, ["gguf:F32"], root / "bad-F32.gguf")
+    _plant_nan_gguf(path, "blk.0.ffn_down.weight")
+    return model, path
+
+
+def test_nan_weight_in_gguf_is_refused_on_torch(f32_with_nan):
+    model, path = f32_with_nan
+    with pytest.raises(QuantkitError, match=r"bad-F32\.gguf: tensor blk\.0\.ffn_down\.weight has 1 NaN/Inf"):
+        evaluate(model, [path], backend="torch", **FAST)
+
+
+@needs_llama_cpp
+def test_nan_weight_in_gguf_is_refused_on_llama_cpp(f32_with_nan):
+    model, path = f32_with_nan
+    with pytest.raises(QuantkitError, match=r"bad-F32\.gguf: llama\.cpp computed NaN/Inf logits: the file's weights"):
+        evaluate(model, [path], backend="llama.cpp", **FAST)
+
+
+def test_cli_nan_weight_is_one_error_line_and_no_report(f32_with_nan, tmp_path):
+    model, path = f32_with_nan
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["eval", str(path), "--baseline", str(model), "--ctx", "64", "--windows", "2",
+                                       "--mc-items", "0", "--backend", "torch", "-o", str(out)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert not (out / "report.json").exists()
