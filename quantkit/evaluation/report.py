@@ -7,7 +7,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,8 +37,10 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     staged: list[Path] = []
     try:
         for data in contents.values():
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report-", suffix=".tmp")
-            staged.append(Path(tmp))
+            # Not mkstemp: its files are mode 0600; these get 0666 less the umask, like any file the user makes.
+            tmp = out_dir / f".report-{uuid.uuid4().hex}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            staged.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -50,6 +52,24 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
         for tmp in staged:
             tmp.unlink(missing_ok=True)
     return paths
+
+
+def check_output(out_dir: Path, force: bool = False) -> None:
+    """Refuse, before any measuring, a report folder that cannot be written, or one that already holds a report
+    (unless `force`): both used to surface only when the report was written, after the whole evaluation."""
+    out_dir = Path(out_dir)
+    existing = [name for name in FILES.values() if (out_dir / name).exists()]
+    if existing and not force:
+        raise QuantkitError(f"{out_dir} already holds a report ({', '.join(existing)}); give another -o folder, or "
+                            "--force to replace it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".report-{uuid.uuid4().hex}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise QuantkitError(f"{out_dir}: cannot write the report there ({exc.strerror or exc}); give a writable "
+                            "-o folder") from None
 
 
 def _json_safe(value):

@@ -1,6 +1,7 @@
 """quantkit eval on inputs a new user gives it: weights holding NaN, a GGUF of another model, quantized HF folders,
 an output folder that cannot take the report, and the bits per weight it reports for a converted file."""
 
+import json
 import struct
 
 import pytest
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 from quantkit import convert as api
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
+from quantkit.evaluation import runner
 from quantkit.evaluation.runner import evaluate
 from quantkit.evaluation.variants import has_llama_cpp
 from quantkit.source.gguf_file import GGUFFile
@@ -81,3 +83,42 @@ def test_cli_nan_weight_is_one_error_line_and_no_report(f32_with_nan, tmp_path):
                                        "--mc-items", "0", "--backend", "torch", "-o", str(out)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
     assert not (out / "report.json").exists()
+
+
+# ---- 3. the output folder ------------------------------------------------------------------------------------------
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("the evaluation ran before the output folder was checked")
+
+
+def _eval_cli(out, *extra):
+    return CliRunner().invoke(main, ["eval", "nothing.gguf", "--baseline", "tiny-qwen2", "-o", str(out), *extra])
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "evaluate", _no_run)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _eval_cli(blocker / "report")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {blocker / 'report'}: cannot write the report there")
+
+
+def test_existing_report_is_refused_without_force(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "evaluate", _no_run)
+    (tmp_path / "report.md").write_text("an earlier run\n")
+    result = _eval_cli(tmp_path)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {tmp_path} already holds a report (report.md); give another -o "
+                                    "folder, or --force")
+    assert (tmp_path / "report.md").read_text() == "an earlier run\n"
+
+
+def test_force_replaces_an_existing_report(tmp_path, monkeypatch):
+    (tmp_path / "report.md").write_text("an earlier run\n")
+    report = {"settings": {"ctx": 64}, "baseline": {"name": "base"}, "variants": []}
+    monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: report)
+    result = _eval_cli(tmp_path, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert "an earlier run" not in (tmp_path / "report.md").read_text()

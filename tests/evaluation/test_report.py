@@ -177,3 +177,14 @@ def test_report_json_is_valid_json_with_nan_as_null(report, tmp_path):
 
     saved = json.loads(write_report(report, tmp_path)["json"].read_text(), parse_constant=no_constant)
     assert saved["variants"][0]["delta_ppl_pct_2sigma"] is None and saved["variants"][1]["kld"]["max"] is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_report_files_get_the_umask_permissions(report, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        paths = write_report(report, tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in paths.values()} == dict.fromkeys(
+        ["report.json", "report.md", "quality_vs_vram.png"], 0o666 & ~umask)
