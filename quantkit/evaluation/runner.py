@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.report import FIELDS
 from quantkit.evaluation.variants import Variant, hf_config, open_variant
 from quantkit.tokenizer import added_bos, load_tokenizer
 
@@ -206,6 +207,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
                      "backend": backend},
         "baseline": base_row,
         "variants": target_rows,
+        "fields": FIELDS,
     }
 
 

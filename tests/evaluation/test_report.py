@@ -109,10 +109,10 @@ def test_markdown_table_matches_json(report, tmp_path):
         delta, _, sigma = row["ΔPPL % (±2σ)"].partition("±")
         assert _num(delta.strip()) == _rounded(v["delta_ppl_pct"], 2)
         assert (_num(sigma.strip()) if sigma else None) == _rounded(v["delta_ppl_pct_2sigma"], 2)
-        assert _num(row["KLD mean"]) == round(v["kld"]["mean"], 5)
-        assert _num(row["KLD p99"]) == round(v["kld"]["p99"], 5)
+        assert _num(row["KLD mean (nats)"]) == round(v["kld"]["mean"], 5)
+        assert _num(row["KLD p99 (nats)"]) == round(v["kld"]["p99"], 5)
         assert _num(row["Top-1 %"]) == round(v["top1_pct"], 2)
-        assert _num(row["Δp mean"]) == round(v["delta_p_mean"], 4)
+        assert _num(row["Δp mean (pp)"]) == round(v["delta_p_mean"], 4)
         if v["mc"] is None:
             assert row["MC acc / acc_norm"] == "—"
         else:
@@ -188,3 +188,10 @@ def test_report_files_get_the_umask_permissions(report, tmp_path, umask):
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in paths.values()} == dict.fromkeys(
         ["report.json", "report.md", "quality_vs_vram.png"], 0o666 & ~umask)
+
+
+def test_kld_and_delta_p_headers_carry_units(report, tmp_path):
+    markdown = write_report(report, tmp_path)["markdown"].read_text()
+    header = list(_parse_table(markdown)[0])
+    assert {"KLD mean (nats)", "KLD p99 (nats)", "Δp mean (pp)"} <= set(header)
+    assert "KLD in nats" in markdown and "percentage points (pp)" in markdown
