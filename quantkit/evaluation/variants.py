@@ -21,6 +21,7 @@ from quantkit.errors import ConfigError, QuantkitError
 from quantkit.evaluation.llama_cpp_guard import open_llama
 from quantkit.evaluation.vram import VramEstimate, vram_checkpoint, vram_gguf
 from quantkit.model import Model
+from quantkit.plan.size import bits_per_weight
 from quantkit.source.gguf_file import GGUFFile
 
 BACKENDS = ("auto", "torch", "llama.cpp")
@@ -155,9 +156,7 @@ class HFVariant(_TorchForward, Variant):
         return self.model.source.size_on_disk()
 
     def bpw(self) -> float:
-        """Stored bits per weight of the weight matrices (an FP8 weight's block scales included)."""
-        stored = [t for t in self.model.source.tensors() if len(t.shape) >= 2]
-        return 8 * sum(t.nbytes for t in stored) / max(1, sum(t.numel for t in stored))
+        return bits_per_weight((t.nbytes, t.numel) for t in self.model.source.tensors())
 
     def vram(self, ctx: int) -> VramEstimate:
         return vram_checkpoint(self.model, ctx)
@@ -202,8 +201,7 @@ class _GGUFVariant(Variant):
         return self.path.stat().st_size
 
     def bpw(self) -> float:
-        weights = [t for t in self.gguf.tensors.values() if len(t.shape) >= 2]
-        return 8 * sum(t.nbytes for t in weights) / max(1, sum(math.prod(t.shape) for t in weights))
+        return bits_per_weight((t.nbytes, math.prod(t.shape)) for t in self.gguf.tensors.values())
 
     def vram(self, ctx: int) -> VramEstimate:
         return vram_gguf(self.gguf, ctx)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.errors import ConfigError
+from quantkit.plan.size import bits_per_weight
 
 # ---------------------------------------------------------------------------------------------------------------
 # file types
@@ -226,8 +227,7 @@ class Plan:
 
     @property
     def bpw(self) -> float:
-        """Bits per weight over all tensors (tensor data only, as llama.cpp's BPW)."""
-        return 8 * self.total_bytes / self.n_elements if self.n_elements else 0.0
+        return bits_per_weight((e.nbytes, e.n_elements) for e in self.entries)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 an output folder that cannot take the report, and the bits per weight it reports for a converted file."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -122,3 +123,27 @@ def test_force_replaces_an_existing_report(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert "an earlier run" not in (tmp_path / "report.md").read_text()
+
+
+# ---- 4. one bits per weight ------------------------------------------------------------------------------------------
+
+def test_convert_and_eval_print_the_same_bpw(tmp_path):
+    converted = CliRunner().invoke(main, ["convert", "tiny-qwen2", "--to", "gguf:Q4_K_M", "-o", str(tmp_path)])
+    assert converted.exit_code == 0, converted.output
+    convert_bpw = re.search(r"([\d.]+) bpw\)", converted.output).group(1)
+    [gguf] = tmp_path.glob("*.gguf")
+    evaluated = CliRunner().invoke(main, ["eval", str(gguf), "--baseline", "tiny-qwen2", "--ctx", "64", "--windows",
+                                          "1", "--mc-items", "0", "--backend", "torch", "-o", str(tmp_path / "r")])
+    assert evaluated.exit_code == 0, evaluated.output
+    table = [line for line in evaluated.output.splitlines() if line.startswith("| ")]
+    bpw_column = [c.strip() for c in table[0].split("|")].index("bpw")
+    assert [c.strip() for c in table[3].split("|")][bpw_column] == convert_bpw  # after the baseline's row
+    report = json.loads((tmp_path / "r" / "report.json").read_text(), parse_constant=_no_constant)
+    assert f"{report['variants'][0]['bpw']:.2f}" == convert_bpw
+    # One window: the ±2σ is undefined, null rather than NaN (bare NaN is not JSON).
+    assert report["variants"][0]["delta_ppl_pct_2sigma"] is None
+    assert "nats" in report["fields"]["kld"] and "percentage points" in report["fields"]["delta_p_mean"]
+
+
+def _no_constant(name):
+    raise AssertionError(f"report.json holds {name}, which is not JSON")
