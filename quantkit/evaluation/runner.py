@@ -61,6 +61,10 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
         raise QuantkitError(f"{target.path}: vocabulary of {target.vocab_size} tokens, the baseline's has "
                             f"{baseline.vocab_size}; KL divergence needs the same vocabulary: compare variants of "
                             "the same model")
+    problem = _model_mismatch(baseline, target)
+    if problem is not None:
+        raise QuantkitError(f"{target.path} is not a quantization of the baseline model {baseline.path}: {problem}; "
+                            "give files converted from the baseline's checkpoint")
     ours, theirs = target.tokens(), baseline.tokens()
     if ours is not None and theirs is not None:
         n = min(len(ours), len(theirs))
@@ -71,6 +75,33 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
     if target.max_context is not None and ctx > target.max_context:
         raise QuantkitError(f"{target.path}: --ctx {ctx} exceeds the model's context length "
                             f"{target.max_context}")
+
+
+def _model_mismatch(baseline: Variant, target: Variant) -> str | None:
+    """How the target differs from the model the baseline's architecture describes (for a GGUF: what quantkit
+    would write from the baseline), or None. Caught here, before the forward asks for a tensor the other model
+    lacks."""
+    arch = baseline.arch
+    if target.format == "gguf":
+        gguf = target.gguf
+        name = gguf.metadata("general.architecture")
+        facts = [("architecture", name, arch.gguf_arch),
+                 ("block_count", gguf.metadata(f"{name}.block_count"), arch.num_layers),
+                 ("embedding_length", gguf.metadata(f"{name}.embedding_length"), arch.hidden_size)]
+        shapes = {tensor_name: t.shape for tensor_name, t in gguf.tensors.items()}
+        expected = {t.name: t.shape for t in arch.gguf_tensors()}
+    else:
+        facts = [("architecture", target.arch.config.get("model_type"), arch.config.get("model_type"))]
+        shapes, expected = target.arch.tensor_shapes(), arch.tensor_shapes()
+    for what, theirs, ours in facts:
+        if theirs != ours:
+            return f"its {what} is {theirs}, the baseline's {ours}"
+    for tensor_name, shape in expected.items():
+        if tensor_name not in shapes:
+            return f"it has no tensor {tensor_name}, which the baseline's architecture has"
+        if tuple(shapes[tensor_name]) != tuple(shape):
+            return f"its tensor {tensor_name} is {list(shapes[tensor_name])}, the baseline's {list(shape)}"
+    return None
 
 
 class _Scores:

@@ -86,6 +86,32 @@ def test_cli_nan_weight_is_one_error_line_and_no_report(f32_with_nan, tmp_path):
     assert not (out / "report.json").exists()
 
 
+# ---- 6. a GGUF of another model ------------------------------------------------------------------------------------
+
+def test_gguf_of_another_model_is_refused_naming_both(model_cache, tmp_path):
+    # Same vocabulary and tokenizer, another architecture: llama has no attn_q.bias, which qwen2's forward needs.
+    [(other, _)] = api.convert(model_cache("llama"), ["gguf:Q8_0"], tmp_path / "llama-Q8_0.gguf")
+    baseline = model_cache("qwen2")
+    for backend in ["torch"] + (["llama.cpp"] if has_llama_cpp() else []):
+        with pytest.raises(QuantkitError, match=rf"{other} is not a quantization of the baseline model "
+                                                rf"{baseline}: its architecture is llama, the baseline's qwen2"):
+            evaluate(baseline, [other], backend=backend, **FAST)
+
+
+def test_gguf_with_other_shapes_is_refused(model_cache, tmp_path):
+    wider = model_cache("qwen2", config_overrides=(("intermediate_size", 384),))
+    [(other, _)] = api.convert(wider, ["gguf:Q8_0"], tmp_path / "wider.gguf")
+    with pytest.raises(QuantkitError, match=r"is not a quantization of the baseline model .*: its tensor "
+                                            r"blk\.0\.ffn_down\.weight is \[128, 384\], the baseline's \[128, 256\]"):
+        evaluate(model_cache("qwen2"), [other], backend="torch", **FAST)
+
+
+def test_hf_folder_of_another_model_is_refused(model_cache):
+    with pytest.raises(QuantkitError, match="is not a quantization of the baseline model .*: its architecture is "
+                                            "llama, the baseline's qwen2"):
+        evaluate(model_cache("qwen2"), [model_cache("llama")], **FAST)
+
+
 # ---- 3. the output folder ------------------------------------------------------------------------------------------
 
 def _no_run(*args, **kwargs):
