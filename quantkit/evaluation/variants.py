@@ -140,10 +140,13 @@ class HFVariant(_TorchForward, Variant):
     format, backend = "hf", "torch"
 
     def __init__(self, path: Path, device: str = "cpu", name: str | None = None):
+        quantization = (hf_config(path) or {}).get("quantization_config")
+        if quantization is not None:
+            _check_readable(path, quantization)
         self.model = Model(path, device=device)
         self.path, self.name = self.model.source.path, name or self.model.source.path.name
         self.arch: Architecture = self.model.arch
-        self.type = "FP8" if self.model.source.config.get("quantization_config") else _stored_dtype(self.model)
+        self.type = _quantization_label(self.model, quantization) if quantization else _stored_dtype(self.model)
         self.vocab_size = self.arch.vocab_size
         self.max_context = self.arch.config.get("max_position_embeddings")
         self.device = self.model.device
@@ -163,6 +166,23 @@ class HFVariant(_TorchForward, Variant):
 
     def close(self) -> None:
         self.model.close()
+
+
+def _check_readable(path: Path, quantization: dict) -> None:
+    """Block FP8 (DeepSeek's layout: FP8 weights with *_scale_inv block scales) is the one quantized HF layout
+    quantkit reads; any other would fail deep inside the forward on its packed tensors."""
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"{path}: quantization_config.quant_method is {method!r}, which quantkit cannot read yet "
+                          "(block FP8 only; GPTQ, AWQ and compressed-tensors are not supported yet); evaluate the "
+                          "unquantized checkpoint, or GGUF files converted from it")
+
+
+def _quantization_label(model: Model, quantization: dict) -> str:
+    """e.g. 'fp8 e4m3 block 128x128': the method, the stored format and the block the scales cover."""
+    fmt = quantization.get("fmt") or _stored_dtype(model)
+    rows, cols = model.source.fp8_block
+    return f"{quantization['quant_method']} {fmt} block {rows}x{cols}"
 
 
 def _stored_dtype(model: Model) -> str:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from quantkit import convert as api
 from quantkit.cli import main
-from quantkit.errors import QuantkitError
+from quantkit.errors import ConfigError, QuantkitError
 from quantkit.evaluation import runner
 from quantkit.evaluation.runner import evaluate
 from quantkit.evaluation.variants import has_llama_cpp
@@ -112,6 +112,24 @@ def test_hf_folder_of_another_model_is_refused(model_cache):
         evaluate(model_cache("qwen2"), [model_cache("llama")], **FAST)
 
 
+# ---- 7. quantized HF folders -----------------------------------------------------------------------------------------
+
+def test_fp8_folder_is_labelled_from_its_quantization_config(model_cache):
+    report = evaluate(model_cache("deepseek_v3", fp8=True), [], **FAST)
+    assert report["baseline"]["type"] == "fp8 e4m3 block 128x128"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
+def test_unreadable_quantization_method_is_refused(copy_model, method):
+    folder = copy_model("qwen2")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"quant_method is '{method}', which quantkit cannot read yet .*not "
+                                          "supported yet"):
+        evaluate(folder, [], **FAST)
+
+
 # ---- 3. the output folder ------------------------------------------------------------------------------------------
 
 def _no_run(*args, **kwargs):
@@ -173,3 +191,4 @@ def test_convert_and_eval_print_the_same_bpw(tmp_path):
 
 def _no_constant(name):
     raise AssertionError(f"report.json holds {name}, which is not JSON")
+
