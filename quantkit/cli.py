@@ -196,12 +196,13 @@ def imatrix(model, calib, output, ctx, chunks, device, force, no_cache):
 @click.option("--threads", type=int, help="CPU threads for llama.cpp (default: torch's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval-report"), show_default=True,
               help="Folder for report.json, report.md and quality_vs_vram.png.")
-def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backend, device, threads, output):
+@click.option("--force", is_flag=True, help="Replace a report already in the -o folder.")
+def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backend, device, threads, output, force):
     """Measure TARGETS (GGUF files, HF folders) against the baseline: perplexity, KL divergence, top-1
     agreement, multiple-choice accuracy, size and VRAM at --ctx, in one comparable report."""
     import torch
 
-    from quantkit.evaluation.report import write_report
+    from quantkit.evaluation.report import check_output, write_report
     from quantkit.evaluation.runner import evaluate as run
 
     text = text_name = None
@@ -210,6 +211,7 @@ def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backen
             raise QuantkitError(f"{text_file}: no such text file")
         text, text_name = text_file.read_text(encoding="utf-8", errors="replace"), str(text_file)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output(output, force)
     with CliProgress() as show:
         report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
                      ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.report import FIELDS
 from quantkit.evaluation.variants import Variant, open_variant
+from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.progress import Progress, ProgressCallback
 
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
@@ -59,6 +61,10 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
         raise QuantkitError(f"{target.path}: vocabulary of {target.vocab_size} tokens, the baseline's has "
                             f"{baseline.vocab_size}; KL divergence needs the same vocabulary: compare variants of "
                             "the same model")
+    problem = _model_mismatch(baseline, target)
+    if problem is not None:
+        raise QuantkitError(f"{target.path} is not a quantization of the baseline model {baseline.path}: {problem}; "
+                            "give files converted from the baseline's checkpoint")
     ours, theirs = target.tokens(), baseline.tokens()
     if ours is not None and theirs is not None:
         n = min(len(ours), len(theirs))
@@ -69,6 +75,33 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
     if target.max_context is not None and ctx > target.max_context:
         raise QuantkitError(f"{target.path}: --ctx {ctx} exceeds the model's context length "
                             f"{target.max_context}")
+
+
+def _model_mismatch(baseline: Variant, target: Variant) -> str | None:
+    """How the target differs from the model the baseline's architecture describes (for a GGUF: what quantkit
+    would write from the baseline), or None. Caught here, before the forward asks for a tensor the other model
+    lacks."""
+    arch = baseline.arch
+    if target.format == "gguf":
+        gguf, mapping = target.gguf, mapping_for(arch)
+        name = gguf.metadata("general.architecture")
+        facts = [("architecture", name, mapping.gguf_arch),
+                 ("block_count", gguf.metadata(f"{name}.block_count"), arch.num_layers),
+                 ("embedding_length", gguf.metadata(f"{name}.embedding_length"), arch.hidden_size)]
+        shapes = {tensor_name: t.shape for tensor_name, t in gguf.tensors.items()}
+        expected = {t.name: t.shape for t in mapping.tensors()}
+    else:
+        facts = [("architecture", target.arch.config.get("model_type"), arch.config.get("model_type"))]
+        shapes, expected = target.arch.tensor_shapes(), arch.tensor_shapes()
+    for what, theirs, ours in facts:
+        if theirs != ours:
+            return f"its {what} is {theirs}, the baseline's {ours}"
+    for tensor_name, shape in expected.items():
+        if tensor_name not in shapes:
+            return f"it has no tensor {tensor_name}, which the baseline's architecture has"
+        if tuple(shapes[tensor_name]) != tuple(shape):
+            return f"its tensor {tensor_name} is {list(shapes[tensor_name])}, the baseline's {list(shape)}"
+    return None
 
 
 class _Scores:
@@ -208,6 +241,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
                      "backend": backend},
         "baseline": base_row,
         "variants": target_rows,
+        "fields": FIELDS,
     }
 
 
@@ -220,10 +254,11 @@ def _row(variant: Variant, s: _Scores, base: _Scores, mc: dict | None, ctx: int,
                    kld={"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}, top1_pct=100.0, delta_p_mean=0.0)
     else:
         diff = nll - torch.cat(base.window_nll)  # paired over windows
-        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        # One window has no spread to estimate the error from: undefined, null in report.json.
+        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else None
         kld = torch.cat(s.kld)
         row.update(delta_ppl_pct=100 * (math.exp(float(diff.mean())) - 1),
-                   delta_ppl_pct_2sigma=100 * (math.exp(two_sigma) - 1),
+                   delta_ppl_pct_2sigma=None if two_sigma is None else 100 * (math.exp(two_sigma) - 1),
                    kld={"mean": float(kld.mean()), "median": float(kld.median()),
                         "p99": float(kld.kthvalue(math.ceil(0.99 * len(kld))).values), "max": float(kld.max())},
                    top1_pct=100 * float(torch.cat(s.top1).double().mean()),

@@ -11,6 +11,7 @@ import torch
 from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR, textsets
+from quantkit.evaluation.llama_cpp_guard import open_llama
 from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.source.gguf_file import GGUFFile
 
@@ -49,8 +50,7 @@ def gguf_files(model, tmp_path_factory):
 
 
 def _llama(path, **kwargs):
-    return llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=2, logits_all=True, verbose=False,
-                           **kwargs)
+    return open_llama(path, n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=2, logits_all=True, verbose=False, **kwargs)
 
 
 def test_tokenization_matches_hf(model, gguf_files):
