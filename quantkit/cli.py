@@ -156,7 +156,7 @@ def imatrix(model, calib, output, ctx, chunks, device, force, no_cache):
     from quantkit.bundled import resolve_model
     from quantkit.calib import collect_imatrix, tokenize_file
     from quantkit.calib.cache import StatisticsCache
-    from quantkit.calib.runner import read_calibration
+    from quantkit.calib.data import read_calibration
     from quantkit.model import Model
     from quantkit.output import check_writable
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from quantkit.arch.base import Architecture, Weights
 from quantkit.calib.cache import StatisticsCache
+from quantkit.calib.data import chunks
 from quantkit.calib.engine import Observer, calibrate
 from quantkit.calib.imatrix import Imatrix
 from quantkit.errors import ConfigError, SourceError
@@ -16,11 +16,6 @@ from quantkit.model import Model
 from quantkit.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
-
-
-def tokenize_file(model: Model, text: str) -> torch.Tensor:
-    return torch.tensor(model.tokenizer("tokenize the calibration text with").encode(
-        text, add_special_tokens=False).ids, dtype=torch.long)
 
 
 class ImatrixObserver(Observer):
@@ -66,15 +61,10 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     if n_chunks == 0:
         raise ConfigError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}; "
                           "give more text or a smaller --ctx")
-    chunks = []
-    for chunk in range(n_chunks):
-        ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
-        if model.bos is not None:
-            ids[0] = model.bos
-        chunks.append(ids)
+    samples = chunks(model, tokens, ctx, n_chunks)
     key = None
     if cache is not None:
-        key = cache.key(model, "imatrix", torch.stack(chunks), dataset=dataset)
+        key = cache.key(model, "imatrix", torch.stack(samples), dataset=dataset)
         cached = cache.load_imatrix(key)
         if cached is not None:
             log.info("imatrix statistics reused from %s", cache.path(key, ".imatrix.gguf"))
@@ -83,7 +73,7 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     steps = model.arch.num_layers * n_chunks  # layer-major: a chunk is done only after the last layer
     if progress is not None:
         progress(Progress("imatrix", 0, steps, "chunk-layers"))
-    calibrate(model.arch, _finite_weights(model.weights()), chunks, [ImatrixObserver(imatrix)], device=model.device,
+    calibrate(model.arch, _finite_weights(model.weights()), samples, [ImatrixObserver(imatrix)], device=model.device,
               progress=None if progress is None else lambda done, total: progress(
                   Progress("imatrix", done, total, "chunk-layers")))
     imatrix.chunk_count = n_chunks
@@ -113,17 +103,3 @@ def _finite_weights(weights: Weights) -> Weights:
         return tensor
 
     return read
-
-
-def default_calibration_text() -> tuple[str, str]:
-    from quantkit.bundled import textsets
-
-    return textsets.text("calibration"), f"stdlib-calibration (python {textsets.python_version()})"
-
-
-def read_calibration(path: Path | None) -> tuple[str, str]:
-    if path is None:
-        return default_calibration_text()
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such calibration file")
-    return path.read_text(encoding="utf-8", errors="replace"), path.name

@@ -11,7 +11,7 @@ import torch
 from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR
 from quantkit.calib import Imatrix, collect_imatrix
-from quantkit.calib.runner import tokenize_file
+from quantkit.calib.data import tokenize_file
 from quantkit.model import Model
 from quantkit.testing.ggml_reference import tensor_data_digest
 
