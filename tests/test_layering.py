@@ -38,7 +38,8 @@ def test_quant_does_no_io():
 
 def test_the_gguf_format_uses_only_shared_interfaces():
     shared = ("quantkit.formats.gguf", "quantkit.arch", "quantkit.calib", "quantkit.errors", "quantkit.model",
-              "quantkit.plan", "quantkit.quant", "quantkit.source", "quantkit.tokenizer")
+              "quantkit.output", "quantkit.plan", "quantkit.progress", "quantkit.quant", "quantkit.source",
+              "quantkit.tokenizer")
     for module, imports in _package_imports("formats/gguf").items():
         outside = {i for i in imports if not i.startswith(shared) and i not in ("quantkit", "quantkit.formats")}
         assert not outside, (module, outside)
