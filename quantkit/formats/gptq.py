@@ -189,14 +189,17 @@ class GPTQFormat(OutputFormat):
         from quantkit.calib.gptq import calibration_samples, gptq_layers
 
         model = self._require_model(source)
-        samples = calibration_samples(model, options) if jobs else []
-        return [self._write_one(model, job, options, samples, gptq_layers) for job in jobs]
-
-    def _write_one(self, model: Model, job: Job, options: ConvertOptions, samples, gptq_layers) -> list[Path]:
-        config = gptq_config(job.target, options.damp)
         layers = _quantized_linears(model)
-        writer = FolderWriter(job.path, model.folder, self._fingerprint(model, job, options), len(layers),
-                              force=options.force)
+        # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
+        writers = [FolderWriter(job.path, model.folder, self._fingerprint(model, job, options), len(layers),
+                                force=options.force) for job in jobs]
+        samples = calibration_samples(model, options) if jobs else []
+        return [self._write_one(model, layers, job, writer, options, samples, gptq_layers)
+                for job, writer in zip(jobs, writers, strict=True)]
+
+    def _write_one(self, model: Model, layers, job: Job, writer: FolderWriter, options: ConvertOptions, samples,
+                   gptq_layers) -> list[Path]:
+        config = gptq_config(job.target, options.damp)
         kept = torch.bfloat16
         if not writer.has(OTHER):
             writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})

@@ -78,12 +78,14 @@ def test_pack_layout_matches_formats_md():
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=8, group_size=-1),
-                                    GPTQConfig(bits=2, group_size=64, sym=False)])
+                                    GPTQConfig(bits=2, group_size=64, sym=False),
+                                    GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)])
 def test_stored_dequantizes_as_quant_gptq(config):
-    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
-    r = rtn_quantize(w, config)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    r = gptq_stub.quantize_linear("x", w, config)  # act-order: a permuted g_idx
+    assert config.desc_act == bool((r.g_idx[1:] < r.g_idx[:-1]).any())
     stored = fmt.pack_result(r, config.bits)
-    assert stored["qweight"].shape == (128 * config.bits // 32, 48) and stored["scales"].dtype == torch.float16
+    assert stored["qweight"].shape == (128 * config.bits // 32, 64) and stored["scales"].dtype == torch.float16
     expected = dequantize(r.q, r.scales.half().float(), r.zeros, r.g_idx)
     assert torch.equal(fmt.dequantize_stored(*(stored[s] for s in fmt.SUFFIXES), config.bits), expected)
 
@@ -102,9 +104,9 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("preset, kwargs", [("qwen2", {}), ("deepseek_v3", {"fp8": True})])
-def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kwargs):
-    plan, files = _convert(model_cache(preset, **kwargs), "w4g64-act", tmp_path)
+@pytest.mark.parametrize("preset, kwargs, spec", [("qwen2", {}, "w4g64-act"), ("deepseek_v3", {"fp8": True}, "w4g64")])
+def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kwargs, spec):
+    plan, files = _convert(model_cache(preset, **kwargs), spec, tmp_path)
     folder = files[0].parent
     stored = {}
     for f in files:
@@ -120,7 +122,7 @@ def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kw
     assert index["metadata"]["total_size"] == plan.total_bytes
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["checkpoint_format"] == "gptq"
-    assert config["quantization_config"]["desc_act"] is True
+    assert config["quantization_config"]["desc_act"] is spec.endswith("-act")
     assert json.loads((folder / "quantize_config.json").read_text())["group_size"] == 64
     assert (folder / "tokenizer.json").is_file() and not list(tmp_path.glob("*.part"))
 
@@ -151,7 +153,7 @@ class Killed(Exception):
 
 def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeypatch):
     src = model_cache("deepseek_v3", fp8=True)
-    _, files = _convert(src, "w4g64-act", tmp_path / "whole")
+    _, files = _convert(src, "w4g64", tmp_path / "whole")
     whole = _files(files[0].parent)
 
     real = calib.gptq_layers
@@ -164,21 +166,21 @@ def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeyp
 
     monkeypatch.setattr(calib, "gptq_layers", dying)
     with pytest.raises(Killed):
-        _convert(src, "w4g64-act", tmp_path / "resumed")
-    part = tmp_path / "resumed" / "m-GPTQ-w4g64-act.part"
+        _convert(src, "w4g64", tmp_path / "resumed")
+    part = tmp_path / "resumed" / "m-GPTQ-w4g64.part"
     state = json.loads((part / "quantkit-state.json").read_text())
     assert sorted(state["shards"]) == ["0", "1", "other"]
     monkeypatch.setattr(calib, "gptq_layers", real)
     starts = []
     monkeypatch.setattr(calib, "gptq_layers", lambda *a, **k: (starts.append(k["start_layer"]), real(*a, **k))[1])
-    _, files = _convert(src, "w4g64-act", tmp_path / "resumed")
+    _, files = _convert(src, "w4g64", tmp_path / "resumed")
     assert starts == [2]
     assert _files(files[0].parent) == whole
 
 
 def test_corrupt_shard_is_redone(model_cache, tmp_path, calib, monkeypatch):
-    src = model_cache("llama")
-    _, files = _convert(src, "w4g32", tmp_path / "whole")
+    src = model_cache("llama")  # act-order: resuming restores layers with a permuted g_idx
+    _, files = _convert(src, "w4g32-act", tmp_path / "whole")
     whole = _files(files[0].parent)
     real = calib.gptq_layers
 
@@ -188,11 +190,11 @@ def test_corrupt_shard_is_redone(model_cache, tmp_path, calib, monkeypatch):
 
     monkeypatch.setattr(calib, "gptq_layers", dying)
     with pytest.raises(Killed):
-        _convert(src, "w4g32", tmp_path / "resumed")
-    shard = tmp_path / "resumed" / "m-GPTQ-w4g32.part" / "layer-00001.safetensors"
+        _convert(src, "w4g32-act", tmp_path / "resumed")
+    shard = tmp_path / "resumed" / "m-GPTQ-w4g32-act.part" / "layer-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a kill during the write
     monkeypatch.setattr(calib, "gptq_layers", real)
-    _, files = _convert(src, "w4g32", tmp_path / "resumed")
+    _, files = _convert(src, "w4g32-act", tmp_path / "resumed")
     assert _files(files[0].parent) == whole
 
 

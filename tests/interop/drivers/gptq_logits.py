@@ -46,7 +46,7 @@ def main() -> None:
 
     loader, windows_path, *pairs = sys.argv[1:]
     windows = json.loads(open(windows_path).read())
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+    versions = {"torch": str(torch.__version__), "transformers": transformers.__version__,
                 "gptqmodel": gptqmodel.__version__}
     for folder, out in zip(pairs[::2], pairs[1::2], strict=True):
         torch.save({**run(loader, folder, windows), "versions": versions}, out)
