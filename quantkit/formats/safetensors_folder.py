@@ -120,8 +120,12 @@ class FolderWriter:
         data = safetensors_bytes(tensors, metadata={"format": "pt"})
         path = self.part / _shard_name(key)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputFolderError(f"{path}: cannot write the shard ({exc.strerror}); free some space or choose "
+                                    "another -o, then rerun the same command to resume") from None
         self.shards[key] = {"sha256": hashlib.sha256(data).hexdigest(),
                             "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                             "tensors": {n: [_DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in tensors.items()}}
@@ -188,6 +192,7 @@ class FolderWriter:
 
     def _move_into_place(self) -> None:
         old = self.out.with_name(self.out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed during this swap
         if self.out.exists():  # force: the complete new folder replaces the old one only now
             os.replace(self.out, old)
         os.replace(self.part, self.out)

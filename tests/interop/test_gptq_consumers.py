@@ -22,11 +22,13 @@ from quantkit.testing import gptq_stub
 
 pytestmark = pytest.mark.interop
 
-SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-asym-act", "w8"]
+SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-act-asym", "w8"]  # canonical spellings
 WINDOWS, CONTEXT = 3, 96
-# max |dlogit| / max |logit| over the windows: both sides multiply the same dequantized float32 weights
-# (codes, fp16 scales, zeros) with float32 activations, so only summation order differs.
-TOLERANCE = 1e-4
+# max |dlogit| / max |logit| over the windows. Both sides decode the same codes, fp16 scales, zeros and g_idx;
+# GPTQModel's CPU kernel (TorchAtenLinear) computes in its own precision, measured at 1.2e-4 to 2.1e-4 of max
+# |logit| on tiny-llama (2.2e-3 to 3.9e-3 absolute). A misread code, zero, scale or g_idx moves logits by
+# several 1e-2 (4-bit RTN itself is about 5e-2 from the source).
+TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
