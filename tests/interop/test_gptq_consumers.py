@@ -5,9 +5,10 @@ decoder). Quantization goes through the real FORMAT.write, with the calibration 
 landed, else with the RTN/synthetic-Hessian stand-in (quantkit.testing.gptq_stub).
 
 What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
-sym and asym, with and without act-order. DeepSeek-V3 with per-expert GPTQ linears does not load in transformers
-(its DeepseekV3 keeps routed experts in fused 3-D parameters, which GPTQ's per-module layout cannot fill); the
-test pins that down and checks the rest of the folder through quantkit's own reader.
+sym and asym, with and without act-order, and match quantkit's forward. DeepSeek-V3 with per-expert GPTQ linears
+loads in transformers WITHOUT an error but computes something else (its DeepseekV3 keeps routed experts in fused
+3-D parameters that the per-module GPTQ tensors do not fill: median 0.36-0.48 of max |logit| off); GPTQModel.load
+does load it (TorchFusedLinear) and is close but not within the dense models' tolerance (see the test).
 """
 
 import json
@@ -25,10 +26,14 @@ pytestmark = pytest.mark.interop
 SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-act-asym", "w8"]  # canonical spellings
 WINDOWS, CONTEXT = 3, 96
 # max |dlogit| / max |logit| over the windows. Both sides decode the same codes, fp16 scales, zeros and g_idx;
-# GPTQModel's CPU kernel (TorchAtenLinear) computes in its own precision, measured at 1.2e-4 to 2.1e-4 of max
-# |logit| on tiny-llama (2.2e-3 to 3.9e-3 absolute). A misread code, zero, scale or g_idx moves logits by
-# several 1e-2 (4-bit RTN itself is about 5e-2 from the source).
+# GPTQModel's CPU kernels (TorchAtenLinear for 4-bit, TorchLinear for 8-bit) compute in their own precision:
+# measured 1.2e-4 to 2.2e-4 of max |logit| (2.2e-3 to 4.4e-3 absolute) on tiny-llama and tiny-qwen2.
 TOLERANCE = 1e-3
+# GPTQModel on tiny-deepseek: measured max 6.0e-2, median per position 2.8e-3 to 3.7e-3 of max |logit|, every
+# position off (not a few routing flips); the cause of the gap to the dense models is not isolated yet.
+DEEPSEEK_GPTQMODEL_BOUND = 0.1
+# transformers on tiny-deepseek: routed experts left unfilled, measured 0.70 of max |logit|.
+DEEPSEEK_TRANSFORMERS_WRONG = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +99,20 @@ def test_transformers_logits_match_quantkit(name, gptqmodel_env, calibration, tm
     assert not failures, failures
 
 
-def test_deepseek_loads_in_quantkit_not_transformers(gptqmodel_env, calibration, tmp_path, record_property):
+def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, calibration, tmp_path, record_property):
     folders, windows, ours = _write("tiny-deepseek", tmp_path, ["w4g128"])
     with Model(MODELS_DIR / "tiny-deepseek") as source:
         reference = [source.forward(torch.tensor(w))[0] for w in windows]
-    # quantkit's own reader: the 4-bit model stays close to the FP8 source
-    delta, relative = _relative_error(ours["w4g128"], reference)
+    delta, relative = _relative_error(ours["w4g128"], reference)  # measured 6.6 (0.30): MoE routing moves
     print(f"tiny-deepseek gptq:w4g128 vs FP8 source (quantkit forward): max |dlogit| {delta:.3e} ({relative:.2e})")
-    assert relative < 0.5
     outcome = {}
     for loader in ("transformers", "gptqmodel"):
         result = _consumer(gptqmodel_env, loader, folders, windows, tmp_path)["w4g128"]
-        if "error" in result:
-            outcome[loader] = result["error"][:300]
-        else:
-            outcome[loader] = _relative_error(result["logits"], ours["w4g128"])
-        print(f"tiny-deepseek gptq:w4g128 in {loader}: {outcome[loader]}")
+        outcome[loader] = result.get("error") or _relative_error(result["logits"], ours["w4g128"])
+        print(f"tiny-deepseek gptq:w4g128 in {loader}: {outcome[loader]} {result.get('kernels')}")
     record_property("tiny-deepseek", outcome)
-    # PEERS.md §8: transformers cannot put per-expert GPTQ linears into its fused DeepSeek-V3 experts. When that
-    # changes, this fails and the logits must be compared as for the dense models.
-    assert isinstance(outcome["transformers"], str), outcome
+    assert not isinstance(outcome["gptqmodel"], str), outcome
+    assert outcome["gptqmodel"][1] < DEEPSEEK_GPTQMODEL_BOUND, outcome
+    # PEERS.md §8. When transformers learns to fill fused experts from per-expert GPTQ tensors this fails: then
+    # compare its logits as for the dense models.
+    assert isinstance(outcome["transformers"], str) or outcome["transformers"][1] > DEEPSEEK_TRANSFORMERS_WRONG
