@@ -2,6 +2,7 @@
 resume/refusal rules and its determinism, and quantkit's own GPTQ input decoder reading the output back."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -18,12 +19,12 @@ FORMAT = get_format("gptq")
 
 
 @pytest.fixture
-def calib(monkeypatch):
-    """The calibration side: the real one when it has landed, else the RTN stand-in."""
+def calib():
+    """The calibration side: the real one when it has landed, else the RTN stand-in (unregistered after)."""
     module = gptq_stub.install()
     yield module
     if module is gptq_stub:
-        monkeypatch.delitem(__import__("sys").modules, "quantkit.calib.gptq")
+        del sys.modules["quantkit.calib.gptq"]
 
 
 # ---- spec ---------------------------------------------------------------------------------------------------
