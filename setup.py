@@ -18,6 +18,7 @@ setup(
         "click>=8.1",
         "tokenizers>=0.19",
         "matplotlib>=3.7",  # quantkit eval's quality-vs-VRAM plot
+        "tqdm>=4.60",  # the CLI's progress bars
     ],
     # llama-cpp-python is pinned: quantkit's llama.cpp mixture rules follow the llama.cpp it vendors, and the
     # interop tests compare our bytes with that ggml. It builds from source (about 8 minutes on 2 cores).

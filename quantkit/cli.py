@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -10,10 +12,20 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.progress import CliProgress
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that partial outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 class _Group(click.Group):
-    """Prints QuantkitError as one line, without a traceback, and exits 2."""
+    """Prints QuantkitError as one line, without a traceback, and exits 2; Ctrl-C and SIGTERM as one line
+    with the shell's codes (130, 143)."""
 
     def invoke(self, ctx):
         try:
@@ -21,12 +33,32 @@ class _Group(click.Group):
         except QuantkitError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(128 + signal.SIGINT)
+        except _Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(128 + signal.SIGTERM)
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as lines on the current sys.stderr (looked up per record, as click does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="quantkit")
 def main():
     """Quantize LLM checkpoints and measure what each variant costs and saves."""
+    signal.signal(signal.SIGTERM, _terminate)
+    log = logging.getLogger("quantkit")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the progress lines of batch runs (stderr not a terminal) are INFO
 
 
 @main.command()
@@ -87,7 +119,7 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
     from quantkit.formats import get_format
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with _progress() as show:
+    with CliProgress() as show:
         results = api.convert(resolve_model(model), list(targets), output, dry_run=dry_run,
                               tensor_types=list(tensor_types), output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
@@ -124,24 +156,22 @@ def imatrix(model, calib, output, ctx, chunks, device, force, no_cache):
     from quantkit.bundled import resolve_model
     from quantkit.calib import collect_imatrix, tokenize_file
     from quantkit.calib.cache import StatisticsCache
-    from quantkit.calib.runner import read_calibration
+    from quantkit.calib.data import read_calibration
     from quantkit.model import Model
+    from quantkit.output import check_writable
 
     if output.exists() and not force:
         raise QuantkitError(f"{output} already exists; pass --force to replace it")
+    check_writable(output.parent)
     text, dataset = read_calibration(calib)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with Model(resolve_model(model), device=device) as m:
         tokens = tokenize_file(m, text)
-
-        def show(done, total):
-            if sys.stderr.isatty():
-                click.echo(f"\rcalibrating {done}/{total}", nl=False, err=True)
-
-        result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show,
-                                 cache=None if no_cache else StatisticsCache())
+        with CliProgress() as show:
+            result = collect_imatrix(m, tokens, ctx=ctx, max_chunks=chunks, dataset=dataset, progress=show,
+                                     cache=None if no_cache else StatisticsCache())
     result.save(output)
-    click.echo(f"\nwrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
+    click.echo(f"wrote {output}: {len(result.sums)} entries from {result.chunk_count} chunks of {ctx} tokens")
     for name, counts in result.expert_counts().items():
         if name.endswith("ffn_down_exps.weight"):
             click.echo(f"  {name[:-len('.ffn_down_exps.weight')]} tokens per expert: {counts}")
@@ -166,12 +196,13 @@ def imatrix(model, calib, output, ctx, chunks, device, force, no_cache):
 @click.option("--threads", type=int, help="CPU threads for llama.cpp (default: torch's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval-report"), show_default=True,
               help="Folder for report.json, report.md and quality_vs_vram.png.")
-def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backend, device, threads, output):
+@click.option("--force", is_flag=True, help="Replace a report already in the -o folder.")
+def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backend, device, threads, output, force):
     """Measure TARGETS (GGUF files, HF folders) against the baseline: perplexity, KL divergence, top-1
     agreement, multiple-choice accuracy, size and VRAM at --ctx, in one comparable report."""
     import torch
 
-    from quantkit.evaluation.report import write_report
+    from quantkit.evaluation.report import check_output, write_report
     from quantkit.evaluation.runner import evaluate as run
 
     text = text_name = None
@@ -180,34 +211,13 @@ def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backen
             raise QuantkitError(f"{text_file}: no such text file")
         text, text_name = text_file.read_text(encoding="utf-8", errors="replace"), str(text_file)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def show(message: str) -> None:
-        if sys.stderr.isatty():
-            click.echo(f"\r\033[K{message}", nl=False, err=True)
-
-    report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
-                 ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)
+    check_output(output, force)
+    with CliProgress() as show:
+        report = run(baseline, list(targets), text=text, text_name=text_name, tasks=tasks, mc_items=mc_items,
+                     ctx=ctx, max_windows=windows, backend=backend, device=device, threads=threads, progress=show)
     files = write_report(report, output)
-    if sys.stderr.isatty():
-        click.echo("", err=True)
     click.echo(files["markdown"].read_text())
     click.echo(f"wrote {', '.join(str(p) for p in files.values())}")
-
-
-class _progress:
-    """One status line on a terminal showing the tensor being written; silent when output is not a tty."""
-
-    def __enter__(self):
-        self.active = sys.stderr.isatty()
-        return self.show
-
-    def show(self, tensor_name: str) -> None:
-        if self.active:
-            click.echo(f"\r\033[K{tensor_name}", nl=False, err=True)
-
-    def __exit__(self, *exc):
-        if self.active:
-            click.echo("\r\033[K", nl=False, err=True)
 
 
 def _summary_lines(r: dict):

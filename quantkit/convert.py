@@ -8,6 +8,7 @@ from pathlib import Path
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, Target, get_format, parse_target
 from quantkit.model import Model
+from quantkit.output import check_writable
 from quantkit.plan import Plan
 from quantkit.source.gguf_file import GGUFFile
 
@@ -38,6 +39,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:SPEC, e.g. --to gguf:Q4_K_M")
     options = ConvertOptions(**options)
+    if not dry_run:  # before reading anything: an unwritable location is found now, not after the work
+        check_writable(output_paths("model", parsed, output)[0].parent)
     source = _open_source(model_path, options.device)
     try:
         model_name = options.name or (Path(model_path).stem if isinstance(source, GGUFFile)

@@ -15,3 +15,7 @@ class ConfigError(QuantkitError):
 
 class UnsupportedArchitectureError(QuantkitError):
     """The checkpoint's architecture has no module in quantkit.arch."""
+
+
+class OutputError(QuantkitError):
+    """An output location cannot be written: missing permission, a read-only file system, a full disk."""

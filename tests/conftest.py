@@ -5,6 +5,8 @@ import pytest
 
 from quantkit.testing.factory import make_tiny_model
 
+LLAMA_IMATRIX_DIR = Path(__file__).parent / "data" / "llama_imatrix"
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
@@ -30,3 +32,62 @@ def copy_model(model_cache, tmp_path):
         return dst
 
     return copy
+
+
+def bundled_imatrix_file(name: str) -> Path:
+    """The bundled importance matrix of a bundled model: the one the real llama-imatrix wrote
+    (tests/data/llama_imatrix, eval/make_llama_imatrix.py), which the golden digests were made with."""
+    return LLAMA_IMATRIX_DIR / f"{name}.imatrix.gguf"
+
+
+class BundledGGUFs:
+    """GGUF files of the bundled models, converted once per session and shared by every module that needs
+    them (interop, byte-exactness, eval, VRAM, lm-eval). `get(model, type)` returns a cached path,
+    `many(model, types)` a {type: path} dict, converting the missing types in one `convert` call (one read of
+    the source). `imatrix`: False (none), True (the bundled llama-imatrix file of that model) or a path.
+
+    The files are shared: a test that damages one (truncates, rewrites, renames) must copy it first."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.made: dict[tuple[str, str, str], Path] = {}
+
+    @staticmethod
+    def bundled_imatrix(name: str) -> Path:
+        return bundled_imatrix_file(name)
+
+    def _imatrix(self, name: str, imatrix: bool | str | Path) -> tuple[Path | None, str]:
+        if imatrix is True:
+            return self.bundled_imatrix(name), "llama-imatrix"
+        if not imatrix:
+            return None, "plain"
+        path = Path(imatrix).resolve()
+        return path, "imatrix-" + str(abs(hash(str(path))))
+
+    def many(self, name: str, types: list[str] | tuple[str, ...], imatrix: bool | str | Path = False) -> dict:
+        from quantkit import convert as api
+        from quantkit.bundled import model_path
+
+        path, tag = self._imatrix(name, imatrix)
+        missing = [t for t in dict.fromkeys(types) if (name, t, tag) not in self.made]
+        if missing:
+            out = self.root / f"{name}-{tag}"
+            out.mkdir(parents=True, exist_ok=True)
+            written = api.convert(model_path(name), [f"gguf:{t}" for t in missing], out, imatrix=path,
+                                  name=name, force=True)
+            for t, (file, plan) in zip(missing, written, strict=True):
+                assert plan.target == t, (t, plan.target)
+                self.made[(name, t, tag)] = file
+        return {t: self.made[(name, t, tag)] for t in types}
+
+    def get(self, name: str, type_name: str, imatrix: bool | str | Path = False) -> Path:
+        return self.many(name, [type_name], imatrix)[type_name]
+
+    __call__ = get
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf(tmp_path_factory) -> BundledGGUFs:
+    """Session cache of bundled-model GGUF files: `bundled_gguf(model, type, imatrix=False)` -> Path,
+    `bundled_gguf.many(model, types, imatrix=False)` -> {type: Path}. See BundledGGUFs."""
+    return BundledGGUFs(tmp_path_factory.mktemp("bundled-gguf"))

@@ -70,47 +70,73 @@ def _store_device(device: torch.device, n_values: int) -> torch.device:
     return device if 4 * n_values <= free // 2 else torch.device("cpu")
 
 
+class CalibrationRun:
+    """The hidden states of every sample at the current layer, advanced one layer at a time (`step`)."""
+
+    def __init__(self, arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor],
+                 device: torch.device | str = "cpu"):
+        if not samples:
+            raise QuantkitError("calibration needs at least one sample")
+        self.arch, self.weights, self.device = arch, weights, torch.device(device)
+        self.store = _store_device(self.device, sum(len(s) for s in samples) * arch.hidden_size)
+        embed = LayerWeights(weights)
+        with torch.no_grad():
+            self.hidden = [arch.embed(embed, s.to(self.device)[None]).to(self.store) for s in samples]
+        self.layer = 0
+
+    @torch.no_grad()
+    def forward(self, layer_weights: Weights, observers: Sequence[Observer] = (),
+                on_sample: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """Every sample through the current layer with `layer_weights`, observed; returns the outputs."""
+        arch, layer = self.arch, self.layer
+        if observers:
+            def dispatch(key: str, x: torch.Tensor, index: int, count: int) -> None:
+                for o in observers:
+                    o.observe(layer, key, x, index, count)
+
+            arch.observe = dispatch
+            arch.observe_probes = any(o.probes for o in observers)
+        try:
+            outputs = []
+            for h in self.hidden:
+                positions = torch.arange(h.shape[1], device=self.device)
+                outputs.append(arch.layer_forward(layer, layer_weights, h.to(self.device), positions).to(self.store))
+                if on_sample is not None:
+                    on_sample()
+            return outputs
+        finally:
+            arch.observe, arch.observe_probes = None, False
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The given outputs of the current layer become the next layer's inputs."""
+        self.hidden = outputs
+        self.layer += 1
+
+
 @torch.no_grad()
 def calibrate(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor], observers: Sequence[Observer],
               *, device: torch.device | str = "cpu", layer_hook: LayerHook | None = None,
               progress: Callable[[int, int], None] | None = None) -> None:
     """Run `samples` (1-D token id tensors, each one forward's worth) through every decoder layer, feeding
     `observers`. `progress(done, total)` counts (layer, sample) steps."""
-    device = torch.device(device)
-    if not samples:
-        raise QuantkitError("calibration needs at least one sample")
-    store = _store_device(device, sum(len(s) for s in samples) * arch.hidden_size)
-    embed = LayerWeights(weights)
-    hidden = [arch.embed(embed, s.to(device)[None]).to(store) for s in samples]
-    embed.clear()
+    run = CalibrationRun(arch, weights, samples, device)
     total, done = arch.num_layers * len(samples), 0
-    arch.observe_probes = any(o.probes for o in observers)
-    try:
-        for layer in range(arch.num_layers):
-            for o in observers:
-                o.begin_layer(arch, layer)
 
-            def dispatch(key: str, x: torch.Tensor, index: int, count: int, layer=layer) -> None:
-                for o in observers:
-                    o.observe(layer, key, x, index, count)
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
 
-            arch.observe = dispatch
-            layer_weights = LayerWeights(weights)
-            outputs = []
-            for h in hidden:
-                positions = torch.arange(h.shape[1], device=device)
-                outputs.append(arch.layer_forward(layer, layer_weights, h.to(device), positions).to(store))
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            arch.observe = None
-            if layer_hook is not None:
-                replaced = layer_hook(layer, layer_weights, hidden, outputs)
-                outputs = replaced if replaced is not None else outputs
-            layer_weights.clear()
-            for o in observers:
-                o.end_layer(layer)
-            hidden = outputs
-    finally:
-        arch.observe = None
-        arch.observe_probes = False
+    for layer in range(arch.num_layers):
+        for o in observers:
+            o.begin_layer(arch, layer)
+        layer_weights = LayerWeights(weights)
+        outputs = run.forward(layer_weights, observers, step)
+        if layer_hook is not None:
+            replaced = layer_hook(layer, layer_weights, run.hidden, outputs)
+            outputs = replaced if replaced is not None else outputs
+        layer_weights.clear()
+        for o in observers:
+            o.end_layer(layer)
+        run.advance(outputs)

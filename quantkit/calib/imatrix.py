@@ -12,6 +12,7 @@ tools/quantize/quantize.cpp `load_imatrix` does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from quantkit.errors import QuantkitError, SourceError
 from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, array, string, u32
+from quantkit.output import write_error
 
 
 @dataclass
@@ -113,8 +115,13 @@ class Imatrix:
         dataset = (self.datasets[-1] if self.datasets else "").encode()
         out += [struct.pack("<i", self.chunk_count), struct.pack("<i", len(dataset)), dataset]
         part = path.with_name(path.name + ".part")
-        part.write_bytes(b"".join(out))
-        part.replace(path)
+        try:
+            part.write_bytes(b"".join(out))
+            part.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
+            raise write_error(path, exc) from exc
         return path
 
     @classmethod

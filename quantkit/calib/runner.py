@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from quantkit.arch.base import Architecture
+from quantkit.arch.base import Architecture, Weights
 from quantkit.calib.cache import StatisticsCache
+from quantkit.calib.data import chunks
 from quantkit.calib.engine import Observer, calibrate
 from quantkit.calib.imatrix import Imatrix
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, SourceError
 from quantkit.model import Model
+from quantkit.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
-
-
-def tokenize_file(model: Model, text: str) -> torch.Tensor:
-    return torch.tensor(model.tokenizer("tokenize the calibration text with").encode(
-        text, add_special_tokens=False).ids, dtype=torch.long)
 
 
 class ImatrixObserver(Observer):
@@ -48,14 +43,15 @@ class ImatrixObserver(Observer):
             self.imatrix.add(t.name, x, matrix, count if t.matrix is None else t.matrices, t.per_matrix_counts)
 
     def end_layer(self, layer: int) -> None:
+        # finite weights can still overflow float32 activations; such an entry would poison the file
         for name, sums in self.imatrix.sums.items():
             if name.startswith(f"blk.{layer}.") and not torch.isfinite(sums).all():
-                raise ConfigError(f"the calibration statistics of {name} became NaN/Inf in layer {layer}: the "
-                                  "model's weights or activations overflow; check the checkpoint")
+                raise SourceError(f"imatrix entry {name} became NaN/Inf in layer {layer}: the model's activations "
+                                  "overflow on this text (the checkpoint is likely broken); nothing was written")
 
 
 def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chunks: int | None = None,
-                    dataset: str = "", progress: Callable[[int, int], None] | None = None,
+                    dataset: str = "", progress: ProgressCallback | None = None,
                     cache: StatisticsCache | None = None) -> Imatrix:
     """llama-imatrix's statistics from non-overlapping chunks of `ctx` tokens (a partial last chunk is
     dropped, as llama-imatrix does), each chunk starting with the model's BOS where it adds one."""
@@ -65,22 +61,21 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     if n_chunks == 0:
         raise ConfigError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}; "
                           "give more text or a smaller --ctx")
-    chunks = []
-    for chunk in range(n_chunks):
-        ids = tokens[chunk * ctx:(chunk + 1) * ctx].clone()
-        if model.bos is not None:
-            ids[0] = model.bos
-        chunks.append(ids)
+    samples = chunks(model, tokens, ctx, n_chunks)
     key = None
     if cache is not None:
-        key = cache.key(model, "imatrix", torch.stack(chunks), dataset=dataset)
+        key = cache.key(model, "imatrix", torch.stack(samples), dataset=dataset)
         cached = cache.load_imatrix(key)
         if cached is not None:
             log.info("imatrix statistics reused from %s", cache.path(key, ".imatrix.gguf"))
             return cached
     imatrix = Imatrix(datasets=[dataset], chunk_size=ctx)
-    calibrate(model.arch, model.weights(), chunks, [ImatrixObserver(imatrix)], device=model.device,
-              progress=progress)
+    steps = model.arch.num_layers * n_chunks  # layer-major: a chunk is done only after the last layer
+    if progress is not None:
+        progress(Progress("imatrix", 0, steps, "chunk-layers"))
+    calibrate(model.arch, _finite_weights(model.weights()), samples, [ImatrixObserver(imatrix)], device=model.device,
+              progress=None if progress is None else lambda done, total: progress(
+                  Progress("imatrix", done, total, "chunk-layers")))
     imatrix.chunk_count = n_chunks
     for name, counts in imatrix.expert_counts().items():
         unused = [e for e, c in enumerate(counts) if c == 0]
@@ -92,15 +87,19 @@ def collect_imatrix(model: Model, tokens: torch.Tensor, ctx: int = 512, max_chun
     return imatrix
 
 
-def default_calibration_text() -> tuple[str, str]:
-    from quantkit.bundled import textsets
+def _finite_weights(weights: Weights) -> Weights:
+    """`weights` that refuse a tensor with NaN/Inf at its first read: statistics through it would be NaN, and
+    llama-quantize would use them without a word."""
+    checked: set[str] = set()
 
-    return textsets.text("calibration"), f"stdlib-calibration (python {textsets.python_version()})"
+    def read(name: str) -> torch.Tensor:
+        tensor = weights(name)
+        if name not in checked:
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SourceError(f"tensor {name} has {bad} NaN/Inf value(s); the checkpoint is corrupt or was "
+                                  "saved from a diverged run; nothing was written")
+            checked.add(name)
+        return tensor
 
-
-def read_calibration(path: Path | None) -> tuple[str, str]:
-    if path is None:
-        return default_calibration_text()
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such calibration file")
-    return path.read_text(encoding="utf-8", errors="replace"), path.name
+    return read

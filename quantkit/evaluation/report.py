@@ -7,7 +7,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +16,24 @@ from quantkit.errors import QuantkitError
 
 FILES = {"json": "report.json", "markdown": "report.md", "plot": "quality_vs_vram.png"}
 MISSING = "—"
+# What each measure of a report.json row means, in which unit; evaluate() writes it into the report ("fields").
+FIELDS = {
+    "ppl": "perplexity of the scored tokens (settings.ppl_method)",
+    "delta_ppl_pct": "perplexity change against the baseline's, in percent (paired over windows)",
+    "delta_ppl_pct_2sigma": "two standard errors of delta_ppl_pct, in percent; null with a single window",
+    "kld": "KL divergence of the variant's next-token distribution from the baseline's, in nats (natural log): "
+           "mean, median, p99 and max over the scored tokens",
+    "top1_pct": "percent of scored tokens where the variant's most likely token is the baseline's",
+    "delta_p_mean": "mean change of the probability of the baseline's most likely token, in percentage points "
+                    "(100 x the difference of probabilities; negative: the variant gives it less)",
+    "mc": "multiple choice: items, acc and acc_norm (per byte of the choice's text), fractions 0..1",
+    "size_bytes": "bytes on disk",
+    "bpw": "bits per weight: 8 x tensor bytes / elements over all tensors (llama.cpp's BPW)",
+    "vram": "estimated bytes at settings.ctx: weights, kv_cache, compute, total",
+    "vram_saving_pct": "percent of the baseline's vram.total saved",
+    "seconds": "seconds spent scoring the variant",
+    "null": "not measured, or undefined",
+}
 _UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 # Where a point's label may go, in points from it, in order of preference: right, left, then further out.
 _LABEL_OFFSETS = ((5, 5), (5, -5), (-5, 5), (-5, -5), (5, 14), (5, -14), (-5, 14), (-5, -14))
@@ -30,15 +48,17 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {
-        "json": (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(),
+        "json": (json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(),
         "markdown": render_markdown(report).encode(),
         "plot": render_plot(report),
     }
     staged: list[Path] = []
     try:
         for data in contents.values():
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report-", suffix=".tmp")
-            staged.append(Path(tmp))
+            # Not mkstemp: its files are mode 0600; these get 0666 less the umask, like any file the user makes.
+            tmp = out_dir / f".report-{uuid.uuid4().hex}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            staged.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -50,6 +70,35 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
         for tmp in staged:
             tmp.unlink(missing_ok=True)
     return paths
+
+
+def check_output(out_dir: Path, force: bool = False) -> None:
+    """Refuse, before any measuring, a report folder that cannot be written, or one that already holds a report
+    (unless `force`): both used to surface only when the report was written, after the whole evaluation."""
+    out_dir = Path(out_dir)
+    existing = [name for name in FILES.values() if (out_dir / name).exists()]
+    if existing and not force:
+        raise QuantkitError(f"{out_dir} already holds a report ({', '.join(existing)}); give another -o folder, or "
+                            "--force to replace it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".report-{uuid.uuid4().hex}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise QuantkitError(f"{out_dir}: cannot write the report there ({exc.strerror or exc}); give a writable "
+                            "-o folder") from None
+
+
+def _json_safe(value):
+    """NaN/Inf (an undefined metric) as null: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -85,9 +134,10 @@ def render_markdown(report: dict) -> str:
         f"Multiple-choice tasks: {tasks}. Device: {_text(s.get('device'))}. "
         f"quantkit {_text(report.get('quantkit_version'))}, {_text(report.get('date'))}.",
         "",
-        f"KLD, top-1 and Δp compare each variant's next-token distribution with the baseline's on the same tokens; "
-        f"ΔPPL is relative to the baseline's perplexity, ±2σ. VRAM @{_text(ctx)}: weights + KV cache + compute "
-        f"buffers at a {_text(ctx)}-token context; the saving is against the baseline's. "
+        f"KLD, top-1 and Δp compare each variant's next-token distribution with the baseline's on the same tokens: "
+        f"KLD in nats (natural log), Δp the change of the probability of the baseline's top token in percentage "
+        f"points (pp); ΔPPL is relative to the baseline's perplexity, ±2σ. VRAM @{_text(ctx)}: weights + KV cache "
+        f"+ compute buffers at a {_text(ctx)}-token context; the saving is against the baseline's. "
         f"Rows: the baseline first, then the variants by size, largest first. {MISSING} = not measured.",
         "",
         _table_row([header for header, _ in columns]),
@@ -119,7 +169,7 @@ def render_plot(report: dict) -> bytes:
     # (title, y label, y of a row, its error bar); the baseline's own deltas may be stored as None, but against
     # itself they are 0 by definition.
     panels = [
-        ("KLD mean", "KLD mean vs baseline", lambda v, base: 0.0 if base else (v.get("kld") or {}).get("mean"),
+        ("KLD mean", "KLD mean vs baseline (nats)", lambda v, base: 0.0 if base else (v.get("kld") or {}).get("mean"),
          None),
         ("ΔPPL %", "ΔPPL % vs baseline (±2σ)",
          lambda v, base: (v.get("delta_ppl_pct") or 0.0) if base else v.get("delta_ppl_pct"),
@@ -238,10 +288,10 @@ def _columns(rows: list[tuple[dict, bool]], ctx) -> list[tuple[str, Callable[[di
         ("VRAM saving %", lambda v: _num(v.get("vram_saving_pct"), 1)),
         ("PPL", lambda v: _num(v.get("ppl"), 3)),
         ("ΔPPL % (±2σ)", delta_ppl),
-        ("KLD mean", lambda v: _num((v.get("kld") or {}).get("mean"), 5)),
-        ("KLD p99", lambda v: _num((v.get("kld") or {}).get("p99"), 5)),
+        ("KLD mean (nats)", lambda v: _num((v.get("kld") or {}).get("mean"), 5)),
+        ("KLD p99 (nats)", lambda v: _num((v.get("kld") or {}).get("p99"), 5)),
         ("Top-1 %", lambda v: _num(v.get("top1_pct"), 2)),
-        ("Δp mean", lambda v: _num(v.get("delta_p_mean"), 4, sign=True)),
+        ("Δp mean (pp)", lambda v: _num(v.get("delta_p_mean"), 4, sign=True)),
         ("MC acc / acc_norm", mc),
     ]
 

@@ -16,7 +16,6 @@ import datetime
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +23,10 @@ import torch.nn.functional as F
 
 from quantkit import __version__
 from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.report import FIELDS
 from quantkit.evaluation.variants import Variant, open_variant
+from quantkit.formats.gguf.tensors import mapping_for
+from quantkit.progress import Progress, ProgressCallback
 
 PPL_METHOD = ("llama.cpp perplexity: non-overlapping windows of ctx tokens, the first half context only, "
               "positions ctx/2 .. ctx-2 scored on the next token")
@@ -59,6 +61,10 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
         raise QuantkitError(f"{target.path}: vocabulary of {target.vocab_size} tokens, the baseline's has "
                             f"{baseline.vocab_size}; KL divergence needs the same vocabulary: compare variants of "
                             "the same model")
+    problem = _model_mismatch(baseline, target)
+    if problem is not None:
+        raise QuantkitError(f"{target.path} is not a quantization of the baseline model {baseline.path}: {problem}; "
+                            "give files converted from the baseline's checkpoint")
     ours, theirs = target.tokens(), baseline.tokens()
     if ours is not None and theirs is not None:
         n = min(len(ours), len(theirs))
@@ -69,6 +75,33 @@ def check_compatible(baseline: Variant, target: Variant, ctx: int) -> None:
     if target.max_context is not None and ctx > target.max_context:
         raise QuantkitError(f"{target.path}: --ctx {ctx} exceeds the model's context length "
                             f"{target.max_context}")
+
+
+def _model_mismatch(baseline: Variant, target: Variant) -> str | None:
+    """How the target differs from the model the baseline's architecture describes (for a GGUF: what quantkit
+    would write from the baseline), or None. Caught here, before the forward asks for a tensor the other model
+    lacks."""
+    arch = baseline.arch
+    if target.format == "gguf":
+        gguf, mapping = target.gguf, mapping_for(arch)
+        name = gguf.metadata("general.architecture")
+        facts = [("architecture", name, mapping.gguf_arch),
+                 ("block_count", gguf.metadata(f"{name}.block_count"), arch.num_layers),
+                 ("embedding_length", gguf.metadata(f"{name}.embedding_length"), arch.hidden_size)]
+        shapes = {tensor_name: t.shape for tensor_name, t in gguf.tensors.items()}
+        expected = {t.name: t.shape for t in mapping.tensors()}
+    else:
+        facts = [("architecture", target.arch.config.get("model_type"), arch.config.get("model_type"))]
+        shapes, expected = target.arch.tensor_shapes(), arch.tensor_shapes()
+    for what, theirs, ours in facts:
+        if theirs != ours:
+            return f"its {what} is {theirs}, the baseline's {ours}"
+    for tensor_name, shape in expected.items():
+        if tensor_name not in shapes:
+            return f"it has no tensor {tensor_name}, which the baseline's architecture has"
+        if tuple(shapes[tensor_name]) != tuple(shape):
+            return f"its tensor {tensor_name} is {list(shapes[tensor_name])}, the baseline's {list(shape)}"
+    return None
 
 
 class _Scores:
@@ -118,25 +151,27 @@ def _mc_tokens(tokenizer, items: list[dict]) -> list[tuple[list[int], list[list[
              [tokenizer.encode(c, add_special_tokens=False).ids for c in item["choices"]]) for item in items]
 
 
-def _multiple_choice(variant: Variant, tokenized, items: list[dict]) -> dict:
+def _multiple_choice(variant: Variant, tokenized, items: list[dict], say: ProgressCallback) -> dict:
     """acc: the choice with the highest log-likelihood; acc_norm: per byte of the choice's text."""
     correct = correct_norm = 0
-    for (context, choices), item in zip(tokenized, items, strict=True):
+    for done, ((context, choices), item) in enumerate(zip(tokenized, items, strict=True)):
+        say(Progress(f"multiple choice ({variant.name})", done, len(items), "items"))
         scores = variant.choice_logprobs(context, choices)
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
         norm = [s / len(c.encode()) for s, c in zip(scores, item["choices"], strict=True)]
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
+    say(Progress(f"multiple choice ({variant.name})", len(items), len(items), "items"))
     return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
 
 
 def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text: str | None = None,
              text_name: str | None = None, tasks: Path | None = None, mc_items: int | None = 400,
              ctx: int = 512, max_windows: int | None = None, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+             threads: int | None = None, progress: ProgressCallback | None = None) -> dict:
     """Measure every target against the baseline; returns the report dict (see quantkit.evaluation.report)."""
     from quantkit.bundled import resolve_model, textsets
 
-    say = progress or (lambda _message: None)
+    say = progress or (lambda _event: None)
     _fixed_mmap_threshold()
     baseline_path = resolve_model(str(baseline_path))
     if not (baseline_path / "config.json").is_file():
@@ -171,6 +206,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
         scores = [_Scores() for _ in variants]
         seconds = [0.0] * len(variants)
         step = max(1, min(8, _LOGPROB_BUDGET // (ctx * baseline.vocab_size)))
+        say(Progress("windows", 0, len(batches), "windows"))
         for start in range(0, len(batches), step):
             ids = batches[start:start + step]
             targets = ids[:, first + 1:]
@@ -182,13 +218,12 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
                 if base is None:
                     base = logprobs
                 scores[index].add(logprobs, targets, None if index == 0 else base)
-            say(f"windows {min(start + step, len(batches))}/{len(batches)}")
+            say(Progress("windows", min(start + step, len(batches)), len(batches), "windows"))
 
         rows = []
         for index, variant in enumerate(variants):
-            say(f"multiple choice: {variant.name}")
             began = time.perf_counter()
-            mc = _multiple_choice(variant, mc_tokens, items) if items else None
+            mc = _multiple_choice(variant, mc_tokens, items, say) if items else None
             seconds[index] += time.perf_counter() - began
             rows.append(_row(variant, scores[index], scores[0], mc, ctx, seconds[index]))
     finally:
@@ -206,6 +241,7 @@ def evaluate(baseline_path: str | Path, target_paths: list[str | Path], *, text:
                      "backend": backend},
         "baseline": base_row,
         "variants": target_rows,
+        "fields": FIELDS,
     }
 
 
@@ -218,10 +254,11 @@ def _row(variant: Variant, s: _Scores, base: _Scores, mc: dict | None, ctx: int,
                    kld={"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}, top1_pct=100.0, delta_p_mean=0.0)
     else:
         diff = nll - torch.cat(base.window_nll)  # paired over windows
-        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        # One window has no spread to estimate the error from: undefined, null in report.json.
+        two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else None
         kld = torch.cat(s.kld)
         row.update(delta_ppl_pct=100 * (math.exp(float(diff.mean())) - 1),
-                   delta_ppl_pct_2sigma=100 * (math.exp(two_sigma) - 1),
+                   delta_ppl_pct_2sigma=None if two_sigma is None else 100 * (math.exp(two_sigma) - 1),
                    kld={"mean": float(kld.mean()), "median": float(kld.median()),
                         "p99": float(kld.kthvalue(math.ceil(0.99 * len(kld))).values), "max": float(kld.max())},
                    top1_pct=100 * float(torch.cat(s.top1).double().mean()),

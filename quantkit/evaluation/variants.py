@@ -17,8 +17,10 @@ import torch
 
 from quantkit.arch import Architecture, load_architecture
 from quantkit.errors import ConfigError, QuantkitError
+from quantkit.evaluation.llama_cpp_guard import open_llama
 from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.model import Model
+from quantkit.plan import bits_per_weight
 from quantkit.plan.vram import VramEstimate, vram_checkpoint, vram_gguf
 from quantkit.source.gguf_file import GGUFFile
 
@@ -94,6 +96,21 @@ class _CachedWeights:
         return tensor
 
 
+def _finite(read, where: Path):
+    """`read` that refuses a weight holding NaN/Inf: it would turn every metric into NaN (and a report row into
+    nothing), so the variant is refused naming the tensor, as convert refuses it."""
+
+    def checked(name: str) -> torch.Tensor:
+        tensor = read(name)
+        if not torch.isfinite(torch.stack(torch.aminmax(tensor.float()))).all():  # NaN propagates into min/max
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise QuantkitError(f"{where}: tensor {name} has {bad} NaN/Inf value(s); the weights are corrupt (or "
+                                "saved from a diverged run) and cannot be evaluated")
+        return tensor
+
+    return checked
+
+
 class _TorchForward:
     """The reference forward on cached weights; on CUDA it also tracks this variant's peak: its cached weights
     plus the most any one forward allocated on top of what was resident before it (other variants share the
@@ -130,7 +147,7 @@ class HFVariant(_TorchForward, Variant):
         self.vocab_size = self.arch.vocab_size
         self.max_context = self.arch.config.get("max_position_embeddings")
         self.device = self.model.device
-        self.weights = _CachedWeights(self.model.source.read, self.device)
+        self.weights = _CachedWeights(_finite(self.model.source.read, self.path), self.device)
 
     def tokens(self) -> list[str] | None:
         return hf_tokens(self.path)
@@ -139,9 +156,8 @@ class HFVariant(_TorchForward, Variant):
         return self.model.source.size_on_disk()
 
     def bpw(self) -> float:
-        """Stored bits per weight of the weight matrices (an FP8 weight's block scales included)."""
-        stored = [t for t in self.model.source.tensors() if len(t.shape) >= 2]
-        return 8 * sum(t.nbytes for t in stored) / max(1, sum(t.numel for t in stored))
+        stored = self.model.source.tensors()
+        return bits_per_weight(sum(t.nbytes for t in stored), sum(t.numel for t in stored))
 
     def vram(self, ctx: int) -> VramEstimate:
         return vram_checkpoint(self.model, ctx)
@@ -181,8 +197,8 @@ class _GGUFVariant(Variant):
         return self.path.stat().st_size
 
     def bpw(self) -> float:
-        weights = [t for t in self.gguf.tensors.values() if len(t.shape) >= 2]
-        return 8 * sum(t.nbytes for t in weights) / max(1, sum(math.prod(t.shape) for t in weights))
+        tensors = self.gguf.tensors.values()
+        return bits_per_weight(sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors))
 
     def vram(self, ctx: int) -> VramEstimate:
         return vram_gguf(self.gguf, ctx)
@@ -203,7 +219,8 @@ class TorchGGUFVariant(_TorchForward, _GGUFVariant):
         super().__init__(path, name)
         self.arch = load_architecture(config)
         self.device = torch.device(device)
-        self.weights = _CachedWeights(mapping_for(self.arch).weights_from_gguf(self.gguf.read), self.device)
+        self.weights = _CachedWeights(mapping_for(self.arch).weights_from_gguf(_finite(self.gguf.read, self.path)),
+                                      self.device)
 
 
 class LlamaCppVariant(_GGUFVariant):
@@ -212,13 +229,13 @@ class LlamaCppVariant(_GGUFVariant):
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, name: str | None = None):
         super().__init__(path, name)
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise ConfigError("the llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python "
                               "(or use --backend torch)") from None
         self.n_ctx = n_ctx
-        self.llm = llama_cpp.Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                                   logits_all=True, verbose=False, n_threads=threads or torch.get_num_threads())
+        self.llm = open_llama(self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True,
+                              verbose=False, n_threads=threads or torch.get_num_threads())
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out = []
@@ -228,8 +245,18 @@ class LlamaCppVariant(_GGUFVariant):
                                     f"{self.n_ctx}")
             self.llm.reset()
             self.llm.eval(row)
-            out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+            out.append(self._scores(0, len(row)))
         return torch.stack(out)
+
+    def _scores(self, start: int, stop: int) -> torch.Tensor:
+        """Logits rows start..stop-1 of the last eval. llama.cpp computes with whatever the weights hold, so
+        non-finite logits are how NaN/Inf weights show; they would make every metric NaN."""
+        rows = torch.from_numpy(np.array(self.llm.scores[start:stop], dtype=np.float32))
+        if not torch.isfinite(rows).all():
+            raise QuantkitError(f"{self.path}: llama.cpp computed NaN/Inf logits: the file's weights hold NaN/Inf "
+                                "values (a corrupt file, or converted from a diverged checkpoint); it cannot be "
+                                "evaluated")
+        return rows
 
     def choice_logprobs(self, context: list[int], choices: list[list[int]]) -> list[float]:
         """The context is evaluated once; each choice continues from its KV cache (llama-cpp-python's eval
@@ -237,12 +264,12 @@ class LlamaCppVariant(_GGUFVariant):
         self.llm.reset()
         self.llm.eval(context)
         start = len(context)
-        after_context = torch.log_softmax(torch.from_numpy(np.array(self.llm.scores[start - 1])), dim=-1)
+        after_context = torch.log_softmax(self._scores(start - 1, start)[0], dim=-1)
         out = []
         for choice in choices:
             self.llm.n_tokens = start
             self.llm.eval(choice)
-            rows = torch.from_numpy(np.array(self.llm.scores[start:start + len(choice) - 1], dtype=np.float32))
+            rows = self._scores(start, start + len(choice) - 1)
             logprobs = torch.cat((after_context[None], torch.log_softmax(rows, dim=-1)))
             out.append(float(logprobs.gather(-1, torch.tensor(choice)[:, None]).sum()))
         return out

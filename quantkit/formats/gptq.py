@@ -185,15 +185,15 @@ class GPTQFormat(OutputFormat):
         return Plan(self.name, target.spec, tuple(entries))
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
-        # The calibration side (the lead's module) is imported here, so planning works without it.
-        from quantkit.calib.gptq import calibration_samples, gptq_layers
+        from quantkit.calib.data import calibration_samples
+        from quantkit.calib.gptq import gptq_layers
 
         model = self._require_model(source)
         layers = _quantized_linears(model)
         # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
         writers = [FolderWriter(job.path, model.folder, self._fingerprint(model, job, options), len(layers),
                                 force=options.force) for job in jobs]
-        samples = calibration_samples(model, options) if jobs else []
+        samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) if jobs else []
         return [self._write_one(model, layers, job, writer, options, samples, gptq_layers)
                 for job, writer in zip(jobs, writers, strict=True)]
 
@@ -211,8 +211,9 @@ class GPTQFormat(OutputFormat):
 
         start = writer.start_layer
         if start < len(layers):
+            # options.progress reports tensor names (GGUF's); gptq_layers reports (layers done, total)
             for index, results in gptq_layers(model, config, samples, start_layer=start,
-                                              restore=restore if start else None, progress=options.progress):
+                                              restore=restore if start else None):
                 _, linears, others = layers[index]
                 if set(results) != set(linears):
                     raise RuntimeError(f"layer {index}: GPTQ gave {sorted(results)}, expected {sorted(linears)}")

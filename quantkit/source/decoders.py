@@ -65,7 +65,8 @@ class BlockFP8Decoder(Decoder):
         return dequantize_blocks(weight, scale, self.block)
 
     def label(self, stored_dtypes: set[str]) -> str:
-        return f"FP8 ({self.block[0]}x{self.block[1]} blocks)"
+        fmt = (self.config.get("quantization_config") or {}).get("fmt") or "e4m3"
+        return f"fp8 {fmt} block {self.block[0]}x{self.block[1]}"
 
     def _block_size(self) -> tuple[int, int]:
         block = (self.config.get("quantization_config") or {}).get("weight_block_size")

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR
 from quantkit.calib import Imatrix, collect_imatrix
-from quantkit.calib.runner import tokenize_file
+from quantkit.calib.data import tokenize_file
 from quantkit.model import Model
 from quantkit.testing.ggml_reference import tensor_data_digest
 
@@ -58,13 +57,14 @@ def test_same_statistics_as_llama_imatrix_on_the_same_text(name):
 
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_convert_equals_the_llama_quantize_cli(name, with_imatrix, tmp_path):
-    """The llama-quantize binary itself, run on the F32 GGUF (tests/interop compares with its library call)."""
+def test_convert_equals_the_llama_quantize_cli(name, with_imatrix, bundled_gguf):
+    """The llama-quantize binary itself, run on the F32 GGUF (tests/interop compares with its library call).
+    quantkit's files are the session's shared conversions (with imatrix: of DATA / NAME.imatrix.gguf)."""
     _check_model_unchanged(name)
     expected = MANIFEST["models"][name]["llama_quantize_imatrix" if with_imatrix else "llama_quantize"]
-    written = api.convert(MODELS_DIR / name, [f"gguf:{t}" for t in expected], tmp_path,
-                          imatrix=DATA / f"{name}.imatrix.gguf" if with_imatrix else None)
-    got = {plan.target: tensor_data_digest(path) for path, plan in written}
+    assert bundled_gguf.bundled_imatrix(name) == DATA / f"{name}.imatrix.gguf"
+    written = bundled_gguf.many(name, list(expected), imatrix=with_imatrix)
+    got = {type_name: tensor_data_digest(path) for type_name, path in written.items()}
     assert got == expected
 
 

@@ -16,17 +16,16 @@ from quantkit.evaluation.variants import has_llama_cpp
 from quantkit.testing.factory import make_tiny_model
 
 CTX = 256
-WINDOWS = 24  # spread over the held-out text: 24 * 127 = 3048 scored tokens
+WINDOWS = 12  # spread over the held-out text: 12 * 127 = 1524 scored tokens
+MC_ITEMS = 16  # the self-comparison's multiple-choice items (each costs about two windows per variant)
 LADDER = ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
 needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python is not installed")
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
-def ggufs(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    written = api.convert(model_path(request.param), [f"gguf:{t}" for t in ["F32", *LADDER]], out)
-    return request.param, {plan.target: path for path, plan in written}
+def ggufs(request, bundled_gguf):
+    return request.param, bundled_gguf.many(request.param, ["F32", *LADDER])
 
 
 def _run(name, targets, **kwargs):
@@ -37,14 +36,14 @@ def _run(name, targets, **kwargs):
 def test_baseline_against_itself_is_zero_and_f32_is_lossless(ggufs, tmp_path):
     name, files = ggufs
     same = shutil.copytree(model_path(name), tmp_path / f"{name}-copy")
-    report = _run(name, [same, files["F32"]], backend="torch", mc_items=40)
+    report = _run(name, [same, files["F32"]], backend="torch", mc_items=MC_ITEMS)
     base, (copy, f32) = report["baseline"], report["variants"]
     assert copy["kld"] == {"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}
     assert copy["top1_pct"] == 100.0 and copy["delta_ppl_pct"] == 0.0 and copy["mc"] == base["mc"]
     assert abs(f32["ppl"] / base["ppl"] - 1) < 1e-3  # the must-show bound: 0.1%
     assert f32["kld"]["mean"] < 1e-6 and f32["top1_pct"] > 99.9
     assert report["settings"]["scored_tokens"] == WINDOWS * (CTX // 2 - 1)
-    assert base["mc"]["items"] == 40 and 0 <= base["mc"]["acc"] <= 1
+    assert base["mc"]["items"] == MC_ITEMS and 0 <= base["mc"]["acc"] <= 1
 
 
 @needs_llama_cpp
@@ -83,12 +82,12 @@ def test_context_longer_than_text_or_model_is_refused():
         _run("tiny-qwen2", [], ctx=4096)
 
 
-def test_cli_writes_the_report(tmp_path):
-    [(gguf, _)] = api.convert(model_path("tiny-llama"), ["gguf:Q4_K_M"], tmp_path / "q4.gguf")
+def test_cli_writes_the_report(tmp_path, bundled_gguf):
+    gguf = bundled_gguf("tiny-llama", "Q4_K_M")
     text = tmp_path / "text.txt"
     text.write_text(textsets.text("heldout")[:60000])
     result = CliRunner().invoke(main, ["eval", str(gguf), "--baseline", "tiny-llama", "--text", str(text),
-                                       "--ctx", "128", "--mc-items", "20", "--backend", "torch",
+                                       "--ctx", "128", "--windows", "8", "--mc-items", "20", "--backend", "torch",
                                        "-o", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())

@@ -15,7 +15,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from quantkit import convert as api  # noqa: E402
 from quantkit.bundled import model_path, textsets  # noqa: E402
 from quantkit.bundled.tasks import next_line_items  # noqa: E402
 from quantkit.errors import ConfigError  # noqa: E402
@@ -39,9 +38,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def q8(tmp_path_factory):
-    [(path, _)] = api.convert(model_path(MODEL), ["gguf:Q8_0"], tmp_path_factory.mktemp("gguf") / "q8.gguf")
-    return path
+def q8(bundled_gguf):
+    return bundled_gguf(MODEL, "Q8_0")
 
 
 @pytest.fixture(scope="module")

@@ -109,10 +109,10 @@ def test_markdown_table_matches_json(report, tmp_path):
         delta, _, sigma = row["ΔPPL % (±2σ)"].partition("±")
         assert _num(delta.strip()) == _rounded(v["delta_ppl_pct"], 2)
         assert (_num(sigma.strip()) if sigma else None) == _rounded(v["delta_ppl_pct_2sigma"], 2)
-        assert _num(row["KLD mean"]) == round(v["kld"]["mean"], 5)
-        assert _num(row["KLD p99"]) == round(v["kld"]["p99"], 5)
+        assert _num(row["KLD mean (nats)"]) == round(v["kld"]["mean"], 5)
+        assert _num(row["KLD p99 (nats)"]) == round(v["kld"]["p99"], 5)
         assert _num(row["Top-1 %"]) == round(v["top1_pct"], 2)
-        assert _num(row["Δp mean"]) == round(v["delta_p_mean"], 4)
+        assert _num(row["Δp mean (pp)"]) == round(v["delta_p_mean"], 4)
         if v["mc"] is None:
             assert row["MC acc / acc_norm"] == "—"
         else:
@@ -166,3 +166,32 @@ def test_failed_rewrite_keeps_the_previous_files(report, tmp_path, monkeypatch):
     assert json.loads(paths["json"].read_text()) == report
     assert paths["markdown"].read_bytes() == before["markdown"]
     assert paths["plot"].read_bytes() == before["plot"]
+
+
+def test_report_json_is_valid_json_with_nan_as_null(report, tmp_path):
+    report["variants"][0]["delta_ppl_pct_2sigma"] = float("nan")  # undefined: a single window
+    report["variants"][1]["kld"]["max"] = float("inf")
+
+    def no_constant(name):
+        raise AssertionError(f"report.json holds {name}, which is not JSON")
+
+    saved = json.loads(write_report(report, tmp_path)["json"].read_text(), parse_constant=no_constant)
+    assert saved["variants"][0]["delta_ppl_pct_2sigma"] is None and saved["variants"][1]["kld"]["max"] is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_report_files_get_the_umask_permissions(report, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        paths = write_report(report, tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in paths.values()} == dict.fromkeys(
+        ["report.json", "report.md", "quality_vs_vram.png"], 0o666 & ~umask)
+
+
+def test_kld_and_delta_p_headers_carry_units(report, tmp_path):
+    markdown = write_report(report, tmp_path)["markdown"].read_text()
+    header = list(_parse_table(markdown)[0])
+    assert {"KLD mean (nats)", "KLD p99 (nats)", "Δp mean (pp)"} <= set(header)
+    assert "KLD in nats" in markdown and "percentage points (pp)" in markdown

@@ -10,7 +10,6 @@ import re
 
 import pytest
 
-from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, model_path
 from quantkit.errors import ConfigError
 from quantkit.model import Model
@@ -25,18 +24,9 @@ TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
-def ggufs(tmp_path_factory):
-    """model name -> {file type -> GGUF path}, converted on first use, once per module."""
-    made: dict[str, dict[str, object]] = {}
-
-    def get(name: str) -> dict:
-        if name not in made:
-            out = tmp_path_factory.mktemp(name)
-            written = api.convert(model_path(name), [f"gguf:{t}" for t in TYPES], out)
-            made[name] = {plan.target: path for path, plan in written}
-        return made[name]
-
-    return get
+def ggufs(bundled_gguf):
+    """model name -> {file type -> GGUF path}: the session's shared files, converted on first use."""
+    return lambda name: bundled_gguf.many(name, TYPES)
 
 
 # ---- plain unit tests ---------------------------------------------------------------------------------------

@@ -2,29 +2,24 @@
 resume/refusal rules and its determinism, and quantkit's own GPTQ input decoder reading the output back."""
 
 import json
-import sys
 
 import pytest
 import torch
 
+import quantkit.calib.gptq as gptq_calib
 from quantkit.errors import QuantkitError
 from quantkit.formats import ConvertOptions, Job, get_format, parse_target
 from quantkit.formats import gptq as fmt
 from quantkit.model import Model
-from quantkit.quant.gptq import GPTQConfig, dequantize, rtn_quantize
+from quantkit.quant.gptq import GPTQConfig, dequantize, gptq_quantize
 from quantkit.source.safetensors_file import SafetensorsFile
-from quantkit.testing import gptq_stub
 
 FORMAT = get_format("gptq")
 
 
 @pytest.fixture
 def calib():
-    """The calibration side: the real one when it has landed, else the RTN stand-in (unregistered after)."""
-    module = gptq_stub.install()
-    yield module
-    if module is gptq_stub:
-        del sys.modules["quantkit.calib.gptq"]
+    return gptq_calib
 
 
 # ---- spec ---------------------------------------------------------------------------------------------------
@@ -83,7 +78,8 @@ def test_pack_layout_matches_formats_md():
                                     GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)])
 def test_stored_dequantizes_as_quant_gptq(config):
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
-    r = gptq_stub.quantize_linear("x", w, config)  # act-order: a permuted g_idx
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 4, 128)
+    r = gptq_quantize(w, x.T @ x, config)  # columns of unequal importance: act-order permutes g_idx
     assert config.desc_act == bool((r.g_idx[1:] < r.g_idx[:-1]).any())
     stored = fmt.pack_result(r, config.bits)
     assert stored["qweight"].shape == (128 * config.bits // 32, 64) and stored["scales"].dtype == torch.float16
@@ -95,7 +91,7 @@ def test_stored_dequantizes_as_quant_gptq(config):
 def _convert(model_path, spec, out, **options):
     with Model(model_path) as model:
         target = parse_target(f"gptq:{spec}")
-        options = ConvertOptions(**options)
+        options = ConvertOptions(calib_samples=4, calib_ctx=32, **options)
         plan = FORMAT.plan(model, target, options)
         path = out / FORMAT.file_name("m", target)
         return plan, FORMAT.write(model, [Job(target, plan, path)], options)[0]
@@ -134,8 +130,12 @@ def test_decoder_reads_output(model_cache, tmp_path, calib):
     with Model(files[0].parent) as out, Model(src) as ref:
         assert out.source.label() == "GPTQ w4g32-asym"
         name = "model.layers.1.mlp.down_proj.weight"
-        r = rtn_quantize(ref.source.read(name), GPTQConfig(bits=4, group_size=32, sym=False))
-        assert torch.equal(out.source.read(name), dequantize(r.q, r.scales.half().float(), r.zeros, r.g_idx))
+        module = name.removesuffix(".weight")
+        index = json.loads((files[0].parent / "model.safetensors.index.json").read_text())["weight_map"]
+        shard = SafetensorsFile(files[0].parent / index[f"{module}.qweight"])
+        stored = [shard.read(f"{module}.{s}") for s in fmt.SUFFIXES]
+        shard.close()
+        assert torch.equal(out.source.read(name), fmt.dequantize_stored(*stored, 4))
         assert "model.layers.1.mlp.down_proj.qweight" not in out.source
         ids = torch.arange(3, 40).unsqueeze(0)
         a, b = out.forward(ids), ref.forward(ids)

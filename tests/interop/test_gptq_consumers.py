@@ -1,8 +1,8 @@
 """Real consumers of quantkit's GPTQ folders: transformers (with optimum and GPTQModel's CPU kernels) and
 GPTQModel itself, run in their own venv (conftest.gptqmodel_env), must load what `quantkit convert --to gptq:...`
 writes and compute the logits quantkit's forward computes on the same dequantized weights (quantkit's GPTQ input
-decoder). Quantization goes through the real FORMAT.write, with the calibration side's gptq_layers when it has
-landed, else with the RTN/synthetic-Hessian stand-in (quantkit.testing.gptq_stub).
+decoder). Quantization goes through the real FORMAT.write and quantkit.calib.gptq.gptq_layers, calibrated on 16 x
+128 tokens of the bundled calibration text.
 
 What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
 sym and asym, with and without act-order, and match quantkit's forward. DeepSeek-V3 with per-expert GPTQ linears
@@ -19,7 +19,6 @@ import torch
 from quantkit import convert as api
 from quantkit.bundled import MODELS_DIR, textsets
 from quantkit.model import Model
-from quantkit.testing import gptq_stub
 
 pytestmark = pytest.mark.interop
 
@@ -34,16 +33,6 @@ TOLERANCE = 1e-3
 DEEPSEEK_GPTQMODEL_BOUND = 0.1
 # transformers on tiny-deepseek: routed experts left unfilled, measured 0.70 of max |logit|.
 DEEPSEEK_TRANSFORMERS_WRONG = 0.2
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    module = gptq_stub.install()
-    yield module
-    if module is gptq_stub:
-        import sys
-
-        del sys.modules["quantkit.calib.gptq"]
 
 
 def _windows(model: Model) -> list[list[int]]:
@@ -80,7 +69,7 @@ def _relative_error(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> tup
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
-def test_transformers_logits_match_quantkit(name, gptqmodel_env, calibration, tmp_path, record_property):
+def test_transformers_logits_match_quantkit(name, gptqmodel_env, tmp_path, record_property):
     folders, windows, ours = _write(name, tmp_path, SCHEMES)
     theirs = _consumer(gptqmodel_env, "transformers", folders, windows, tmp_path)
     failures = []
@@ -99,7 +88,7 @@ def test_transformers_logits_match_quantkit(name, gptqmodel_env, calibration, tm
     assert not failures, failures
 
 
-def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, calibration, tmp_path, record_property):
+def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, tmp_path, record_property):
     folders, windows, ours = _write("tiny-deepseek", tmp_path, ["w4g128"])
     with Model(MODELS_DIR / "tiny-deepseek") as source:
         reference = [source.forward(torch.tensor(w))[0] for w in windows]

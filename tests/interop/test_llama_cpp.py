@@ -11,6 +11,7 @@ import torch
 from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR, textsets
+from quantkit.evaluation.llama_cpp_guard import open_llama
 from quantkit.formats.gguf.tensors import mapping_for
 from quantkit.source.gguf_file import GGUFFile
 
@@ -43,14 +44,15 @@ def model(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gguf_files(model, tmp_path_factory):
+def gguf_files(model, bundled_gguf, tmp_path_factory):
+    if model.parent == MODELS_DIR:  # the session's shared files (every type, converted once for all modules)
+        return bundled_gguf.many(model.name, TYPES)
     out = tmp_path_factory.mktemp("gguf")
     return {plan.target: path for path, plan in api.convert(model, [f"gguf:{t}" for t in TYPES], out)}
 
 
 def _llama(path, **kwargs):
-    return llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=2, logits_all=True, verbose=False,
-                           **kwargs)
+    return open_llama(path, n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=2, logits_all=True, verbose=False, **kwargs)
 
 
 def test_tokenization_matches_hf(model, gguf_files):
@@ -84,13 +86,14 @@ def test_llama_cpp_logits_match_quantkit_forward(model, gguf_files, type_name):
 
 
 def test_llama_cpp_loads_split_shards(model, gguf_files, tmp_path):
-    """gguf-split layout: llama.cpp opens the first shard, finds the rest, and computes the unsplit logits."""
-    [(first, _)] = api.convert(model, ["gguf:Q4_K_M"], tmp_path / "split.gguf", split_max_size="2M")
+    """gguf-split layout: llama.cpp opens the first shard, finds the rest, and computes the unsplit logits.
+    Q8_0: the split layout does not depend on the type, and Q8_0 is the cheapest quantized type to write."""
+    [(first, _)] = api.convert(model, ["gguf:Q8_0"], tmp_path / "split.gguf", split_max_size="2M")
     shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert first == shards[0] and len(shards) >= 2
     ids = torch.randint(3, 3000, (CONTEXT,), generator=torch.Generator().manual_seed(2)).tolist()
     logits = []
-    for path in (first, gguf_files["Q4_K_M"]):
+    for path in (first, gguf_files["Q8_0"]):
         llm = _llama(path)
         llm.eval(ids)
         logits.append(np.array(llm.scores[:CONTEXT], dtype=np.float32))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR
 from quantkit.calib import Imatrix, collect_imatrix
 from quantkit.formats.gguf.mixtures import file_type
@@ -22,14 +21,15 @@ TRAINED = [n for n in MODEL_NAMES if (MODELS_DIR / n / "config.json").is_file()]
 
 
 @pytest.fixture(scope="module", params=TRAINED or [pytest.param(None, marks=pytest.mark.skip("no bundled models"))])
-def model_files(request, tmp_path_factory):
-    folder = MODELS_DIR / request.param
-    out = tmp_path_factory.mktemp(request.param)
-    [(f32, _)] = api.convert(folder, ["gguf:F32"], out / "f32.gguf")
-    with Model(folder) as model:
+def model_files(request, tmp_path_factory, bundled_gguf):
+    """The model's name, a scratch folder with quantkit's own importance matrix of it (collected here: the
+    llama-imatrix files are tests/calib's), and its F32 GGUF (the session's shared file)."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    with Model(MODELS_DIR / name) as model:
         tokens = torch.randint(3, model.arch.vocab_size, (4 * 128,), generator=torch.Generator().manual_seed(0))
         collect_imatrix(model, tokens, ctx=128, dataset="random").save(out / "imatrix.gguf")
-    return folder, out, f32
+    return name, out, bundled_gguf(name, "F32")
 
 
 def _tensors(path):
@@ -39,10 +39,11 @@ def _tensors(path):
 
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("type_name", TYPES)
-def test_tensor_data_equals_llama_quantize(model_files, type_name, with_imatrix):
-    folder, out, f32 = model_files
+def test_tensor_data_equals_llama_quantize(model_files, bundled_gguf, type_name, with_imatrix):
+    name, out, f32 = model_files
     imatrix = out / "imatrix.gguf" if with_imatrix else None
-    [(ours, _)] = api.convert(folder, [f"gguf:{type_name}"], out / "ours.gguf", imatrix=imatrix, force=True)
+    # quantkit converting the checkpoint: shared with the other modules (plain), cached for this one (imatrix)
+    ours = bundled_gguf(name, type_name, imatrix=imatrix or False)
     importance = {k: v.numpy() for k, v in Imatrix.load(imatrix).importances().items()} if imatrix else None
     theirs = out / "theirs.gguf"
     llama_quantize(f32, theirs, file_type(type_name).ftype, nthread=2, importance=importance)

@@ -7,6 +7,8 @@ naming and split.* keys: gguf-py constants `Keys.Split` / llama.cpp's `llama_spl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import struct
@@ -18,6 +20,9 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quantkit.errors import QuantkitError
+from quantkit.output import write_error
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -273,10 +278,19 @@ class GGUFWriter:
         if len(self.shards) > 1:
             metadata.update({"split.no": u16(index), "split.count": u16(len(self.shards)),
                              "split.tensors.count": i32(sum(len(s) for s in self.shards))})
-        self._parts[index].parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._parts[index], "wb")
-        self._file.write(header_bytes(metadata, self.shards[index]))
+        with self._writing(index):
+            self._parts[index].parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._parts[index], "wb")
+            self._file.write(header_bytes(metadata, self.shards[index]))
         self._shard = index
+
+    @contextlib.contextmanager
+    def _writing(self, index: int):
+        """OSError (a full disk, a read-only mount) as one OutputError naming the file being written."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_error(self.paths[index], exc) from exc
 
     def write(self, name: str, data: np.ndarray | bytes) -> None:
         """Bytes of tensor `name`, in table order; a tensor may arrive in several consecutive pieces."""
@@ -296,9 +310,11 @@ class GGUFWriter:
         if self._written > entry.nbytes:
             raise QuantkitError(f"tensor {name!r}: more than the {entry.nbytes} bytes of "
                                 f"{entry.type.name} {list(entry.shape)}")
-        self._file.write(raw)
+        with self._writing(self._shard):
+            self._file.write(raw)
+            if self._written == entry.nbytes:
+                self._file.write(b"\0" * (_pad(entry.nbytes) - entry.nbytes))
         if self._written == entry.nbytes:
-            self._file.write(b"\0" * (_pad(entry.nbytes) - entry.nbytes))
             self._current = None
 
     def finish(self) -> list[Path]:
@@ -306,18 +322,25 @@ class GGUFWriter:
             raise QuantkitError("GGUF writer finished before every tensor was written")
         if self._file is None:  # a file with no tensors still gets its header
             self._open_shard(0)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        for part, final in zip(self._parts, self.paths, strict=True):
-            os.replace(part, final)
+        with self._writing(self._shard):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            for part, final in zip(self._parts, self.paths, strict=True):
+                os.replace(part, final)
         self._done = True
         return self.paths
 
     def abort(self) -> None:
+        """Close and remove the partial files. Never raises: the error that stopped the write is the one to
+        report (closing flushes the buffer, which fails again on a full disk)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         for part in self._parts:
-            part.unlink(missing_ok=True)
+            try:
+                part.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", part, exc.strerror or exc)

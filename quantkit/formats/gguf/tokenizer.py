@@ -31,6 +31,7 @@ from quantkit.formats.gguf.sentencepiece_model import (
     SentencePieceModel,
     read_sentencepiece_model,
 )
+from quantkit.tokenizer import special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +246,17 @@ def _added_tokens(folder: Path, tok: dict, tok_config: dict) -> dict[int, tuple[
 def _special_metadata(folder: Path, vocab: _Vocab, tok_config: dict, config: dict) -> dict[str, Value]:
     meta: dict[str, Value] = {}
     token_ids = vocab.token_ids()
+    specials = special_tokens(folder)  # BOS/EOS and whether they are added: the rule calibration and eval follow
+    texts = {"bos": specials.bos, "eos": specials.eos, "eot": specials.eot}
     for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
-        token = _token_content(tok_config.get(f"{kind}_token"))
+                      ("pad", "padding_token_id"), ("eot", "eot_token_id")):
+        token = texts[kind] if kind in texts else _token_content(tok_config.get(f"{kind}_token"))
         token_id = token_ids.get(token) if token is not None else config.get(f"{kind}_token_id")
         if isinstance(token_id, int):
             meta[f"tokenizer.ggml.{key}"] = u32(token_id)
-    for flag in ("add_bos_token", "add_eos_token"):
-        if flag in tok_config:
-            meta[f"tokenizer.ggml.{flag}"] = boolean(tok_config[flag])
+    for kind, add in (("bos", specials.add_bos), ("eos", specials.add_eos)):
+        if add is not None:
+            meta[f"tokenizer.ggml.add_{kind}_token"] = boolean(add)
     template = tok_config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import multiprocessing
 import re
 import signal
-from collections.abc import Callable
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, Value, read_head
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.tokenizer import tokenizer_metadata
 from quantkit.model import Model
+from quantkit.progress import Progress, ProgressCallback
 from quantkit.quant import get_codec
 
 GGML_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION (ggml.h)
@@ -88,9 +90,10 @@ def _importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int,
 def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, torch.Tensor] | None = None,
             name: str | None = None, tokenizer_pre: str | None = None, split_max_bytes: int | None = None,
             force: bool = False, threads: int | None = None,
-            progress: Callable[[str], None] | None = None) -> list[list[Path]]:
+            progress: ProgressCallback | None = None) -> list[list[Path]]:
     """Write every output from one pass over the checkpoint; returns each output's file paths. `threads`:
-    CPU encoding threads (default: torch's thread count)."""
+    CPU encoding threads (default: torch's thread count). `progress`: stage "quantize", in weights (tensors
+    differ in size by 1000x, so a count of tensors gives no ETA)."""
     check_outputs(outputs, force)
     tensors = mapping_for(model.arch).tensors()
     importance = importance or {}
@@ -104,11 +107,12 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
         weights = model.weights()
         encoder = ChunkEncoder(threads)
         stack.callback(encoder.close)
+        report = _quantize_progress(progress, [t.shape for t in tensors])
         for tensor in tensors:
-            if progress is not None:
-                progress(tensor.name)
+            report(tensor.shape)
             _write_tensor(tensor, weights, outputs, writers, importance.get(tensor.name), encoder)
         encoder.flush()
+        report(None)
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(t.name, t.shape, out.tensor_types[t.name]) for t in tensors])
@@ -142,8 +146,9 @@ class ChunkEncoder:
             return
         if not single and codec.searches(vector) and _CAN_FORK:
             # by value through the pipe: torch's shared-memory tensors outlived their use and piled up
-            future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
-                                              None if vector is None else vector.numpy())
+            with _stop_signals_deferred():  # the first submit forks the workers
+                future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
+                                                  None if vector is None else vector.numpy())
         else:
             future = self._threads().submit(_encode_single_threaded, codec, chunk, vector)
         self._pending.append((writer, name, future))
@@ -182,8 +187,32 @@ class ChunkEncoder:
 _CAN_FORK = "fork" in multiprocessing.get_all_start_methods()
 
 
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C and SIGTERM only noted, then raised again at the end. Forking the pool's workers must not be cut
+    short (a half-started pool is never shut down: its workers outlive the parent's exit), and a worker forked
+    meanwhile inherits this harmless handler, not the parent's, until its initializer ignores both."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    # Python handlers are set from the main thread only, and one installed from C (None) could not be restored
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, stops):
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:
+            signal.raise_signal(s)
+
+
 def _init_worker_process() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it shuts the pool down and cleans up
+    # Ctrl-C and SIGTERM (sent to the whole process group) are the parent's: it shuts the pool down, which ends
+    # the workers, and removes the partial files
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -194,6 +223,21 @@ def _encode_in_process(codec, chunk: np.ndarray, vector: np.ndarray | None) -> n
 def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
     torch.set_num_threads(1)  # per worker thread: the calling thread keeps its setting
     return codec.encode(chunk, vector)
+
+
+def _quantize_progress(progress: ProgressCallback | None, shapes: list[tuple[int, ...]]):
+    """report(shape) before each tensor, report(None) once all are written: "quantize" events in weights."""
+    total = sum(math.prod(shape) for shape in shapes)
+    done = 0
+
+    def report(shape: tuple[int, ...] | None) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(Progress("quantize", total if shape is None else done, total, "weights"))
+        if shape is not None:
+            done += math.prod(shape)
+
+    return report
 
 
 def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writers: list[GGUFWriter],
@@ -250,7 +294,7 @@ def copied_metadata(source) -> dict[str, Value]:
 
 def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch.Tensor] | None = None,
                split_max_bytes: int | None = None, force: bool = False, device: str = "cpu",
-               threads: int | None = None, progress: Callable[[str], None] | None = None) -> list[list[Path]]:
+               threads: int | None = None, progress: ProgressCallback | None = None) -> list[list[Path]]:
     """Re-encode the tensors of a GGUF file (a quantkit.source.gguf_file.GGUFFile) with new types; metadata
     is copied, general.file_type / quantization_version are set. Float inputs only (no requantizing of
     already-quantized data, as llama-quantize without --allow-requantize)."""
@@ -274,10 +318,10 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
             writers.append(stack.enter_context(GGUFWriter(out.path, meta, entries, split_max_bytes)))
         encoder = ChunkEncoder(threads)
         stack.callback(encoder.close)
+        report = _quantize_progress(progress, [source.shape(n) for n in names])
         for name in names:
-            if progress is not None:
-                progress(name)
             shape = source.shape(name)
+            report(shape)
 
             def pieces(_weights, name=name, shape=shape):
                 full = source.read(name, device=device)
@@ -285,6 +329,7 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
 
             _write_tensor(GGUFTensor(name, shape, pieces), None, outputs, writers, importance.get(name), encoder)
         encoder.flush()
+        report(None)
         paths = [w.finish() for w in writers]
     for out, files in zip(outputs, paths, strict=True):
         verify_gguf(files, [(n, source.shape(n), out.tensor_types[n]) for n in names])

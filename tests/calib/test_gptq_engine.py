@@ -1,0 +1,115 @@
+"""GPTQ on the calibration engine: every linear of every layer quantized, better than round-to-nearest at the
+model's output, MoE experts calibrated on their routed tokens with a fallback for unused ones, weights read
+once per layer, and a resumed run equal to an uninterrupted one."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from quantkit.bundled import model_path
+from quantkit.calib.data import calibration_samples
+from quantkit.calib.gptq import GPTQStats, gptq_layers, runtime_weight
+from quantkit.errors import ConfigError
+from quantkit.model import Model
+from quantkit.quant.gptq import GPTQConfig, rtn_quantize
+
+CONFIG = GPTQConfig(bits=4, group_size=32)
+
+
+def _run(model, samples, **kwargs):
+    return dict(gptq_layers(model, CONFIG, samples, **kwargs))
+
+
+def _kld(model, replaced, ids):
+    weights = model.weights()
+    ref = torch.log_softmax(model.arch.forward(weights, ids), -1)
+    out = torch.log_softmax(model.arch.forward(lambda n: replaced.get(n, weights(n)) if n in replaced
+                                               else weights(n), ids), -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
+def test_every_linear_quantized_and_better_than_rtn():
+    with Model(model_path("tiny-llama")) as model:
+        samples = calibration_samples(model, None, 8, 128)
+        layers = _run(model, samples)
+        assert sorted(layers) == list(range(model.arch.num_layers))
+        for layer, results in layers.items():
+            assert set(results) == {lin.name for lin in model.arch.layer_spec(layer).linears}
+        gptq = {n: runtime_weight(r) for results in layers.values() for n, r in results.items()}
+        rtn = {n: runtime_weight(rtn_quantize(model.source.read(n), CONFIG)) for n in gptq}
+        held_out = calibration_samples(model, None, 10, 128)[8:]  # text after the calibration samples
+        ids = torch.stack(held_out)
+        kld_gptq, kld_rtn = _kld(model, gptq, ids), _kld(model, rtn, ids)
+        assert kld_gptq < 0.8 * kld_rtn, (kld_gptq, kld_rtn)
+
+
+def test_weights_are_read_once_per_layer(model_cache):
+    with Model(model_cache("llama")) as model:
+        reads = Counter()
+        read = model.source.read
+
+        def counting(name, *args, **kwargs):
+            reads[name] += 1
+            return read(name, *args, **kwargs)
+
+        model.source.read = counting
+        samples = [torch.randint(3, 500, (32,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        _run(model, samples)
+        assert max(reads.values()) == 1, [n for n, c in reads.items() if c > 1]
+
+
+def test_moe_experts_routed_tokens_and_fallback_for_an_unused_expert(copy_model):
+    folder = copy_model("deepseek_v3", fp8=True)
+    from safetensors.torch import load_file, save_file
+
+    # make expert 3 of layer 1 unreachable: a large negative score-correction bias
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][3] = -1e4
+            save_file(tensors, shard, metadata={"format": "pt"})
+    with Model(folder) as model:
+        stats = GPTQStats()
+        samples = [torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        layers = _run(model, samples, stats=stats)
+        moe = [i for i in range(model.arch.num_layers) if model.arch.is_moe_layer(i)]
+        assert sorted(stats.expert_tokens) == moe
+        assert stats.expert_tokens[1][3] == 0
+        assert "model.layers.1.mlp.experts.3" in stats.fallbacks
+        for layer in moe:
+            assert {lin.name for lin in model.arch.layer_spec(layer).linears} == set(layers[layer])
+        rtn_stats = GPTQStats()
+        rtn_layers = _run(model, samples, stats=rtn_stats, fallback="rtn")
+        down = "model.layers.1.mlp.experts.3.down_proj.weight"
+        assert torch.equal(rtn_layers[1][down].q, rtn_quantize(model.source.read(down), CONFIG).q)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(model_cache):
+    with Model(model_cache("deepseek_v3", fp8=True)) as model:
+        samples = [torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        full = _run(model, samples)
+        finished = {layer: {n: runtime_weight(r) for n, r in full[layer].items()} for layer in full}
+        resumed = _run(model, samples, start_layer=2, restore=finished.__getitem__)
+        assert sorted(resumed) == [layer for layer in full if layer >= 2]
+        for layer, results in resumed.items():
+            for name, result in results.items():
+                assert torch.equal(result.q, full[layer][name].q) and torch.equal(result.scales,
+                                                                                 full[layer][name].scales), name
+
+
+def test_calibration_text_too_short_says_how_many_tokens(model_cache, tmp_path):
+    (tmp_path / "short.txt").write_text("def f():\n    return 1\n")
+    with Model(model_cache("llama")) as model:
+        with pytest.raises(ConfigError, match=r"need 512"):
+            calibration_samples(model, tmp_path / "short.txt", 4, 128)
+        (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
+        with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
+            calibration_samples(model, tmp_path / "bad.jsonl", 1, 8)
+
+
+def test_fused_experts_are_refused(model_cache):
+    with Model(model_cache("deepseek_v3", fused_experts=True)) as model:
+        with pytest.raises(ConfigError, match="fused"):
+            _run(model, [torch.arange(3, 35)])
