@@ -7,7 +7,7 @@ decoder). Quantization goes through the real FORMAT.write and quantkit.calib.gpt
 What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
 sym and asym, with and without act-order, and match quantkit's forward. DeepSeek-V3 with per-expert GPTQ linears
 loads in transformers WITHOUT an error but computes something else (its DeepseekV3 keeps routed experts in fused
-3-D parameters that the per-module GPTQ tensors do not fill: median 0.36-0.48 of max |logit| off); GPTQModel.load
+3-D parameters that the per-module GPTQ tensors do not fill: 0.70-0.74 of max |logit| off); GPTQModel.load
 does load it (TorchFusedLinear) and is close but not within the dense models' tolerance (see the test).
 """
 
@@ -28,10 +28,11 @@ WINDOWS, CONTEXT = 3, 96
 # GPTQModel's CPU kernels (TorchAtenLinear for 4-bit, TorchLinear for 8-bit) compute in their own precision:
 # measured 1.2e-4 to 2.2e-4 of max |logit| (2.2e-3 to 4.4e-3 absolute) on tiny-llama and tiny-qwen2.
 TOLERANCE = 1e-3
-# GPTQModel on tiny-deepseek: measured max 6.0e-2, median per position 2.8e-3 to 3.7e-3 of max |logit|, every
-# position off (not a few routing flips); the cause of the gap to the dense models is not isolated yet.
-DEEPSEEK_GPTQMODEL_BOUND = 0.1
-# transformers on tiny-deepseek: routed experts left unfilled, measured 0.70 of max |logit|.
+# GPTQModel on tiny-deepseek: measured 6.2e-3 of max |logit| (0.135 absolute) with quantkit's GPTQ; 6.0e-2 with
+# plain RTN weights (median per position 2.8e-3 to 3.7e-3, every position off, not a few routing flips). Why
+# it stays above the dense models' 2e-4 is not isolated yet.
+DEEPSEEK_GPTQMODEL_BOUND = 0.05
+# transformers on tiny-deepseek: routed experts left unfilled (randomly initialised), measured 0.70-0.74.
 DEEPSEEK_TRANSFORMERS_WRONG = 0.2
 
 
@@ -92,7 +93,7 @@ def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, tmp_path, r
     folders, windows, ours = _write("tiny-deepseek", tmp_path, ["w4g128"])
     with Model(MODELS_DIR / "tiny-deepseek") as source:
         reference = [source.forward(torch.tensor(w))[0] for w in windows]
-    delta, relative = _relative_error(ours["w4g128"], reference)  # measured 6.6 (0.30): MoE routing moves
+    delta, relative = _relative_error(ours["w4g128"], reference)  # measured 5.6 (0.25): MoE routing moves
     print(f"tiny-deepseek gptq:w4g128 vs FP8 source (quantkit forward): max |dlogit| {delta:.3e} ({relative:.2e})")
     outcome = {}
     for loader in ("transformers", "gptqmodel"):
