@@ -17,7 +17,7 @@ from pathlib import Path
 from quantkit.errors import ConfigError
 from quantkit.plan import Plan, format_plan
 
-FORMAT_MODULES = {"gguf": "quantkit.formats.gguf.format"}
+FORMAT_MODULES = {"gguf": "quantkit.formats.gguf.format", "gptq": "quantkit.formats.gptq"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class ConvertOptions:
     tokenizer_pre: str | None = None
     name: str | None = None
     progress: Callable | None = None
+    # calibration of GPTQ-style formats: text file (None: the bundled calibration set), samples x tokens, and
+    # the Hessian damping (None: the format's default)
+    calib: Path | None = None
+    calib_samples: int = 128
+    calib_ctx: int = 512
+    damp: float | None = None
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,10 @@ class HFCheckpoint:
 
         self.decoder = decoder_for(self._location, self.config, str(self.path))
         self._companion_of = self.decoder.companions()
-        hidden = set(self._companion_of.values())
+        self._virtual = self.decoder.virtual()
+        hidden = set(self._companion_of.values()).union(*(parts for _, parts in self._virtual.values()))
         self._infos = {name: self._info(name) for name in self._location if name not in hidden}
+        self._infos.update({name: self._virtual_info(name) for name in self._virtual})
 
     # ---- listing -------------------------------------------------------------------------------------
     def tensors(self) -> list[TensorInfo]:
@@ -112,10 +114,10 @@ class HFCheckpoint:
              device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, decoded (e.g. block FP8 dequantized), converted to `dtype`, on `device`."""
         info = self.info(name)
-        file = self._location[name]
         decoded = self.decoder.read(name, device)
         if decoded is not None:
             return decoded.to(dtype)
+        file = self._location[name]
         if info.dtype in FLOAT_DTYPES and dtype.is_floating_point:
             return file.read(name, device=device, dtype=dtype)
         return file.read(name, device=device)
@@ -139,6 +141,11 @@ class HFCheckpoint:
         if companion is not None:
             nbytes += self._location[companion].entries[companion].nbytes
         return TensorInfo(name, entry.shape, entry.dtype, nbytes, file.path.name)
+
+    def _virtual_info(self, name: str) -> TensorInfo:
+        shape, parts = self._virtual[name]
+        nbytes = sum(self._location[p].entries[p].nbytes for p in parts)
+        return TensorInfo(name, shape, self.decoder.name.upper(), nbytes, self._location[parts[0]].path.name)
 
 
 def _read_config(folder: Path) -> dict:

@@ -1,0 +1,256 @@
+"""The GPTQ output format (AutoGPTQ / GPTQModel checkpoints, FORMATS.md §5): `--to gptq:w4g128[-act][-asym]...`.
+
+The output is an HF folder (quantkit.formats.safetensors_folder): every decoder-layer linear as
+`<module>.qweight` int32 [in*bits/32, out], `.qzeros` int32 [G, out*bits/32] (v1: stored zero = true zero - 1,
+`checkpoint_format: gptq`), `.scales` float16 [G, out] and `.g_idx` int32 [in]; embeddings, lm_head, norms,
+routers and biases in BF16. Quantization itself is the calibration side's (quantkit.calib.gptq.gptq_layers);
+this module packs what it yields, layer by layer, and can read a finished layer back for a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from quantkit import __version__
+from quantkit.errors import ConfigError
+from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
+from quantkit.formats.safetensors_folder import OTHER, FolderWriter
+from quantkit.model import Model
+from quantkit.plan import Plan, PlanEntry
+from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequantize
+
+SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
+FLAGS = ("act", "asym", "static", "mse")  # canonical order
+GRAMMAR = ("w{bits}[g{group}][-act][-asym][-static][-mse] with bits 2, 3, 4 or 8 and no g for one group per "
+           "output row, e.g. w4g128, w4g128-act, w8, w4g32-asym")
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+KEPT = "bf16"
+
+
+# ---- packing (FORMATS.md §5.2-5.3): pure functions on int tensors ---------------------------------------------
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 -> the int32 with the same bits."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack codes 0..2^bits-1 along `dim` into int32 words: value i of the dim at bit i*bits of the little-endian
+    bit stream of the words (the smallest index in the least significant bits; 3-bit values straddle words as
+    AutoGPTQ's 3-word scheme does). The dim's length times `bits` must be a multiple of 32."""
+    v = values.movedim(dim, -1).to(torch.int64)
+    length = v.shape[-1]
+    if length * bits % 32:
+        raise ValueError(f"{length} {bits}-bit values do not fill whole 32-bit words")
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(per, dtype=torch.int64, device=v.device) * bits
+        words = (v.reshape(*v.shape[:-1], length // per, per) << shifts).sum(-1)
+    else:
+        weights = 1 << torch.arange(bits, dtype=torch.int64, device=v.device)
+        stream = (v.unsqueeze(-1) // weights) % 2  # [..., length, bits], LSB first
+        stream = stream.reshape(*v.shape[:-1], length * bits // 32, 32)
+        words = (stream << torch.arange(32, dtype=torch.int64, device=v.device)).sum(-1)
+    return _to_int32(words).movedim(-1, dim)
+
+
+def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of pack: int32 codes along `dim`."""
+    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:
+        shifts = torch.arange(32 // bits, dtype=torch.int64, device=w.device) * bits
+        values = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    else:
+        stream = (w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64, device=w.device)) & 1
+        stream = stream.flatten(-2).reshape(*w.shape[:-1], -1, bits)
+        values = (stream << torch.arange(bits, dtype=torch.int64, device=w.device)).sum(-1)
+    return values.to(torch.int32).movedim(-1, dim)
+
+
+def _ones_words(length: int, bits: int, device) -> torch.Tensor:
+    return pack(torch.ones(length, dtype=torch.int32, device=device), bits, 0).to(torch.int64)
+
+
+def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """qzeros [G, N*bits/32] from true zero points [N, G], v1: every field minus 1, done per word as GPTQModel's
+    v2 -> v1 conversion does (subtract 0x11111111 for 4-bit, ...). For zeros >= 1 that is exactly "stored = zero - 1"
+    field by field; an asymmetric true zero of 0 borrows from the next field, which GPTQModel's v1 -> v2 word
+    addition undoes exactly, while a field-by-field reader sees a wrong zero (FORMATS.md §5.3: v1 is only safe for
+    sym=True)."""
+    words = pack(zeros.T, bits, 1).to(torch.int64)
+    return _to_int32(words - _ones_words(zeros.shape[0], bits, zeros.device))
+
+
+def unpack_zeros_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """True zero points [N, G] from v1 qzeros [G, N*bits/32] (the inverse of pack_zeros_v1)."""
+    n = qzeros.shape[1] * 32 // bits
+    return unpack(_to_int32(qzeros.to(torch.int64) + _ones_words(n, bits, qzeros.device)), bits, 1).T
+
+
+def pack_result(result: GPTQResult, bits: int) -> dict[str, torch.Tensor]:
+    """One linear's stored tensors by suffix: qweight, qzeros, scales (float16), g_idx."""
+    return {"qweight": pack(result.q.T, bits, 0), "qzeros": pack_zeros_v1(result.zeros, bits),
+            "scales": result.scales.T.to(torch.float16).contiguous(), "g_idx": result.g_idx.to(torch.int32)}
+
+
+def dequantize_stored(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int) -> torch.Tensor:
+    """The float32 [out, in] weight a stored linear means: quantkit.quant.gptq.dequantize on the unpacked codes and
+    zeros with the stored (fp16) scales, the weight every GPTQ runtime multiplies with."""
+    q = unpack(qweight, bits, 0).T
+    return dequantize(q, scales.float().T, unpack_zeros_v1(qzeros, bits), g_idx)
+
+
+def packed_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    out, columns = shape
+    groups = 1 if group_size == -1 else -(-columns // group_size)
+    return 4 * columns * bits // 32 * out + 4 * groups * out * bits // 32 + 2 * groups * out + 4 * columns
+
+
+# ---- the format -------------------------------------------------------------------------------------------------
+def gptq_config(target: Target, damp: float | None = None) -> GPTQConfig:
+    bits, group, flags = _parse(target.spec)
+    return GPTQConfig(bits=bits, group_size=group, sym="asym" not in flags, desc_act="act" in flags,
+                      static_groups="static" in flags, mse="mse" in flags,
+                      **({} if damp is None else {"damp_percent": damp}))
+
+
+def _parse(spec: str) -> tuple[int, int, tuple[str, ...]]:
+    match = SPEC_RE.fullmatch(spec.strip().lower())
+    flags = tuple(match.group(3).split("-")[1:]) if match else ()
+    if (match is None or int(match.group(1)) not in BITS or (match.group(2) is not None and int(match.group(2)) <= 0)
+            or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags)):
+        raise ConfigError(f"cannot read GPTQ spec {spec!r}: expected {GRAMMAR}")
+    group = -1 if match.group(2) is None else int(match.group(2))
+    return int(match.group(1)), group, tuple(f for f in FLAGS if f in flags)
+
+
+def _quantized_linears(model: Model) -> list[tuple[int, list[str], dict[str, tuple[int, ...]]]]:
+    """(layer, quantized linear names, every other tensor of the layer with its shape), layer by layer."""
+    layers = []
+    for spec in model.arch.layers():
+        linears = [lin.name for lin in spec.linears]
+        fused = [lin.name for lin in spec.linears if len(lin.shape) != 2]
+        if fused:
+            raise ConfigError(f"{model.source.path}: {fused[0]!r} holds every routed expert in one 3-D tensor "
+                              "(transformers >= 5 layout); GPTQ checkpoints store each expert's linears under its "
+                              "own name. Convert from the per-expert checkpoint (DeepSeek's original layout)")
+        others = {n: s for n, s in spec.tensor_shapes().items() if n not in set(linears)}
+        layers.append((spec.index, linears, others))
+    return layers
+
+
+def _module(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+class GPTQFormat(OutputFormat):
+    name = "gptq"
+    example = "w4g128"
+
+    def parse_spec(self, spec: str) -> Target:
+        bits, group, flags = _parse(spec)
+        return Target(self.name, f"w{bits}" + (f"g{group}" if group != -1 else "") + "".join(f"-{f}" for f in flags))
+
+    def file_name(self, model_name: str, target: Target) -> str:
+        return f"{model_name}-GPTQ-{target.spec}"
+
+    def _require_model(self, source) -> Model:
+        if not isinstance(source, Model):
+            raise ConfigError("GPTQ output needs an HF checkpoint as the source (a folder with config.json), not "
+                              "a GGUF file")
+        return source
+
+    def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
+        model = self._require_model(source)
+        config = gptq_config(target, options.damp)
+        entries = [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in model.arch.global_shapes().items()]
+        shapes = model.arch.tensor_shapes()
+        for _, linears, others in _quantized_linears(model):
+            for name in linears:
+                out, columns = shapes[name]
+                pf = 32 // config.bits if 32 % config.bits == 0 else 32
+                if columns % pf or out % pf:
+                    raise ConfigError(f"{model.source.path}: {name!r} has shape {[out, columns]}; {config.bits}-bit "
+                                      f"GPTQ packing needs both sides divisible by {pf}")
+                entries.append(PlanEntry(name, (out, columns), target.spec,
+                                         packed_bytes((out, columns), config.bits, config.group_size), True))
+            entries += [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in others.items()]
+        return Plan(self.name, target.spec, tuple(entries))
+
+    def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
+        from quantkit.calib.data import calibration_samples
+        from quantkit.calib.gptq import gptq_layers
+
+        model = self._require_model(source)
+        layers = _quantized_linears(model)
+        # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
+        writers = [FolderWriter(job.path, model.folder, self._fingerprint(model, job, options), len(layers),
+                                force=options.force) for job in jobs]
+        samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) if jobs else []
+        return [self._write_one(model, layers, job, writer, options, samples, gptq_layers)
+                for job, writer in zip(jobs, writers, strict=True)]
+
+    def _write_one(self, model: Model, layers, job: Job, writer: FolderWriter, options: ConvertOptions, samples,
+                   gptq_layers) -> list[Path]:
+        config = gptq_config(job.target, options.damp)
+        kept = torch.bfloat16
+        if not writer.has(OTHER):
+            writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})
+
+        def restore(layer: int) -> dict[str, torch.Tensor]:
+            stored = writer.read(layer)
+            return {name: dequantize_stored(*(stored[f"{_module(name)}.{s}"] for s in SUFFIXES), config.bits)
+                    for name in layers[layer][1]}
+
+        start = writer.start_layer
+        if start < len(layers):
+            # options.progress reports tensor names (GGUF's); gptq_layers reports (layers done, total)
+            for index, results in gptq_layers(model, config, samples, start_layer=start,
+                                              restore=restore if start else None):
+                _, linears, others = layers[index]
+                if set(results) != set(linears):
+                    raise RuntimeError(f"layer {index}: GPTQ gave {sorted(results)}, expected {sorted(linears)}")
+                tensors = {n: model.source.read(n).to(kept) for n in others}
+                for name in linears:
+                    tensors.update({f"{_module(name)}.{s}": t
+                                    for s, t in pack_result(results[name], config.bits).items()})
+                writer.write(index, tensors)
+        return writer.finish({"quantization_config": self.quantization_config(config)},
+                             {"quantize_config.json": self.quantize_config(config)})
+
+    def _fingerprint(self, model: Model, job: Job, options: ConvertOptions) -> str:
+        files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in model.source.files]
+        calib = options.calib
+        settings = {"format": self.name, "spec": job.target.spec, "quantkit": __version__, "files": files,
+                    "calib": [str(calib), calib.stat().st_size, calib.stat().st_mtime_ns] if calib else None,
+                    "calib_samples": options.calib_samples, "calib_ctx": options.calib_ctx, "damp": options.damp}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def quantization_config(config: GPTQConfig) -> dict:
+        """config.json's quantization_config (FORMATS.md §5.4: what transformers, GPTQModel and vLLM read)."""
+        return {"quant_method": "gptq", "bits": config.bits, "group_size": config.group_size,
+                "desc_act": config.desc_act, "sym": config.sym, "static_groups": config.static_groups,
+                "damp_percent": config.damp_percent, "true_sequential": True, "lm_head": False,
+                "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
+                "meta": {"quantizer": [f"quantkit:{__version__}"], "damp_percent": config.damp_percent,
+                         "static_groups": config.static_groups, "true_sequential": True,
+                         "mse": MSE_NORM if config.mse else 0.0}}
+
+    @staticmethod
+    def quantize_config(config: GPTQConfig) -> dict:
+        """AutoGPTQ's quantize_config.json (FORMATS.md §5.4, BaseQuantizeConfig.to_dict)."""
+        return {"bits": config.bits, "group_size": config.group_size, "damp_percent": config.damp_percent,
+                "desc_act": config.desc_act, "static_groups": config.static_groups, "sym": config.sym,
+                "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
+                "quant_method": "gptq", "checkpoint_format": "gptq"}
+
+
+FORMAT = GPTQFormat()

@@ -1,0 +1,241 @@
+"""The GPTQ output format without a consumer: spec grammar, packing, plan vs written bytes, the folder writer's
+resume/refusal rules and its determinism, and quantkit's own GPTQ input decoder reading the output back."""
+
+import json
+
+import pytest
+import torch
+
+import quantkit.calib.gptq as gptq_calib
+from quantkit.errors import QuantkitError
+from quantkit.formats import ConvertOptions, Job, get_format, parse_target
+from quantkit.formats import gptq as fmt
+from quantkit.model import Model
+from quantkit.quant.gptq import GPTQConfig, dequantize, gptq_quantize
+from quantkit.source.safetensors_file import SafetensorsFile
+
+FORMAT = get_format("gptq")
+
+
+@pytest.fixture
+def calib():
+    return gptq_calib
+
+
+# ---- spec ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, canonical", [("w4g128", "w4g128"), ("W4G128-ACT", "w4g128-act"), ("w8", "w8"),
+                                              ("w4g32-mse-asym", "w4g32-asym-mse"), ("w3g64-static-act",
+                                                                                     "w3g64-act-static")])
+def test_spec_canonical(spec, canonical):
+    assert parse_target(f"gptq:{spec}").spec == canonical
+    assert FORMAT.file_name("m", parse_target(f"gptq:{spec}")) == f"m-GPTQ-{canonical}"
+
+
+@pytest.mark.parametrize("spec", ["w5g128", "w4g0", "w4g128-act-act", "w4-foo", "q4", "w4g"])
+def test_spec_invalid_lists_grammar(spec):
+    with pytest.raises(QuantkitError, match=r"w\{bits\}\[g\{group\}\].*w4g128-act"):
+        parse_target(f"gptq:{spec}")
+
+
+def test_spec_to_config():
+    config = fmt.gptq_config(parse_target("gptq:w4g32-act-asym"), damp=0.05)
+    assert (config.bits, config.group_size, config.desc_act, config.sym, config.damp_percent) == (4, 32, True,
+                                                                                                  False, 0.05)
+    assert fmt.gptq_config(parse_target("gptq:w8")).group_size == -1
+
+
+# ---- packing ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (64, 96), generator=g, dtype=torch.int32)
+    words = fmt.pack(codes, bits, 0)
+    assert words.dtype == torch.int32 and words.shape == (64 * bits // 32, 96)
+    assert torch.equal(fmt.unpack(words, bits, 0), codes)
+    zeros = torch.randint(0, 2 ** bits, (96, 5), generator=g, dtype=torch.int32)  # [out, G], true zeros incl. 0
+    qzeros = fmt.pack_zeros_v1(zeros, bits)
+    assert qzeros.shape == (5, 96 * bits // 32)
+    assert torch.equal(fmt.unpack_zeros_v1(qzeros, bits), zeros)
+
+
+def test_pack_layout_matches_formats_md():
+    # 4-bit: smallest input index in the least significant bits; symmetric v1 zeros are 0x77777777
+    codes = torch.arange(8, dtype=torch.int32).reshape(8, 1)
+    assert fmt.pack(codes, 4, 0).item() == 0x76543210
+    assert torch.all(fmt.pack_zeros_v1(torch.full((8, 2), 8, dtype=torch.int32), 4) == 0x77777777)
+    # 3-bit: row 10 straddles words 0 and 1, row 21 words 1 and 2 (FORMATS.md §5.2)
+    codes = torch.zeros(32, 1, dtype=torch.int32)
+    codes[10], codes[21] = 0b111, 0b101
+    words = fmt.pack(codes, 3, 0)[:, 0].tolist()
+    assert [w & 0xFFFFFFFF for w in words] == [0b11 << 30, (1 << 0) | (1 << 31), 0b10]
+    # v1 zeros for 3-bit are the per-word constants GPTQModel subtracts
+    ones = fmt.pack(torch.ones(32, 1, dtype=torch.int32), 3, 0)[:, 0].tolist()
+    assert [w & 0xFFFFFFFF for w in ones] == [0x49249249, 0x92492492, 0x24924924]
+
+
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=8, group_size=-1),
+                                    GPTQConfig(bits=2, group_size=64, sym=False),
+                                    GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)])
+def test_stored_dequantizes_as_quant_gptq(config):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 4, 128)
+    r = gptq_quantize(w, x.T @ x, config)  # columns of unequal importance: act-order permutes g_idx
+    assert config.desc_act == bool((r.g_idx[1:] < r.g_idx[:-1]).any())
+    stored = fmt.pack_result(r, config.bits)
+    assert stored["qweight"].shape == (128 * config.bits // 32, 64) and stored["scales"].dtype == torch.float16
+    expected = dequantize(r.q, r.scales.half().float(), r.zeros, r.g_idx)
+    assert torch.equal(fmt.dequantize_stored(*(stored[s] for s in fmt.SUFFIXES), config.bits), expected)
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def _convert(model_path, spec, out, **options):
+    with Model(model_path) as model:
+        target = parse_target(f"gptq:{spec}")
+        options = ConvertOptions(calib_samples=4, calib_ctx=32, **options)
+        plan = FORMAT.plan(model, target, options)
+        path = out / FORMAT.file_name("m", target)
+        return plan, FORMAT.write(model, [Job(target, plan, path)], options)[0]
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("preset, kwargs, spec", [("qwen2", {}, "w4g64-act"), ("deepseek_v3", {"fp8": True}, "w4g64")])
+def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kwargs, spec):
+    plan, files = _convert(model_cache(preset, **kwargs), spec, tmp_path)
+    folder = files[0].parent
+    stored = {}
+    for f in files:
+        sf = SafetensorsFile(f)
+        stored.update({n: e.nbytes for n, e in sf.entries.items()})
+        sf.close()
+    for entry in plan.entries:
+        module = entry.name.removesuffix(".weight")
+        parts = [f"{module}.{s}" for s in fmt.SUFFIXES] if entry.quantized else [entry.name]
+        assert sum(stored.pop(p) for p in parts) == entry.nbytes, entry.name
+    assert not stored  # nothing written that the plan does not list (no MTP layer)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == plan.total_bytes
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["checkpoint_format"] == "gptq"
+    assert config["quantization_config"]["desc_act"] is spec.endswith("-act")
+    assert json.loads((folder / "quantize_config.json").read_text())["group_size"] == 64
+    assert (folder / "tokenizer.json").is_file() and not list(tmp_path.glob("*.part"))
+
+
+def test_decoder_reads_output(model_cache, tmp_path, calib):
+    src = model_cache("llama")
+    _, files = _convert(src, "w4g32-asym", tmp_path)
+    with Model(files[0].parent) as out, Model(src) as ref:
+        assert out.source.label() == "GPTQ w4g32-asym"
+        name = "model.layers.1.mlp.down_proj.weight"
+        module = name.removesuffix(".weight")
+        index = json.loads((files[0].parent / "model.safetensors.index.json").read_text())["weight_map"]
+        shard = SafetensorsFile(files[0].parent / index[f"{module}.qweight"])
+        stored = [shard.read(f"{module}.{s}") for s in fmt.SUFFIXES]
+        shard.close()
+        assert torch.equal(out.source.read(name), fmt.dequantize_stored(*stored, 4))
+        assert "model.layers.1.mlp.down_proj.qweight" not in out.source
+        ids = torch.arange(3, 40).unsqueeze(0)
+        a, b = out.forward(ids), ref.forward(ids)
+        assert (a - b).abs().max() < 0.5 * b.abs().max()
+
+
+def test_fused_experts_refused(model_cache, calib):
+    with Model(model_cache("deepseek_v3", fused_experts=True)) as model:
+        with pytest.raises(QuantkitError, match="per-expert"):
+            FORMAT.plan(model, parse_target("gptq:w4g128"), ConvertOptions())
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeypatch):
+    src = model_cache("deepseek_v3", fp8=True)
+    _, files = _convert(src, "w4g64", tmp_path / "whole")
+    whole = _files(files[0].parent)
+
+    real = calib.gptq_layers
+
+    def dying(*args, **kwargs):
+        for index, results in real(*args, **kwargs):
+            if index == 2:
+                raise Killed
+            yield index, results
+
+    monkeypatch.setattr(calib, "gptq_layers", dying)
+    with pytest.raises(Killed):
+        _convert(src, "w4g64", tmp_path / "resumed")
+    part = tmp_path / "resumed" / "m-GPTQ-w4g64.part"
+    state = json.loads((part / "quantkit-state.json").read_text())
+    assert sorted(state["shards"]) == ["0", "1", "other"]
+    monkeypatch.setattr(calib, "gptq_layers", real)
+    starts = []
+    monkeypatch.setattr(calib, "gptq_layers", lambda *a, **k: (starts.append(k["start_layer"]), real(*a, **k))[1])
+    _, files = _convert(src, "w4g64", tmp_path / "resumed")
+    assert starts == [2]
+    assert _files(files[0].parent) == whole
+
+
+def test_corrupt_shard_is_redone(model_cache, tmp_path, calib, monkeypatch):
+    src = model_cache("llama")  # act-order: resuming restores layers with a permuted g_idx
+    _, files = _convert(src, "w4g32-act", tmp_path / "whole")
+    whole = _files(files[0].parent)
+    real = calib.gptq_layers
+
+    def dying(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(calib, "gptq_layers", dying)
+    with pytest.raises(Killed):
+        _convert(src, "w4g32-act", tmp_path / "resumed")
+    shard = tmp_path / "resumed" / "m-GPTQ-w4g32-act.part" / "layer-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a kill during the write
+    monkeypatch.setattr(calib, "gptq_layers", real)
+    _, files = _convert(src, "w4g32-act", tmp_path / "resumed")
+    assert _files(files[0].parent) == whole
+
+
+def test_other_command_refused_and_existing_output(model_cache, tmp_path, calib, monkeypatch):
+    src = model_cache("llama")
+    real = calib.gptq_layers
+
+    def dying(*args, **kwargs):
+        raise Killed
+        yield  # a generator that dies at once
+
+    monkeypatch.setattr(calib, "gptq_layers", dying)
+    with pytest.raises(Killed):
+        _convert(src, "w4g32", tmp_path)
+    (tmp_path / "m-GPTQ-w4g32.part").rename(tmp_path / "m-GPTQ-w8.part")
+    monkeypatch.setattr(calib, "gptq_layers", real)
+    with pytest.raises(QuantkitError, match="OUT.part holds a run of a different command"):
+        _convert(src, "w8", tmp_path)
+    with pytest.raises(QuantkitError, match="OUT.part holds a run of a different command"):
+        _convert(src, "w8", tmp_path, damp=0.1)
+    _, files = _convert(src, "w4g32", tmp_path)
+    with pytest.raises(QuantkitError, match="already exists.*--force"):
+        _convert(src, "w4g32", tmp_path)
+    _, again = _convert(src, "w4g32", tmp_path, force=True)
+    assert again == files
+
+
+def test_unwritable_location(model_cache, tmp_path, calib):
+    blocker = tmp_path / "a-file"  # tests run as root here, so a read-only folder would not stop them
+    blocker.write_text("")
+    with pytest.raises(QuantkitError, match="a-file/m-GPTQ-w4g32.part: cannot create the output folder.*writable"):
+        _convert(model_cache("llama"), "w4g32", blocker)
+
+
+def test_rope_parameters_get_legacy_keys(copy_model, tmp_path, calib):
+    src = copy_model("qwen2")
+    config = json.loads((src / "config.json").read_text())
+    theta = config.pop("rope_theta")
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    (src / "config.json").write_text(json.dumps(config))
+    _, files = _convert(src, "w8", tmp_path)
+    written = json.loads((files[0].parent / "config.json").read_text())
+    assert written["rope_theta"] == theta and "rope_scaling" not in written

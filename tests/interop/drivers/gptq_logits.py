@@ -1,0 +1,56 @@
+"""Runs inside the GPTQModel consumer venv (tests/interop/envs/gptqmodel.txt), not with quantkit:
+load a GPTQ folder with a real consumer and write its logits on given token windows.
+
+    python gptq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [MODEL_DIR OUT.pt ...]
+
+LOADER: "transformers" (AutoModelForCausalLM.from_pretrained; optimum + gptqmodel's CPU kernels) or "gptqmodel"
+(GPTQModel.load(device="cpu")). WINDOWS.json: a list of token-id lists. Each OUT.pt: {"logits": [float32
+[T, vocab]], "kernels": sorted names of the quantized linear classes the consumer chose, "versions": {...}}, or
+{"error": the loader's exception} when that folder does not load. Several folders share one interpreter start.
+"""
+
+import json
+import sys
+
+import torch
+
+
+def load(loader: str, folder: str):
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32)
+    if loader == "gptqmodel":
+        from gptqmodel import GPTQModel
+
+        return GPTQModel.load(folder, device="cpu", dtype=torch.float32)
+    raise SystemExit(f"unknown loader {loader!r}")
+
+
+def run(loader: str, folder: str, windows: list[list[int]]) -> dict:
+    try:
+        model = load(loader, folder)
+    except Exception as exc:  # reported to the test, which decides what is expected to load
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    logits = []
+    with torch.inference_mode():
+        for ids in windows:
+            logits.append(model(input_ids=torch.tensor([ids])).logits[0].float())
+    return {"logits": logits, "kernels": kernels}
+
+
+def main() -> None:
+    import gptqmodel
+    import transformers
+
+    loader, windows_path, *pairs = sys.argv[1:]
+    windows = json.loads(open(windows_path).read())
+    versions = {"torch": str(torch.__version__), "transformers": transformers.__version__,
+                "gptqmodel": gptqmodel.__version__}
+    for folder, out in zip(pairs[::2], pairs[1::2], strict=True):
+        torch.save({**run(loader, folder, windows), "versions": versions}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Real consumers of quantkit's GPTQ folders: transformers (with optimum and GPTQModel's CPU kernels) and
+GPTQModel itself, run in their own venv (conftest.gptqmodel_env), must load what `quantkit convert --to gptq:...`
+writes and compute the logits quantkit's forward computes on the same dequantized weights (quantkit's GPTQ input
+decoder). Quantization goes through the real FORMAT.write and quantkit.calib.gptq.gptq_layers, calibrated on 16 x
+128 tokens of the bundled calibration text.
+
+What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
+sym and asym, with and without act-order, and match quantkit's forward. DeepSeek-V3 with per-expert GPTQ linears
+loads in transformers WITHOUT an error but computes something else (its DeepseekV3 keeps routed experts in fused
+3-D parameters that the per-module GPTQ tensors do not fill: 0.70-0.74 of max |logit| off); GPTQModel.load
+does load it (TorchFusedLinear) and is close but not within the dense models' tolerance (see the test).
+"""
+
+import json
+
+import pytest
+import torch
+
+from quantkit import convert as api
+from quantkit.bundled import MODELS_DIR, textsets
+from quantkit.model import Model
+
+pytestmark = pytest.mark.interop
+
+SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-act-asym", "w8"]  # canonical spellings
+WINDOWS, CONTEXT = 3, 96
+# max |dlogit| / max |logit| over the windows. Both sides decode the same codes, fp16 scales, zeros and g_idx;
+# GPTQModel's CPU kernels (TorchAtenLinear for 4-bit, TorchLinear for 8-bit) compute in their own precision:
+# measured 1.1e-4 to 2.2e-4 of max |logit| (2.2e-3 to 4.4e-3 absolute) on tiny-llama and tiny-qwen2.
+TOLERANCE = 1e-3
+# GPTQModel on tiny-deepseek: measured 6.2e-3 of max |logit| (0.135 absolute) with quantkit's GPTQ; 6.0e-2 with
+# plain RTN weights (median per position 2.8e-3 to 3.7e-3, every position off, not a few routing flips). Why
+# it stays above the dense models' 2e-4 is not isolated yet.
+DEEPSEEK_GPTQMODEL_BOUND = 0.05
+# transformers on tiny-deepseek: routed experts left unfilled (randomly initialised), measured 0.70-0.74.
+DEEPSEEK_TRANSFORMERS_WRONG = 0.2
+
+
+def _windows(model: Model) -> list[list[int]]:
+    ids = model.tokenizer().encode(textsets.text("heldout")[:50000], add_special_tokens=False).ids
+    step = len(ids) // WINDOWS
+    return [ids[i * step:i * step + CONTEXT] for i in range(WINDOWS)]
+
+
+def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[list[int]], dict]:
+    """GPTQ folders of the bundled model, its held-out windows, and quantkit's logits on each folder."""
+    written = {plan.target: path.parent for path, plan in
+               api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, calib_samples=16, calib_ctx=128)}
+    with Model(MODELS_DIR / name) as source:
+        windows = _windows(source)
+    ours = {}
+    for scheme, folder in written.items():
+        with Model(folder) as model:
+            ours[scheme] = [model.forward(torch.tensor(w))[0] for w in windows]
+    return written, windows, ours
+
+
+def _consumer(run, loader: str, folders: dict, windows, tmp) -> dict[str, dict]:
+    (tmp / "windows.json").write_text(json.dumps(windows))
+    args = []
+    for scheme, folder in folders.items():
+        args += [folder, tmp / f"{loader}-{scheme}.pt"]
+    run("gptq_logits.py", loader, tmp / "windows.json", *args)
+    return {scheme: torch.load(tmp / f"{loader}-{scheme}.pt") for scheme in folders}
+
+
+def _relative_error(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> tuple[float, float]:
+    delta = max((t - o).abs().max().item() for t, o in zip(theirs, ours, strict=True))
+    return delta, delta / max(o.abs().max().item() for o in ours)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_transformers_logits_match_quantkit(name, gptqmodel_env, tmp_path, record_property):
+    folders, windows, ours = _write(name, tmp_path, SCHEMES)
+    theirs = _consumer(gptqmodel_env, "transformers", folders, windows, tmp_path)
+    failures = []
+    for scheme in SCHEMES:
+        result = theirs[scheme]
+        assert "error" not in result, f"{name} {scheme}: transformers did not load it: {result.get('error')}"
+        delta, relative = _relative_error(result["logits"], ours[scheme])
+        record_property(f"{name}:{scheme}", {"max_abs_dlogit": delta, "relative": relative,
+                                             "kernels": result["kernels"]})
+        print(f"{name} gptq:{scheme}: max |dlogit| {delta:.3e} (relative {relative:.2e}), kernels "
+              f"{result['kernels']}, {result['versions']}")
+        if not result["kernels"]:
+            failures.append(f"{scheme}: no quantized linear in the loaded model")
+        if relative > TOLERANCE:
+            failures.append(f"{scheme}: max |dlogit| {delta:.3e} = {relative:.2e} of max |logit| > {TOLERANCE}")
+    assert not failures, failures
+
+
+def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, tmp_path, record_property):
+    folders, windows, ours = _write("tiny-deepseek", tmp_path, ["w4g128"])
+    with Model(MODELS_DIR / "tiny-deepseek") as source:
+        reference = [source.forward(torch.tensor(w))[0] for w in windows]
+    delta, relative = _relative_error(ours["w4g128"], reference)  # measured 5.6 (0.25): MoE routing moves
+    print(f"tiny-deepseek gptq:w4g128 vs FP8 source (quantkit forward): max |dlogit| {delta:.3e} ({relative:.2e})")
+    outcome = {}
+    for loader in ("transformers", "gptqmodel"):
+        result = _consumer(gptqmodel_env, loader, folders, windows, tmp_path)["w4g128"]
+        outcome[loader] = result.get("error") or _relative_error(result["logits"], ours["w4g128"])
+        print(f"tiny-deepseek gptq:w4g128 in {loader}: {outcome[loader]} {result.get('kernels')}")
+    record_property("tiny-deepseek", outcome)
+    assert not isinstance(outcome["gptqmodel"], str), outcome
+    assert outcome["gptqmodel"][1] < DEEPSEEK_GPTQMODEL_BOUND, outcome
+    # PEERS.md §8. When transformers learns to fill fused experts from per-expert GPTQ tensors this fails: then
+    # compare its logits as for the dense models.
+    assert isinstance(outcome["transformers"], str) or outcome["transformers"][1] > DEEPSEEK_TRANSFORMERS_WRONG
