@@ -80,10 +80,12 @@ def inspect(model, as_json):
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:TYPE",
-              help="Output format and type, e.g. gguf:Q4_K_M (llama.cpp file types: F32, F16, BF16, Q8_0, Q4_0, "
-                   "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS). Repeat for "
-                   "several outputs from one read of the source.")
+@click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:SPEC",
+              help="Output format and spec. gguf:TYPE with a llama.cpp file type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                   "Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS); "
+                   "gptq:w{bits}[g{group}][-act][-asym][-static][-mse] (bits 2/3/4/8; no g: one group per row; "
+                   "act: act-order; asym: zero points; static: static groups; mse: clipping search), e.g. "
+                   "gptq:w4g128. Repeat for several outputs from one read of the source.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
                    "are named <model>-<TYPE>.gguf.")
@@ -108,8 +110,16 @@ def inspect(model, as_json):
 @click.option("--tokenizer-pre", metavar="NAME",
               help="llama.cpp pre-tokenizer name, when quantkit cannot tell it from tokenizer.json.")
 @click.option("--name", help="general.name and file name stem (default: the model folder's name).")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text for GPTQ: plain text, or JSON lines with a \"text\" field (default: the "
+                   "bundled calibration split).")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="GPTQ calibration samples.")
+@click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--damp", type=float, help="GPTQ Hessian damping, a fraction of its mean diagonal (default 0.01, "
+                                         "as AutoGPTQ); raised automatically where a Hessian needs more.")
 def convert(model, targets, output, tensor_types, output_tensor_type, token_embedding_type, pure, imatrix, dry_run,
-            plan_file, force, split_max_size, device, threads, tokenizer_pre, name):
+            plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib, calib_samples, calib_ctx,
+            damp):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -124,7 +134,8 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
                               tensor_types=list(tensor_types), output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
                               threads=threads, force=force, split_max_size=split_max_size,
-                              tokenizer_pre=tokenizer_pre, name=name, progress=None if dry_run else show)
+                              tokenizer_pre=tokenizer_pre, name=name, calib=calib, calib_samples=calib_samples,
+                              calib_ctx=calib_ctx, damp=damp, progress=None if dry_run else show)
     for path, plan in results:
         if dry_run:
             click.echo(f"# {path}")

@@ -33,8 +33,8 @@ def _open_source(path: str | Path, device: str):
 def convert(model_path: str | Path, targets: list[str], output: Path | None = None, *, dry_run: bool = False,
             **options) -> list[tuple[Path, Plan]]:
     """Plan (and unless dry_run, write) every target; `options` are ConvertOptions fields (imatrix=...,
-    force=..., threads=...). Returns (path, plan) per target in the order given; with sharded output the
-    path is the first shard's."""
+    force=..., threads=...). Returns (path, plan) per target in the order given: a folder output's folder, or
+    a file output's file (with sharded output, the first shard)."""
     parsed = [parse_target(t) for t in targets]
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:SPEC, e.g. --to gguf:Q4_K_M")
@@ -61,7 +61,7 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
         for name, indices in by_format.items():
             jobs = [Job(parsed[i], plans[i], paths[i]) for i in indices]
             for i, files in zip(indices, get_format(name).write(source, jobs, options), strict=True):
-                written[i] = files[0]
+                written[i] = paths[i] if paths[i].is_dir() else files[0]  # a folder format: the folder
         return list(zip(written, plans, strict=True))
     finally:
         if isinstance(source, Model):

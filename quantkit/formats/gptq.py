@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -18,12 +19,16 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
+from quantkit.calib.gptq import GPTQStats
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
 from quantkit.model import Model
 from quantkit.plan import Plan, PlanEntry
+from quantkit.progress import Progress
 from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequantize
+
+log = logging.getLogger(__name__)
 
 SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
 FLAGS = ("act", "asym", "static", "mse")  # canonical order
@@ -209,11 +214,11 @@ class GPTQFormat(OutputFormat):
             return {name: dequantize_stored(*(stored[f"{_module(name)}.{s}"] for s in SUFFIXES), config.bits)
                     for name in layers[layer][1]}
 
-        start = writer.start_layer
+        start, stats = writer.start_layer, GPTQStats()
         if start < len(layers):
-            # options.progress reports tensor names (GGUF's); gptq_layers reports (layers done, total)
             for index, results in gptq_layers(model, config, samples, start_layer=start,
-                                              restore=restore if start else None):
+                                              restore=restore if start else None, stats=stats,
+                                              progress=_layer_progress(options.progress, job)):
                 _, linears, others = layers[index]
                 if set(results) != set(linears):
                     raise RuntimeError(f"layer {index}: GPTQ gave {sorted(results)}, expected {sorted(linears)}")
@@ -222,6 +227,7 @@ class GPTQFormat(OutputFormat):
                     tensors.update({f"{_module(name)}.{s}": t
                                     for s, t in pack_result(results[name], config.bits).items()})
                 writer.write(index, tensors)
+            _log_summary(job, stats)
         return writer.finish({"quantization_config": self.quantization_config(config)},
                              {"quantize_config.json": self.quantize_config(config)})
 
@@ -238,10 +244,10 @@ class GPTQFormat(OutputFormat):
         """config.json's quantization_config (FORMATS.md §5.4: what transformers, GPTQModel and vLLM read)."""
         return {"quant_method": "gptq", "bits": config.bits, "group_size": config.group_size,
                 "desc_act": config.desc_act, "sym": config.sym, "static_groups": config.static_groups,
-                "damp_percent": config.damp_percent, "true_sequential": True, "lm_head": False,
+                "damp_percent": config.damp_percent, "true_sequential": False, "lm_head": False,
                 "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
                 "meta": {"quantizer": [f"quantkit:{__version__}"], "damp_percent": config.damp_percent,
-                         "static_groups": config.static_groups, "true_sequential": True,
+                         "static_groups": config.static_groups, "true_sequential": False,
                          "mse": MSE_NORM if config.mse else 0.0}}
 
     @staticmethod
@@ -254,3 +260,29 @@ class GPTQFormat(OutputFormat):
 
 
 FORMAT = GPTQFormat()
+
+
+def _layer_progress(progress, job: Job):
+    if progress is None:
+        return None
+    return lambda done, total: progress(Progress(f"gptq {job.target.spec}", done, total, "layers"))
+
+
+def _log_summary(job: Job, stats: GPTQStats) -> None:
+    """The end-of-run summary: time per layer, fallbacks and damping retries, expert token coverage."""
+    seconds = list(stats.seconds_per_layer.values())
+    if seconds:
+        log.info("%s: %d layers, %.1f s per layer (max %.1f s)", job.target, len(seconds), sum(seconds) / len(seconds),
+                 max(seconds))
+    counts = sorted(c for per_layer in stats.expert_tokens.values() for c in per_layer)
+    if counts:
+        log.info("%s: routed tokens per expert: min %d, median %d, max %d", job.target, counts[0],
+                 counts[len(counts) // 2], counts[-1])
+    if stats.fallbacks:
+        log.warning("%s: %d expert(s) got too few calibration tokens and were calibrated with the fallback: %s",
+                    job.target, len(stats.fallbacks), ", ".join(stats.fallbacks))
+    for name, damp in stats.damp_retries:
+        log.warning("%s: %s needed damping %g", job.target, name, damp)
+    if stats.rtn:
+        log.warning("%s: round-to-nearest for %d weight(s) without a usable Hessian: %s", job.target,
+                    len(stats.rtn), ", ".join(stats.rtn))
