@@ -44,7 +44,7 @@ def _windows(model: Model) -> list[list[int]]:
 
 def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[list[int]], dict]:
     """GPTQ folders of the bundled model, its held-out windows, and quantkit's logits on each folder."""
-    written = {plan.target: path.parent for path, plan in
+    written = {plan.target: path for path, plan in
                api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, calib_samples=16, calib_ctx=128)}
     with Model(MODELS_DIR / name) as source:
         windows = _windows(source)
