@@ -28,9 +28,8 @@ class StatisticsCache:
 
     def key(self, model, statistic: str, tokens: torch.Tensor, **settings) -> str:
         digest = hashlib.sha256()
-        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.source.files]
-        digest.update(json.dumps([__version__, statistic, files, model.config, settings], sort_keys=True,
-                                 default=str).encode())
+        digest.update(json.dumps([__version__, statistic, model.source.file_identity(), model.config, settings],
+                                 sort_keys=True, default=str).encode())
         digest.update(tokens.to(torch.int64).cpu().numpy().tobytes())
         return f"{statistic}-{digest.hexdigest()[:32]}"
 

@@ -14,6 +14,7 @@ those of quantkit's (and llama.cpp's) per-chunk forward.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 
@@ -58,6 +59,11 @@ class LayerWeights:
             tensor = self._cache[name] = self._read(name)
         return tensor
 
+    def replace(self, name: str, tensor: torch.Tensor) -> None:
+        """From now on `name` is `tensor` (a quantizer's runtime weight in place of the float one it no longer
+        needs), so the layer never holds both."""
+        self._cache[name] = tensor
+
     def clear(self) -> None:
         self._cache.clear()
 
@@ -83,6 +89,13 @@ class CalibrationRun:
         with torch.no_grad():
             self.hidden = [arch.embed(embed, s.to(self.device)[None]).to(self.store) for s in samples]
         self.layer = 0
+
+    def fork(self) -> CalibrationRun:
+        """A second run from the same hidden states (shared, not copied: a run replaces them, never edits them),
+        for another output that propagates its own quantized activations."""
+        twin = copy.copy(self)
+        twin.hidden = list(self.hidden)
+        return twin
 
     @torch.no_grad()
     def forward(self, layer_weights: Weights, observers: Sequence[Observer] = (),

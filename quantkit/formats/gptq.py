@@ -3,8 +3,10 @@
 The output is an HF folder (quantkit.formats.safetensors_folder): every decoder-layer linear as
 `<module>.qweight` int32 [in*bits/32, out], `.qzeros` int32 [G, out*bits/32] (v1: stored zero = true zero - 1,
 `checkpoint_format: gptq`), `.scales` float16 [G, out] and `.g_idx` int32 [in]; embeddings, lm_head, norms,
-routers and biases in BF16. Quantization itself is the calibration side's (quantkit.calib.gptq.gptq_layers);
-this module packs what it yields, layer by layer, and can read a finished layer back for a resumed run.
+routers and biases in BF16; `quantkit_report.json` says how it was made and lists each layer's calibration facts
+(routed tokens per expert, fallbacks). Quantization itself is the calibration side's (quantkit.calib.gptq): this
+module packs each result as it comes, writes a shard per layer, and reads finished layers back for a resumed run.
+Every gptq target of one command shares one pass over the model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
-from quantkit.calib.gptq import GPTQStats
+from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, GPTQStats, GPTQStream
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
@@ -31,9 +33,11 @@ from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequanti
 log = logging.getLogger(__name__)
 
 SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
-FLAGS = ("act", "asym", "static", "mse")  # canonical order
-GRAMMAR = ("w{bits}[g{group}][-act][-asym][-static][-mse] with bits 2, 3, 4 or 8 and no g for one group per "
-           "output row, e.g. w4g128, w4g128-act, w8, w4g32-asym")
+FLAGS = ("act", "asym", "static", "mse", "rtn")  # canonical order
+GRAMMAR = ("w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] with bits 2, 3, 4 or 8 and no g for one group "
+           "per output row, e.g. w4g128, w4g128-act, w8, w4g32-asym; -rtn rounds to nearest without calibration "
+           "(not with -act or -static)")
+REPORT_NAME = "quantkit_report.json"
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 KEPT = "bf16"
 
@@ -130,7 +134,8 @@ def _parse(spec: str) -> tuple[int, int, tuple[str, ...]]:
     match = SPEC_RE.fullmatch(spec.strip().lower())
     flags = tuple(match.group(3).split("-")[1:]) if match else ()
     if (match is None or int(match.group(1)) not in BITS or (match.group(2) is not None and int(match.group(2)) <= 0)
-            or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags)):
+            or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags)
+            or ("rtn" in flags and ("act" in flags or "static" in flags))):
         raise ConfigError(f"cannot read GPTQ spec {spec!r}: expected {GRAMMAR}")
     group = -1 if match.group(2) is None else int(match.group(2))
     return int(match.group(1)), group, tuple(f for f in FLAGS if f in flags)
@@ -190,54 +195,67 @@ class GPTQFormat(OutputFormat):
         return Plan(self.name, target.spec, tuple(entries))
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
+        """Every GPTQ target of the command in one pass over the model: each layer read once for all of them."""
         from quantkit.calib.data import calibration_samples
-        from quantkit.calib.gptq import gptq_layers
+        from quantkit.calib.gptq import gptq_layers  # looked up per call: tests interpose on it
 
         model = self._require_model(source)
         layers = _quantized_linears(model)
-        # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
-        writers = [FolderWriter(job.path, model.folder, self._fingerprint(model, job, options), len(layers),
-                                force=options.force) for job in jobs]
-        samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) if jobs else []
-        return [self._write_one(model, layers, job, writer, options, samples, gptq_layers)
-                for job, writer in zip(jobs, writers, strict=True)]
-
-    def _write_one(self, model: Model, layers, job: Job, writer: FolderWriter, options: ConvertOptions, samples,
-                   gptq_layers) -> list[Path]:
-        config = gptq_config(job.target, options.damp)
         kept = torch.bfloat16
-        if not writer.has(OTHER):
-            writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})
-
-        def restore(layer: int) -> dict[str, torch.Tensor]:
-            stored = writer.read(layer)
-            return {name: dequantize_stored(*(stored[f"{_module(name)}.{s}"] for s in SUFFIXES), config.bits)
-                    for name in layers[layer][1]}
-
-        start, stats = writer.start_layer, GPTQStats()
-        if start < len(layers):
-            for index, results in gptq_layers(model, config, samples, start_layer=start,
-                                              restore=restore if start else None, stats=stats,
-                                              progress=_layer_progress(options.progress, job)):
-                _, linears, others = layers[index]
-                if set(results) != set(linears):
-                    raise RuntimeError(f"layer {index}: GPTQ gave {sorted(results)}, expected {sorted(linears)}")
-                tensors = {n: model.source.read(n).to(kept) for n in others}
-                for name in linears:
-                    tensors.update({f"{_module(name)}.{s}": t
-                                    for s, t in pack_result(results[name], config.bits).items()})
-                writer.write(index, tensors)
-            _log_summary(job, stats)
-        return writer.finish({"quantization_config": self.quantization_config(config)},
-                             {"quantize_config.json": self.quantize_config(config)})
+        # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
+        outputs = [_Output(job, FolderWriter(job.path, model.folder, self._fingerprint(model, job, options),
+                                             len(layers), force=options.force), gptq_config(job.target, options.damp))
+                   for job in jobs]
+        for out in outputs:
+            if not out.writer.has(OTHER):
+                out.writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})
+        todo = [out for out in outputs if out.writer.start_layer < len(layers)]
+        streams = [GPTQStream(out.config, out.take, rtn=out.rtn, start_layer=out.writer.start_layer,
+                              restore=out.restore(layers)) for out in todo]
+        calibrated = any(not s.rtn for s in streams)
+        samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) \
+            if calibrated else []
+        progress = None if options.progress is None else (lambda done, total: options.progress(
+            Progress("gptq " + ", ".join(out.job.target.spec for out in todo), done, total, "layers")))
+        for index in gptq_layers(model, streams, samples, progress=progress):
+            _, linears, others = layers[index]
+            writing = [(out, s) for out, s in zip(todo, streams, strict=True) if index >= s.start_layer]
+            kept_tensors = {n: model.source.read(n).to(kept) for n in others} if writing else {}
+            for out, stream in writing:
+                packed = out.pending
+                missing = {f"{_module(n)}.qweight" for n in linears} - set(packed)
+                if missing:
+                    raise RuntimeError(f"layer {index}: GPTQ gave no result for {sorted(missing)}")
+                out.writer.write(index, {**kept_tensors, **packed}, info=stream.stats.layer_record(index))
+                out.pending = {}
+        for out, stream in zip(todo, streams, strict=True):
+            _log_summary(out.job, stream.stats)
+        return [out.writer.finish({"quantization_config": self.quantization_config(out.config)},
+                                  {"quantize_config.json": self.quantize_config(out.config),
+                                   REPORT_NAME: self.report(out, options)})
+                for out in outputs]
 
     def _fingerprint(self, model: Model, job: Job, options: ConvertOptions) -> str:
-        files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in model.source.files]
-        calib = options.calib
-        settings = {"format": self.name, "spec": job.target.spec, "quantkit": __version__, "files": files,
-                    "calib": [str(calib), calib.stat().st_size, calib.stat().st_mtime_ns] if calib else None,
-                    "calib_samples": options.calib_samples, "calib_ctx": options.calib_ctx, "damp": options.damp}
+        settings = {"format": self.name, "spec": job.target.spec, "quantkit": __version__,
+                    "files": model.source.file_identity(), "damp": options.damp}
+        if "rtn" not in _parse(job.target.spec)[2]:
+            calib = options.calib
+            settings |= {"calib": [str(calib), calib.stat().st_size, calib.stat().st_mtime_ns] if calib else None,
+                         "calib_samples": options.calib_samples, "calib_ctx": options.calib_ctx}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def report(out: _Output, options: ConvertOptions) -> dict:
+        """quantkit_report.json: how the folder was made, and each layer's calibration facts (routed tokens per
+        expert, experts that got the fallback, raised damping, weights left to round-to-nearest)."""
+        calibration = None if out.rtn else {
+            "text": options.calib.name if options.calib else "bundled calibration split",
+            "samples": options.calib_samples, "ctx": options.calib_ctx,
+            "expert_fallback": f"experts routed fewer than {DEFAULT_MIN_EXPERT_TOKENS} tokens are calibrated on "
+                               "all of the layer's tokens"}
+        return {"quantizer": f"quantkit {__version__}", "method": "round-to-nearest" if out.rtn else "gptq",
+                "spec": out.job.target.spec, "calibration": calibration,
+                "layers": {str(k): v for k, v in sorted(out.writer.infos().items())}}
 
     @staticmethod
     def quantization_config(config: GPTQConfig) -> dict:
@@ -262,10 +280,24 @@ class GPTQFormat(OutputFormat):
 FORMAT = GPTQFormat()
 
 
-def _layer_progress(progress, job: Job):
-    if progress is None:
-        return None
-    return lambda done, total: progress(Progress(f"gptq {job.target.spec}", done, total, "layers"))
+class _Output:
+    """One GPTQ target being written: its folder, settings, and the current layer's packed tensors."""
+
+    def __init__(self, job: Job, writer: FolderWriter, config: GPTQConfig):
+        self.job, self.writer, self.config = job, writer, config
+        self.rtn = "rtn" in _parse(job.target.spec)[2]
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def take(self, layer: int, name: str, result: GPTQResult) -> None:
+        """The stream's sink: pack each result as it comes, so the layer is held packed, not as int32 codes."""
+        self.pending.update({f"{_module(name)}.{s}": t for s, t in pack_result(result, self.config.bits).items()})
+
+    def restore(self, layers):
+        def runtime_weights(layer: int) -> dict[str, torch.Tensor]:
+            stored = self.writer.read(layer)
+            return {name: dequantize_stored(*(stored[f"{_module(name)}.{s}"] for s in SUFFIXES), self.config.bits)
+                    for name in layers[layer][1]}
+        return runtime_weights
 
 
 def _log_summary(job: Job, stats: GPTQStats) -> None:
@@ -278,11 +310,14 @@ def _log_summary(job: Job, stats: GPTQStats) -> None:
     if counts:
         log.info("%s: routed tokens per expert: min %d, median %d, max %d", job.target, counts[0],
                  counts[len(counts) // 2], counts[-1])
-    if stats.fallbacks:
-        log.warning("%s: %d expert(s) got too few calibration tokens and were calibrated with the fallback: %s",
-                    job.target, len(stats.fallbacks), ", ".join(stats.fallbacks))
-    for name, damp in stats.damp_retries:
-        log.warning("%s: %s needed damping %g", job.target, name, damp)
-    if stats.rtn:
-        log.warning("%s: round-to-nearest for %d weight(s) without a usable Hessian: %s", job.target,
-                    len(stats.rtn), ", ".join(stats.rtn))
+    fallbacks = [name for names in stats.fallbacks.values() for name in names]
+    if fallbacks:
+        log.warning("%s: %d expert(s) got too few calibration tokens and were calibrated with the fallback (listed "
+                    "in %s): %s", job.target, len(fallbacks), REPORT_NAME, ", ".join(fallbacks))
+    for retries in stats.damp_retries.values():
+        for name, damp in retries.items():
+            log.warning("%s: %s needed damping %g", job.target, name, damp)
+    rtn = [name for names in stats.rtn.values() for name in names]
+    if rtn:
+        log.warning("%s: round-to-nearest for %d weight(s) without a usable Hessian: %s", job.target, len(rtn),
+                    ", ".join(rtn))

@@ -111,8 +111,9 @@ class FolderWriter:
     def has(self, key: int | str) -> bool:
         return str(key) in self.shards
 
-    def write(self, key: int | str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write one shard (a layer index, or OTHER) and record it; the shard file appears only when complete."""
+    def write(self, key: int | str, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
+        """Write one shard (a layer index, or OTHER) and record it, with `info` (JSON facts about it that the
+        finished folder reports, kept across a resume); the shard file appears only when complete."""
         key = str(key)
         if key != OTHER and int(key) != self.start_layer:
             raise ValueError(f"layer {key} written out of order (next is {self.start_layer})")
@@ -128,8 +129,13 @@ class FolderWriter:
                                     "another -o, then rerun the same command to resume") from None
         self.shards[key] = {"sha256": hashlib.sha256(data).hexdigest(),
                             "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                            "tensors": {n: [_DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in tensors.items()}}
+                            "tensors": {n: [_DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in tensors.items()},
+                            **({"info": info} if info else {})}
         self._save_state()
+
+    def infos(self) -> dict[int, dict]:
+        """Every written layer's info, by layer."""
+        return {int(k): r["info"] for k, r in self.shards.items() if k != OTHER and "info" in r}
 
     def read(self, key: int | str) -> dict[str, torch.Tensor]:
         """A finished shard's tensors, as stored."""

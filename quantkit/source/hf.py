@@ -106,6 +106,11 @@ class HFCheckpoint:
     def files(self) -> list[Path]:
         return [f.path for f in self._files.values()]
 
+    def file_identity(self) -> list[tuple[str, int, int]]:
+        """(name, size, mtime_ns) of every file: what a cache or a resumed run keys on to notice a changed
+        checkpoint without hashing gigabytes."""
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 

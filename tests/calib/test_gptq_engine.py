@@ -2,14 +2,14 @@
 model's output, MoE experts calibrated on their routed tokens with a fallback for unused ones, weights read
 once per layer, and a resumed run equal to an uninterrupted one."""
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 import torch
 
 from quantkit.bundled import model_path
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import GPTQStats, gptq_layers, runtime_weight
+from quantkit.calib.gptq import GPTQStats, GPTQStream, gptq_layers, runtime_weight
 from quantkit.errors import ConfigError
 from quantkit.model import Model
 from quantkit.quant.gptq import GPTQConfig, rtn_quantize
@@ -17,8 +17,19 @@ from quantkit.quant.gptq import GPTQConfig, rtn_quantize
 CONFIG = GPTQConfig(bits=4, group_size=32)
 
 
-def _run(model, samples, **kwargs):
-    return dict(gptq_layers(model, CONFIG, samples, **kwargs))
+def _stream(config=CONFIG, **kwargs):
+    """A stream that keeps every result: {layer: {name: GPTQResult}} in .results."""
+    results = defaultdict(dict)
+    stream = GPTQStream(config, lambda layer, name, r: results[layer].__setitem__(name, r), **kwargs)
+    stream.results = results
+    return stream
+
+
+def _run(model, samples, stats=None, start_layer=0, restore=None, **kwargs):
+    stream = _stream(stats=stats if stats is not None else GPTQStats(), start_layer=start_layer, restore=restore)
+    yielded = list(gptq_layers(model, [stream], samples, **kwargs))
+    assert yielded == list(range(model.arch.num_layers))
+    return dict(stream.results)
 
 
 def _kld(model, replaced, ids):
@@ -77,7 +88,8 @@ def test_moe_experts_routed_tokens_and_fallback_for_an_unused_expert(copy_model)
         moe = [i for i in range(model.arch.num_layers) if model.arch.is_moe_layer(i)]
         assert sorted(stats.expert_tokens) == moe
         assert stats.expert_tokens[1][3] == 0
-        assert "model.layers.1.mlp.experts.3" in stats.fallbacks
+        assert "model.layers.1.mlp.experts.3" in stats.fallbacks[1]
+        assert stats.layer_record(1)["fallback_experts"] == stats.fallbacks[1]
         for layer in moe:
             assert {lin.name for lin in model.arch.layer_spec(layer).linears} == set(layers[layer])
         rtn_stats = GPTQStats()

@@ -11,7 +11,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import ConvertOptions, Job, get_format, parse_target
 from quantkit.formats import gptq as fmt
 from quantkit.model import Model
-from quantkit.quant.gptq import GPTQConfig, dequantize, gptq_quantize
+from quantkit.quant.gptq import GPTQConfig, dequantize, gptq_quantize, rtn_quantize
 from quantkit.source.safetensors_file import SafetensorsFile
 
 FORMAT = get_format("gptq")
@@ -25,13 +25,14 @@ def calib():
 # ---- spec ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec, canonical", [("w4g128", "w4g128"), ("W4G128-ACT", "w4g128-act"), ("w8", "w8"),
                                               ("w4g32-mse-asym", "w4g32-asym-mse"), ("w3g64-static-act",
-                                                                                     "w3g64-act-static")])
+                                                                                     "w3g64-act-static"),
+                                              ("w4g128-rtn-asym", "w4g128-asym-rtn")])
 def test_spec_canonical(spec, canonical):
     assert parse_target(f"gptq:{spec}").spec == canonical
     assert FORMAT.file_name("m", parse_target(f"gptq:{spec}")) == f"m-GPTQ-{canonical}"
 
 
-@pytest.mark.parametrize("spec", ["w5g128", "w4g0", "w4g128-act-act", "w4-foo", "q4", "w4g"])
+@pytest.mark.parametrize("spec", ["w5g128", "w4g0", "w4g128-act-act", "w4-foo", "q4", "w4g", "w4g128-act-rtn"])
 def test_spec_invalid_lists_grammar(spec):
     with pytest.raises(QuantkitError, match=r"w\{bits\}\[g\{group\}\].*w4g128-act"):
         parse_target(f"gptq:{spec}")
@@ -124,6 +125,56 @@ def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kw
     assert (folder / "tokenizer.json").is_file() and not list(tmp_path.glob("*.part"))
 
 
+def test_several_targets_share_one_pass_and_equal_separate_runs(model_cache, tmp_path, calib, monkeypatch):
+    src = model_cache("deepseek_v3", fp8=True)
+    specs = ["w4g64", "w4g32-act", "w4g64-rtn"]
+    alone = {spec: _files(_convert(src, spec, tmp_path / spec)[1][0].parent) for spec in specs}
+    with Model(src) as model:
+        reads, read = {}, model.source.read
+        monkeypatch.setattr(model.source, "read", lambda n, *a, **k: (reads.__setitem__(n, reads.get(n, 0) + 1),
+                                                                         read(n, *a, **k))[1])
+        options = ConvertOptions(calib_samples=4, calib_ctx=32)
+        jobs = [Job(t, FORMAT.plan(model, t, options), tmp_path / "all" / FORMAT.file_name("m", t))
+                for t in (parse_target(f"gptq:{spec}") for spec in specs)]
+        written = FORMAT.write(model, jobs, options)
+    for spec, files in zip(specs, written, strict=True):
+        assert _files(files[0].parent) == alone[spec], spec
+    layer_linears = {lin.name for i in range(3) for lin in model.arch.layer_spec(i).linears}
+    assert all(reads[n] == 1 for n in layer_linears if n in reads), {n: c for n, c in reads.items() if c > 1}
+
+
+def test_round_to_nearest_needs_no_calibration(model_cache, tmp_path, calib, monkeypatch):
+    import quantkit.calib.data as data
+
+    monkeypatch.setattr(data, "calibration_samples", lambda *a, **k: pytest.fail("RTN calibrated"))
+    src = model_cache("llama")
+    _, files = _convert(src, "w4g32-rtn", tmp_path)
+    folder = files[0].parent
+    report = json.loads((folder / fmt.REPORT_NAME).read_text())
+    assert report["method"] == "round-to-nearest" and report["calibration"] is None
+    name = "model.layers.1.self_attn.o_proj.weight"
+    with Model(folder) as out, Model(src) as ref:
+        expected = gptq_calib.runtime_weight(rtn_quantize(ref.source.read(name), GPTQConfig(group_size=32)))
+        assert torch.equal(out.source.read(name), expected)
+
+
+def test_report_lists_expert_tokens_and_fallbacks(copy_model, tmp_path, calib):
+    from safetensors.torch import load_file, save_file
+
+    src = copy_model("deepseek_v3", fp8=True)
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"  # expert 3 of layer 1 never routed
+    for shard in src.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][3] = -1e4
+            save_file(tensors, shard, metadata={"format": "pt"})
+    _, files = _convert(src, "w4g64", tmp_path)
+    report = json.loads((files[0].parent / fmt.REPORT_NAME).read_text())
+    assert report["method"] == "gptq" and report["calibration"]["samples"] == 4
+    layer = report["layers"]["1"]
+    assert layer["expert_tokens"][3] == 0 and "model.layers.1.mlp.experts.3" in layer["fallback_experts"]
+
+
 def test_decoder_reads_output(model_cache, tmp_path, calib):
     src = model_cache("llama")
     _, files = _convert(src, "w4g32-asym", tmp_path)
@@ -160,10 +211,10 @@ def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeyp
     real = calib.gptq_layers
 
     def dying(*args, **kwargs):
-        for index, results in real(*args, **kwargs):
+        for index in real(*args, **kwargs):
             if index == 2:
                 raise Killed
-            yield index, results
+            yield index
 
     monkeypatch.setattr(calib, "gptq_layers", dying)
     with pytest.raises(Killed):
@@ -173,7 +224,7 @@ def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeyp
     assert sorted(state["shards"]) == ["0", "1", "other"]
     monkeypatch.setattr(calib, "gptq_layers", real)
     starts = []
-    monkeypatch.setattr(calib, "gptq_layers", lambda *a, **k: (starts.append(k["start_layer"]), real(*a, **k))[1])
+    monkeypatch.setattr(calib, "gptq_layers", lambda *a, **k: (starts.append(a[1][0].start_layer), real(*a, **k))[1])
     _, files = _convert(src, "w4g64", tmp_path / "resumed")
     assert starts == [2]
     assert _files(files[0].parent) == whole
