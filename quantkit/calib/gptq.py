@@ -13,26 +13,24 @@ next layer's inputs (`propagate="float"` keeps the float outputs instead).
 Layer-level sequential: all of a layer's groups are quantized from that layer's float pass (no sub-layer
 "true sequential" ordering).
 
-Several outputs share one run (GPTQStream each: GPTQ variants, round-to-nearest): every layer is read once for
-all of them, and each calibrated stream carries its own activations. Each quantized linear goes to its stream's
-sink at once (the format packs it) and only its runtime weight stays, replacing the float weight in the layer's
-cache when no later stream needs that: a single output holds one layer of float32 weights at a time.
+GPTQ is a method of quantkit.calib.layerwise (several outputs in one pass over the model, each layer read once):
+each quantized linear goes to its stream's sink at once and only its runtime weight stays, in place of the float
+one when no later stream needs that.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from quantkit.arch.base import InputGroup
-from quantkit.calib.engine import CalibrationRun, LayerWeights, Observer
+from quantkit.calib.engine import CalibrationRun, Observer
+from quantkit.calib.layerwise import LayerJob
 from quantkit.errors import ConfigError, QuantkitError
-from quantkit.model import Model
 from quantkit.quant.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -55,25 +53,6 @@ class GPTQStats:
         record = {"expert_tokens": self.expert_tokens.get(layer), "fallback_experts": self.fallbacks.get(layer),
                   "damping_raised": self.damp_retries.get(layer), "round_to_nearest": self.rtn.get(layer)}
         return {k: v for k, v in record.items() if v}
-
-
-# sink(layer, checkpoint weight name, result): takes each quantized linear as soon as it exists (e.g. packs it);
-# the engine keeps only the runtime weight it needs for the quantized forward.
-Sink = Callable[[int, str, GPTQResult], None]
-
-
-@dataclass
-class GPTQStream:
-    """One output's quantization in a run: its settings, where it resumes (layers before `start_layer` were
-    written by an earlier run; `restore(layer)` gives their runtime weights, which only advance its activations)
-    and where its results go. `rtn`: round-to-nearest from the float weights, no calibration."""
-
-    config: GPTQConfig
-    sink: Sink
-    rtn: bool = False
-    start_layer: int = 0
-    restore: Callable[[int], dict[str, torch.Tensor]] | None = None
-    stats: GPTQStats = field(default_factory=GPTQStats)
 
 
 def runtime_weight(result: GPTQResult) -> torch.Tensor:
@@ -112,24 +91,64 @@ class _Routing:
         self.indices.append(indices)
 
 
-def _overlay(replaced: dict[str, torch.Tensor], weights: LayerWeights) -> Callable[[str], torch.Tensor]:
-    """The layer's weights with the quantized ones in place of their float originals."""
-    return lambda name: replaced[name] if name in replaced else weights(name)
+class GPTQ:
+    """The GPTQ method of a layerwise Stream (quantkit.calib.layerwise): `rtn` rounds to nearest instead, with
+    no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
+    "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. The stream's
+    stats must be a GPTQStats."""
 
+    def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+                 fallback: str = "all", propagate: str = "quantized"):
+        if fallback not in ("all", "rtn"):
+            raise ConfigError(f"unknown expert fallback {fallback!r}; use 'all' (the layer's tokens) or 'rtn'")
+        if propagate not in ("quantized", "float"):
+            raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
+        self.config, self.rtn, self.min_expert_tokens = config, rtn, min_expert_tokens
+        self.fallback, self.propagate = fallback, propagate
+        self.calibrated = not rtn
 
-class _LayerJob:
-    """One stream's quantization of one layer: each linear quantized, handed to the sink, and its runtime weight
-    kept for the quantized forward: in the layer's weight cache itself when no later stream needs the float
-    weights (`in_place`, so the layer is held once), else beside it."""
+    def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
+        began = time.perf_counter()
+        arch = job.arch
+        if job.stream.stats is None:
+            job.stream.stats = GPTQStats()
+        if getattr(arch, "fused_experts", False):
+            raise ConfigError("routed experts are stored fused (transformers 5 layout); GPTQ checkpoints name each "
+                              "expert's linears, so convert from the per-expert checkpoint")
+        if not self.calibrated:
+            for lin in arch.layer_spec(job.layer).linears:
+                self.quantize(job, lin.name, job(lin.name), None)
+        else:
+            self._calibrated_layer(job, run)
+        job.stream.stats.seconds_per_layer[job.layer] = time.perf_counter() - began
 
-    def __init__(self, layer: int, stream: GPTQStream, weights: LayerWeights, in_place: bool, keep_runtime: bool):
-        self.layer, self.stream, self.weights = layer, stream, weights
-        self.in_place, self.keep_runtime = in_place, keep_runtime
-        self.runtime: dict[str, torch.Tensor] = {}
+    def _calibrated_layer(self, job: LayerJob, run: CalibrationRun) -> None:
+        """Float pass with Hessians, every linear quantized, then the pass that gives the next layer's inputs."""
+        arch = job.arch
+        groups = arch.layer_spec(job.layer).input_groups
+        hessians, routing = _Hessians(groups, job.device), _Routing()
+        has_router = hasattr(arch, "on_route")
+        if has_router:
+            arch.on_route = routing
+        try:
+            float_outputs = run.forward(job, [hessians])
+        finally:
+            if has_router:
+                arch.on_route = None
+        for key, group in hessians.by_key.items():
+            if key == hessians.router_key:
+                continue  # the router stays unquantized
+            acc = hessians.hessians.pop(key, None)
+            for name in group.linears:
+                self.quantize(job, name, job(name), acc)
+        if hessians.router_inputs:
+            self._quantize_experts(job, groups, hessians, routing)
+        del hessians
+        run.advance(float_outputs if self.propagate == "float" else run.forward(job))
 
-    def quantize(self, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
-        config, stats, layer = self.stream.config, self.stream.stats, self.layer
-        if self.stream.rtn:
+    def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
+        config, stats, layer = self.config, job.stream.stats, job.layer
+        if self.rtn:
             result = rtn_quantize(w, config)
         elif acc is None or acc.n == 0:
             stats.rtn.setdefault(layer, []).append(name)
@@ -144,119 +163,36 @@ class _LayerJob:
             if result.damp_retries:
                 log.warning("%s: Hessian not positive definite; damping raised to %g", name, result.damp_percent)
                 stats.damp_retries.setdefault(layer, {})[name] = float(result.damp_percent)
-        self.stream.sink(layer, name, result)
-        if self.keep_runtime:
-            weight = runtime_weight(result)
-            if self.in_place:
-                self.weights.replace(name, weight)
-            else:
-                self.runtime[name] = weight
-
-    def quantized_weights(self) -> Callable[[str], torch.Tensor]:
-        return self.weights if self.in_place else _overlay(self.runtime, self.weights)
-
-
-def _quantize_experts(job: _LayerJob, groups: list[InputGroup], hessians: _Hessians, routing: _Routing,
-                      min_tokens: int, fallback: str) -> None:
-    weights, stats = job.weights, job.stream.stats
-    tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
-    choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)
-    by_expert = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
-    downs = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("down_proj")}
-    counts = []
-    for expert in sorted(by_expert):
-        gate_name, up_name = by_expert[expert].linears
-        (down_name,) = downs[expert].linears
-        mine = (choices == expert).any(-1)
-        counts.append(int(mine.sum()))
-        x = tokens[mine]
-        if len(x) < min_tokens:
-            stats.fallbacks.setdefault(job.layer, []).append(gate_name.rsplit(".", 2)[0])
-            if fallback == "rtn":
-                for name in (gate_name, up_name, down_name):
-                    job.quantize(name, weights(name), None)
-                continue
-            x = tokens
-        acc = HessianAccumulator(x.shape[-1], x.device)
-        acc.add(x[None])
-        gate, up = weights(gate_name), weights(up_name)  # the float ones, still needed for down's inputs
-        job.quantize(gate_name, gate, acc)
-        job.quantize(up_name, up, acc)
-        acc = HessianAccumulator(gate.shape[0], x.device)
-        acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])  # the float MLP's down_proj input
-        job.quantize(down_name, weights(down_name), acc)
-    stats.expert_tokens[job.layer] = counts
-
-
-def _calibrated_layer(job: _LayerJob, run: CalibrationRun, arch, device, min_tokens: int, fallback: str,
-                      propagate: str) -> None:
-    """Float pass with Hessians, every linear quantized, then the pass that gives the next layer's inputs."""
-    groups = arch.layer_spec(job.layer).input_groups
-    hessians, routing = _Hessians(groups, device), _Routing()
-    has_router = hasattr(arch, "on_route")
-    if has_router:
-        arch.on_route = routing
-    try:
-        float_outputs = run.forward(job.weights, [hessians])
-    finally:
-        if has_router:
-            arch.on_route = None
-    for key, group in hessians.by_key.items():
-        if key == hessians.router_key:
-            continue  # the router stays unquantized
-        acc = hessians.hessians.pop(key, None)
-        for name in group.linears:
-            job.quantize(name, job.weights(name), acc)
-    if hessians.router_inputs:
-        _quantize_experts(job, groups, hessians, routing, min_tokens, fallback)
-    del hessians
-    run.advance(float_outputs if propagate == "float" else run.forward(job.quantized_weights()))
-
-
-def gptq_layers(model: Model, streams: Sequence[GPTQStream], samples: Sequence[torch.Tensor], *,
-                min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, fallback: str = "all",
-                propagate: str = "quantized", progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
-    """Quantize every decoder layer for every stream, reading each layer's weights once for all of them: each
-    calibrated stream keeps its own activations (its own quantized outputs feed its next layer). Yields each layer
-    once every stream's sink has had that layer's linears (layers every stream restores are yielded too).
-    Peak memory: one layer's float weights, plus one more layer of runtime weights when several calibrated
-    streams share it, plus each stream's activations."""
-    if fallback not in ("all", "rtn"):
-        raise ConfigError(f"unknown expert fallback {fallback!r}; use 'all' (the layer's tokens) or 'rtn'")
-    if propagate not in ("quantized", "float"):
-        raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
-    for stream in streams:
-        if stream.start_layer and stream.restore is None and not stream.rtn:
-            raise ConfigError("resuming after layer 0 needs the finished layers' weights (restore)")
-    arch = model.arch
-    if getattr(arch, "fused_experts", False):
-        raise ConfigError(f"{model.source.path}: routed experts are stored fused (transformers 5 layout); GPTQ "
-                          "checkpoints name each expert's linears, so convert from the per-expert checkpoint")
-    calibrated = [s for s in streams if not s.rtn]
-    runs: dict[int, CalibrationRun] = {}
-    if calibrated:
-        first = CalibrationRun(arch, model.weights(), samples, model.device)
-        runs = {id(s): first if i == 0 else first.fork() for i, s in enumerate(calibrated)}
-    begin = min((s.start_layer for s in streams), default=arch.num_layers) if not calibrated else 0
-    for layer in range(begin, arch.num_layers):
-        weights = LayerWeights(model.weights())
-        for stream in calibrated:
-            if layer < stream.start_layer:
-                run = runs[id(stream)]
-                run.advance(run.forward(_overlay(stream.restore(layer), weights)))
-        # round-to-nearest streams first: they only read the float weights the calibrated ones then replace
-        active = sorted((s for s in streams if layer >= s.start_layer), key=lambda s: not s.rtn)
-        for i, stream in enumerate(active):
-            began = time.perf_counter()
-            job = _LayerJob(layer, stream, weights, in_place=i == len(active) - 1,
-                            keep_runtime=not stream.rtn and propagate == "quantized")
-            if stream.rtn:
-                for name in (lin.name for lin in arch.layer_spec(layer).linears):
-                    job.quantize(name, weights(name), None)
-            else:
-                _calibrated_layer(job, runs[id(stream)], arch, model.device, min_expert_tokens, fallback, propagate)
-            stream.stats.seconds_per_layer[layer] = time.perf_counter() - began
-        weights.clear()
-        if progress is not None:
-            progress(layer + 1, arch.num_layers)
-        yield layer
+        job.emit(name, result)
+        if self.calibrated and self.propagate == "quantized":
+            job.set(name, runtime_weight(result))
+    def _quantize_experts(self, job: LayerJob, groups: list[InputGroup], hessians: _Hessians,
+                          routing: _Routing) -> None:
+        stats = job.stream.stats
+        tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
+        choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)
+        by_expert = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
+        downs = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("down_proj")}
+        counts = []
+        for expert in sorted(by_expert):
+            gate_name, up_name = by_expert[expert].linears
+            (down_name,) = downs[expert].linears
+            mine = (choices == expert).any(-1)
+            counts.append(int(mine.sum()))
+            x = tokens[mine]
+            if len(x) < self.min_expert_tokens:
+                stats.fallbacks.setdefault(job.layer, []).append(gate_name.rsplit(".", 2)[0])
+                if self.fallback == "rtn":
+                    for name in (gate_name, up_name, down_name):
+                        self.quantize(job, name, job(name), None)
+                    continue
+                x = tokens
+            acc = HessianAccumulator(x.shape[-1], x.device)
+            acc.add(x[None])
+            gate, up = job(gate_name), job(up_name)  # the float ones, still needed for down's inputs
+            self.quantize(job, gate_name, gate, acc)
+            self.quantize(job, up_name, up, acc)
+            acc = HessianAccumulator(gate.shape[0], x.device)
+            acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])  # the float MLP's down_proj input
+            self.quantize(job, down_name, job(down_name), acc)
+        stats.expert_tokens[job.layer] = counts

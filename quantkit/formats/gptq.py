@@ -4,9 +4,9 @@ The output is an HF folder (quantkit.formats.safetensors_folder): every decoder-
 `<module>.qweight` int32 [in*bits/32, out], `.qzeros` int32 [G, out*bits/32] (v1: stored zero = true zero - 1,
 `checkpoint_format: gptq`), `.scales` float16 [G, out] and `.g_idx` int32 [in]; embeddings, lm_head, norms,
 routers and biases in BF16; `quantkit_report.json` says how it was made and lists each layer's calibration facts
-(routed tokens per expert, fallbacks). Quantization itself is the calibration side's (quantkit.calib.gptq): this
-module packs each result as it comes, writes a shard per layer, and reads finished layers back for a resumed run.
-Every gptq target of one command shares one pass over the model.
+(routed tokens per expert, fallbacks). Quantization itself is the calibration side's (quantkit.calib.gptq, run by
+quantkit.calib.layerwise): this module packs each result as it comes, writes a shard per layer, and reads finished
+layers back for a resumed run. Every gptq target of one command is a stream of one pass over the model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
-from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, GPTQStats, GPTQStream
+from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, GPTQ, GPTQStats
+from quantkit.calib.layerwise import Stream
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
@@ -197,7 +198,7 @@ class GPTQFormat(OutputFormat):
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
         """Every GPTQ target of the command in one pass over the model: each layer read once for all of them."""
         from quantkit.calib.data import calibration_samples
-        from quantkit.calib.gptq import gptq_layers  # looked up per call: tests interpose on it
+        from quantkit.calib.layerwise import run_layers  # looked up per call: tests interpose on it
 
         model = self._require_model(source)
         layers = _quantized_linears(model)
@@ -210,14 +211,14 @@ class GPTQFormat(OutputFormat):
             if not out.writer.has(OTHER):
                 out.writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})
         todo = [out for out in outputs if out.writer.start_layer < len(layers)]
-        streams = [GPTQStream(out.config, out.take, rtn=out.rtn, start_layer=out.writer.start_layer,
-                              restore=out.restore(layers)) for out in todo]
-        calibrated = any(not s.rtn for s in streams)
+        streams = [Stream(GPTQ(out.config, rtn=out.rtn), out.take, start_layer=out.writer.start_layer,
+                          restore=out.restore(layers), stats=GPTQStats()) for out in todo]
+        calibrated = any(s.method.calibrated for s in streams)
         samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) \
             if calibrated else []
         progress = None if options.progress is None else (lambda done, total: options.progress(
             Progress("gptq " + ", ".join(out.job.target.spec for out in todo), done, total, "layers")))
-        for index in gptq_layers(model, streams, samples, progress=progress):
+        for index in run_layers(model, streams, samples, progress=progress):
             _, linears, others = layers[index]
             writing = [(out, s) for out, s in zip(todo, streams, strict=True) if index >= s.start_layer]
             kept_tensors = {n: model.source.read(n).to(kept) for n in others} if writing else {}

@@ -9,7 +9,8 @@ import torch
 
 from quantkit.bundled import model_path
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import GPTQStats, GPTQStream, gptq_layers, runtime_weight
+from quantkit.calib.gptq import GPTQ, GPTQStats, runtime_weight
+from quantkit.calib.layerwise import Stream, run_layers
 from quantkit.errors import ConfigError
 from quantkit.model import Model
 from quantkit.quant.gptq import GPTQConfig, rtn_quantize
@@ -17,19 +18,14 @@ from quantkit.quant.gptq import GPTQConfig, rtn_quantize
 CONFIG = GPTQConfig(bits=4, group_size=32)
 
 
-def _stream(config=CONFIG, **kwargs):
-    """A stream that keeps every result: {layer: {name: GPTQResult}} in .results."""
+def _run(model, samples, stats=None, start_layer=0, restore=None, **method):
+    """{layer: {name: GPTQResult}} of one GPTQ stream."""
     results = defaultdict(dict)
-    stream = GPTQStream(config, lambda layer, name, r: results[layer].__setitem__(name, r), **kwargs)
-    stream.results = results
-    return stream
-
-
-def _run(model, samples, stats=None, start_layer=0, restore=None, **kwargs):
-    stream = _stream(stats=stats if stats is not None else GPTQStats(), start_layer=start_layer, restore=restore)
-    yielded = list(gptq_layers(model, [stream], samples, **kwargs))
+    stream = Stream(GPTQ(CONFIG, **method), lambda layer, name, r: results[layer].__setitem__(name, r),
+                    start_layer=start_layer, restore=restore, stats=stats if stats is not None else GPTQStats())
+    yielded = list(run_layers(model, [stream], samples))
     assert yielded == list(range(model.arch.num_layers))
-    return dict(stream.results)
+    return dict(results)
 
 
 def _kld(model, replaced, ids):

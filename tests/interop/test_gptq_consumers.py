@@ -1,7 +1,7 @@
 """Real consumers of quantkit's GPTQ folders: transformers (with optimum and GPTQModel's CPU kernels) and
 GPTQModel itself, run in their own venv (conftest.gptqmodel_env), must load what `quantkit convert --to gptq:...`
 writes and compute the logits quantkit's forward computes on the same dequantized weights (quantkit's GPTQ input
-decoder). Quantization goes through the real FORMAT.write and quantkit.calib.gptq.gptq_layers, calibrated on 16 x
+decoder). Quantization goes through the real FORMAT.write and quantkit.calib.layerwise.run_layers, calibrated on 16 x
 128 tokens of the bundled calibration text.
 
 What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
