@@ -131,6 +131,12 @@ class Architecture:
         """Every checkpoint tensor layer `index`'s forward reads."""
         return list(self.layer_spec(index).tensor_shapes())
 
+    def norm_block(self, index: int, norm: str, weights: Weights, x: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """The output (before the residual add) of the block of layer `index` that reads norm `norm`'s output x
+        [batch, tokens, hidden]: the attention or the MLP/MoE. AWQ judges a norm's scales by it."""
+        raise NotImplementedError
+
     def is_skipped(self, name: str) -> bool:
         """Tensors in the checkpoint that the model (and conversion) ignores, e.g. MTP layers."""
         return False

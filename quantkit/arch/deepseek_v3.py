@@ -165,10 +165,19 @@ class DeepseekV3Architecture(Architecture):
         x = rms_norm(hidden, weights(p + "input_layernorm.weight"), self.rms_norm_eps)
         hidden = hidden + self._attention(p, weights, x, positions)
         x = rms_norm(hidden, weights(p + "post_attention_layernorm.weight"), self.rms_norm_eps)
-        if self.is_moe_layer(index):
-            return hidden + self._moe(index, weights, x)
-        return hidden + self._ffn(p + "mlp", x, weights(p + "mlp.gate_proj.weight"),
-                                  weights(p + "mlp.up_proj.weight"), weights(p + "mlp.down_proj.weight"))
+        return hidden + self.norm_block(index, p + "post_attention_layernorm.weight", weights, x, positions)
+
+    def norm_block(self, index: int, norm: str, weights: Weights, x: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{index}."
+        if norm == p + "input_layernorm.weight":
+            return self._attention(p, weights, x, positions)
+        if norm == p + "post_attention_layernorm.weight":
+            if self.is_moe_layer(index):
+                return self._moe(index, weights, x)
+            return self._ffn(p + "mlp", x, weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight"),
+                             weights(p + "mlp.down_proj.weight"))
+        raise KeyError(f"{norm} feeds no block of layer {index}")
 
     def _ffn(self, stem: str, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
              down: torch.Tensor) -> torch.Tensor:

@@ -76,24 +76,38 @@ class LlamaArchitecture(Architecture):
     def layer_forward(self, index: int, weights: Weights, hidden: torch.Tensor,
                       positions: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{index}."
-        b, t, _ = hidden.shape
-
-        def proj(name: str, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-            return F.linear(x, weights(p + name + ".weight"), weights(p + name + ".bias") if has_bias else None)
-
         x = rms_norm(hidden, weights(p + "input_layernorm.weight"), self.rms_norm_eps)
+        hidden = hidden + self._attention(p, weights, x, positions)
+        x = rms_norm(hidden, weights(p + "post_attention_layernorm.weight"), self.rms_norm_eps)
+        return hidden + self._mlp(p, weights, x)
+
+    def norm_block(self, index: int, norm: str, weights: Weights, x: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{index}."
+        if norm == p + "input_layernorm.weight":
+            return self._attention(p, weights, x, positions)
+        if norm == p + "post_attention_layernorm.weight":
+            return self._mlp(p, weights, x)
+        raise KeyError(f"{norm} feeds no block of layer {index}")
+
+    def _proj(self, p: str, weights: Weights, name: str, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+        return F.linear(x, weights(p + name + ".weight"), weights(p + name + ".bias") if has_bias else None)
+
+    def _attention(self, p: str, weights: Weights, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
         self._observe(p + "self_attn.q_proj", x)
-        q = proj("self_attn.q_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = proj("self_attn.k_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = proj("self_attn.v_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self._proj(p, weights, "self_attn.q_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self._proj(p, weights, "self_attn.k_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self._proj(p, weights, "self_attn.v_proj", x, self.qkv_bias).view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = self.rope.cos_sin(positions)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         attn = causal_attention(q, k, v, self.head_dim ** -0.5)
         self._observe(p + "self_attn.o_proj", attn)
-        hidden = hidden + proj("self_attn.o_proj", attn, self.o_bias)
+        return self._proj(p, weights, "self_attn.o_proj", attn, self.o_bias)
 
-        x = rms_norm(hidden, weights(p + "post_attention_layernorm.weight"), self.rms_norm_eps)
+    def _mlp(self, p: str, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         self._observe(p + "mlp.gate_proj", x)
-        gated = F.silu(proj("mlp.gate_proj", x, self.mlp_bias)) * proj("mlp.up_proj", x, self.mlp_bias)
+        gated = F.silu(self._proj(p, weights, "mlp.gate_proj", x, self.mlp_bias)) * self._proj(
+            p, weights, "mlp.up_proj", x, self.mlp_bias)
         self._observe(p + "mlp.down_proj", gated)
-        return hidden + proj("mlp.down_proj", gated, self.mlp_bias)
+        return self._proj(p, weights, "mlp.down_proj", gated, self.mlp_bias)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +35,6 @@ from quantkit.quant.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequ
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_EXPERT_TOKENS = 16  # fewer routed tokens than this: the expert gets the fallback
-
-
-@dataclass
-class GPTQStats:
-    """What a run did, layer by layer, for its summary and the output's report."""
-
-    seconds_per_layer: dict[int, float] = field(default_factory=dict)
-    expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per routed expert
-    fallbacks: dict[int, list[str]] = field(default_factory=dict)  # experts calibrated by the fallback
-    damp_retries: dict[int, dict[str, float]] = field(default_factory=dict)  # weight -> damping finally used
-    rtn: dict[int, list[str]] = field(default_factory=dict)  # weights that got round-to-nearest (no usable Hessian)
-
-    def layer_record(self, layer: int) -> dict:
-        """One layer's facts, JSON-ready and deterministic (no times): what a resumed run must carry over."""
-        record = {"expert_tokens": self.expert_tokens.get(layer), "fallback_experts": self.fallbacks.get(layer),
-                  "damping_raised": self.damp_retries.get(layer), "round_to_nearest": self.rtn.get(layer)}
-        return {k: v for k, v in record.items() if v}
 
 
 def runtime_weight(result: GPTQResult) -> torch.Tensor:
@@ -94,8 +76,8 @@ class _Routing:
 class GPTQ:
     """The GPTQ method of a layerwise Stream (quantkit.calib.layerwise): `rtn` rounds to nearest instead, with
     no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
-    "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. The stream's
-    stats must be a GPTQStats."""
+    "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. Notes in the
+    stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping)."""
 
     def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
                  fallback: str = "all", propagate: str = "quantized"):
@@ -110,8 +92,6 @@ class GPTQ:
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
         began = time.perf_counter()
         arch = job.arch
-        if job.stream.stats is None:
-            job.stream.stats = GPTQStats()
         if getattr(arch, "fused_experts", False):
             raise ConfigError("routed experts are stored fused (transformers 5 layout); GPTQ checkpoints name each "
                               "expert's linears, so convert from the per-expert checkpoint")
@@ -151,18 +131,18 @@ class GPTQ:
         if self.rtn:
             result = rtn_quantize(w, config)
         elif acc is None or acc.n == 0:
-            stats.rtn.setdefault(layer, []).append(name)
+            stats.note(layer, "round_to_nearest", name, "no calibration input")
             result = rtn_quantize(w, config)
         else:
             try:
                 result = gptq_quantize(w, acc.H, config)
             except QuantkitError as exc:  # an all-zero or unusable Hessian: the weight still gets quantized
                 log.warning("%s: %s; using round-to-nearest", name, exc)
-                stats.rtn.setdefault(layer, []).append(name)
+                stats.note(layer, "round_to_nearest", name, str(exc))
                 result = rtn_quantize(w, config)
             if result.damp_retries:
                 log.warning("%s: Hessian not positive definite; damping raised to %g", name, result.damp_percent)
-                stats.damp_retries.setdefault(layer, {})[name] = float(result.damp_percent)
+                stats.note(layer, "damping_raised", name, float(result.damp_percent))
         job.emit(name, result)
         if self.calibrated and self.propagate == "quantized":
             job.set(name, runtime_weight(result))

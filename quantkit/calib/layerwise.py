@@ -12,7 +12,7 @@ so a single output holds one layer of float32 weights at a time, else in an over
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -55,12 +55,35 @@ class Method(Protocol):
 
 
 @dataclass
+class LayerStats:
+    """What a stream's run did, layer by layer: for the end-of-run summary and the output's report."""
+
+    seconds_per_layer: dict[int, float] = field(default_factory=dict)
+    expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per routed expert
+    fallbacks: dict[int, list[str]] = field(default_factory=dict)  # experts calibrated by the fallback
+    notes: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # layer -> kind -> name -> value
+
+    def note(self, layer: int, kind: str, name: str, value: Any) -> None:
+        """A method's fact about one tensor (e.g. "damping_raised": weight -> damping)."""
+        self.notes.setdefault(layer, {}).setdefault(kind, {})[name] = value
+
+    def noted(self, kind: str) -> dict[str, Any]:
+        return {name: v for kinds in self.notes.values() for name, v in kinds.get(kind, {}).items()}
+
+    def layer_record(self, layer: int) -> dict:
+        """One layer's facts, JSON-ready and deterministic (no times): what a resumed run must carry over."""
+        record = {"expert_tokens": self.expert_tokens.get(layer), "fallback_experts": self.fallbacks.get(layer),
+                  **self.notes.get(layer, {})}
+        return {k: v for k, v in record.items() if v}
+
+
+@dataclass
 class Stream:
     method: Method
     sink: Callable[[int, str, Any], None]
     start_layer: int = 0
     restore: Callable[[int], dict[str, torch.Tensor]] | None = None
-    stats: Any = None  # the method's per-layer facts, if it keeps any
+    stats: LayerStats = field(default_factory=LayerStats)
 
 
 def overlay(replaced: dict[str, torch.Tensor], weights: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
-from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, GPTQ, GPTQStats
-from quantkit.calib.layerwise import Stream
+from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, GPTQ
+from quantkit.calib.layerwise import LayerStats, Stream
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
@@ -212,7 +212,7 @@ class GPTQFormat(OutputFormat):
                 out.writer.write(OTHER, {n: model.source.read(n).to(kept) for n in model.arch.global_shapes()})
         todo = [out for out in outputs if out.writer.start_layer < len(layers)]
         streams = [Stream(GPTQ(out.config, rtn=out.rtn), out.take, start_layer=out.writer.start_layer,
-                          restore=out.restore(layers), stats=GPTQStats()) for out in todo]
+                          restore=out.restore(layers)) for out in todo]
         calibrated = any(s.method.calibrated for s in streams)
         samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) \
             if calibrated else []
@@ -301,7 +301,7 @@ class _Output:
         return runtime_weights
 
 
-def _log_summary(job: Job, stats: GPTQStats) -> None:
+def _log_summary(job: Job, stats: LayerStats) -> None:
     """The end-of-run summary: time per layer, fallbacks and damping retries, expert token coverage."""
     seconds = list(stats.seconds_per_layer.values())
     if seconds:
@@ -315,10 +315,9 @@ def _log_summary(job: Job, stats: GPTQStats) -> None:
     if fallbacks:
         log.warning("%s: %d expert(s) got too few calibration tokens and were calibrated with the fallback (listed "
                     "in %s): %s", job.target, len(fallbacks), REPORT_NAME, ", ".join(fallbacks))
-    for retries in stats.damp_retries.values():
-        for name, damp in retries.items():
-            log.warning("%s: %s needed damping %g", job.target, name, damp)
-    rtn = [name for names in stats.rtn.values() for name in names]
+    for name, damp in stats.noted("damping_raised").items():
+        log.warning("%s: %s needed damping %g", job.target, name, damp)
+    rtn = list(stats.noted("round_to_nearest"))
     if rtn:
         log.warning("%s: round-to-nearest for %d weight(s) without a usable Hessian: %s", job.target, len(rtn),
                     ", ".join(rtn))

@@ -9,8 +9,8 @@ import torch
 
 from quantkit.bundled import model_path
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import GPTQ, GPTQStats, runtime_weight
-from quantkit.calib.layerwise import Stream, run_layers
+from quantkit.calib.gptq import GPTQ, runtime_weight
+from quantkit.calib.layerwise import LayerStats, Stream, run_layers
 from quantkit.errors import ConfigError
 from quantkit.model import Model
 from quantkit.quant.gptq import GPTQConfig, rtn_quantize
@@ -22,7 +22,7 @@ def _run(model, samples, stats=None, start_layer=0, restore=None, **method):
     """{layer: {name: GPTQResult}} of one GPTQ stream."""
     results = defaultdict(dict)
     stream = Stream(GPTQ(CONFIG, **method), lambda layer, name, r: results[layer].__setitem__(name, r),
-                    start_layer=start_layer, restore=restore, stats=stats if stats is not None else GPTQStats())
+                    start_layer=start_layer, restore=restore, stats=stats if stats is not None else LayerStats())
     yielded = list(run_layers(model, [stream], samples))
     assert yielded == list(range(model.arch.num_layers))
     return dict(results)
@@ -78,7 +78,7 @@ def test_moe_experts_routed_tokens_and_fallback_for_an_unused_expert(copy_model)
             tensors[name][3] = -1e4
             save_file(tensors, shard, metadata={"format": "pt"})
     with Model(folder) as model:
-        stats = GPTQStats()
+        stats = LayerStats()
         samples = [torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
         layers = _run(model, samples, stats=stats)
         moe = [i for i in range(model.arch.num_layers) if model.arch.is_moe_layer(i)]
@@ -88,7 +88,7 @@ def test_moe_experts_routed_tokens_and_fallback_for_an_unused_expert(copy_model)
         assert stats.layer_record(1)["fallback_experts"] == stats.fallbacks[1]
         for layer in moe:
             assert {lin.name for lin in model.arch.layer_spec(layer).linears} == set(layers[layer])
-        rtn_stats = GPTQStats()
+        rtn_stats = LayerStats()
         rtn_layers = _run(model, samples, stats=rtn_stats, fallback="rtn")
         down = "model.layers.1.mlp.experts.3.down_proj.weight"
         assert torch.equal(rtn_layers[1][down].q, rtn_quantize(model.source.read(down), CONFIG).q)
