@@ -42,6 +42,16 @@ class Observer:
         """Called once every sample has run through layer `layer`."""
 
 
+class Routing:
+    """Routing decisions of every sample of one layer (set as the architecture's on_route hook)."""
+
+    def __init__(self):
+        self.indices: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, indices: torch.Tensor) -> None:
+        self.indices.append(indices)
+
+
 # layer_hook(layer, layer weights, inputs, outputs) -> replacement outputs (same shapes) or None
 LayerHook = Callable[[int, Weights, list[torch.Tensor], list[torch.Tensor]], "list[torch.Tensor] | None"]
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.arch.base import InputGroup
-from quantkit.calib.engine import CalibrationRun, Observer
+from quantkit.calib.engine import CalibrationRun, Observer, Routing
 from quantkit.calib.layerwise import LayerJob
 from quantkit.errors import ConfigError, QuantkitError
 from quantkit.quant.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
@@ -63,16 +63,6 @@ class _Hessians(Observer):
             acc.add(x[None])
 
 
-class _Routing:
-    """Routing decisions of every sample of one layer (the architecture's on_route hook)."""
-
-    def __init__(self):
-        self.indices: list[torch.Tensor] = []
-
-    def __call__(self, layer: int, indices: torch.Tensor) -> None:
-        self.indices.append(indices)
-
-
 class GPTQ:
     """The GPTQ method of a layerwise Stream (quantkit.calib.layerwise): `rtn` rounds to nearest instead, with
     no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
@@ -106,7 +96,7 @@ class GPTQ:
         """Float pass with Hessians, every linear quantized, then the pass that gives the next layer's inputs."""
         arch = job.arch
         groups = arch.layer_spec(job.layer).input_groups
-        hessians, routing = _Hessians(groups, job.device), _Routing()
+        hessians, routing = _Hessians(groups, job.device), Routing()
         has_router = hasattr(arch, "on_route")
         if has_router:
             arch.on_route = routing
@@ -147,7 +137,7 @@ class GPTQ:
         if self.calibrated and self.propagate == "quantized":
             job.set(name, runtime_weight(result))
     def _quantize_experts(self, job: LayerJob, groups: list[InputGroup], hessians: _Hessians,
-                          routing: _Routing) -> None:
+                          routing: Routing) -> None:
         stats = job.stream.stats
         tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
         choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)

@@ -1,0 +1,222 @@
+"""AWQ on the calibration engine, a quantkit.calib.layerwise method: one decoder layer at a time, AutoAWQ's
+order within the layer (FORMATS.md §6.4).
+
+Per layer: one float pass keeps every input group's inputs (per sample, so attention can be rerun). The layer's
+input groups, joined by what produces their input, are the scaling units: a norm feeding several linears (q/k/v,
+gate/up; DeepSeek's q_a + kv_a_with_mqa, and the router with every routed and shared expert's gate/up), a norm
+feeding one linear (q_a_layernorm -> q_b, kv_a_layernorm -> kv_b), a linear feeding one (v -> o where the shapes
+allow, up -> down, each expert's up -> its down). An attention producer (o_proj under GQA or MLA) has nothing
+to fold into: unscaled. Each unit's scales are searched against the output of the block its norm feeds (the
+attention, MLP or whole MoE: Architecture.norm_block) or of its single linear, then folded: the producer's
+output channels divided (a norm's weight, a linear's rows and bias), every consumer's input columns multiplied.
+The router reads the same norm as the experts, so its columns are multiplied too: it stays unquantized and the
+folded float model computes exactly what the source does. The cached inputs of the unit are divided alike.
+Then every linear's clip is searched (not q/k projections, as AutoAWQ), the weights quantized (asymmetric,
+zero points) and emitted, with the scaled norms, routers and biases the output must store instead of the
+source's. Routed experts use the tokens routed to them; one under `min_expert_tokens` uses all of the layer's
+tokens for its clip and down-projection scales (the GPTQ fallback), listed in the stats.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.arch.base import InputGroup
+from quantkit.calib.engine import CalibrationRun, Observer, Routing
+from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS
+from quantkit.calib.layerwise import LayerJob, overlay
+from quantkit.errors import ConfigError
+from quantkit.quant.awq import (
+    AWQConfig,
+    activation_mean,
+    clip,
+    quantize,
+    runtime_weight,
+    search_clip,
+    search_scales,
+)
+
+# AutoAWQ leaves the query/key projections unclipped (their errors are squared through the attention scores)
+UNCLIPPED = ("q_", "k_", "query", "key", "Wqkv")
+
+
+@dataclass
+class ScalingUnit:
+    """Linears whose shared input one producer makes, and what judges their scales."""
+
+    producer: str
+    kind: str  # "norm" | "linear"
+    groups: list[InputGroup]
+
+    @property
+    def linears(self) -> list[str]:
+        return [name for g in self.groups for name in g.linears]
+
+
+def scaling_units(groups: list[InputGroup]) -> list[ScalingUnit]:
+    """The layer's input groups joined by producer, in order; attention-produced inputs are left out."""
+    units: dict[str, ScalingUnit] = {}
+    for g in groups:
+        if g.kind == "attention":
+            continue
+        unit = units.setdefault(g.producer, ScalingUnit(g.producer, g.kind, []))
+        unit.groups.append(g)
+    return list(units.values())
+
+
+class _Inputs(Observer):
+    """Every input group's input, per forward call (one sample, or one expert's routed tokens of a sample)."""
+
+    def __init__(self, keys: set[str]):
+        self.keys = keys
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, layer: int, key: str, x: torch.Tensor, index: int, count: int) -> None:
+        if key in self.keys:
+            self.inputs.setdefault(key, []).append(x)
+
+
+class AWQ:
+    """AWQ as a layerwise Stream's method; `rtn` is the same asymmetric group quantization without scales or
+    clipping (no calibration). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
+
+    def __init__(self, config: AWQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+                 propagate: str = "quantized"):
+        if propagate not in ("quantized", "float"):
+            raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
+        self.config, self.rtn, self.min_expert_tokens, self.propagate = config, rtn, min_expert_tokens, propagate
+        self.calibrated = not rtn
+
+    def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
+        began = time.perf_counter()
+        spec = job.arch.layer_spec(job.layer)
+        if run is None:
+            for lin in spec.linears:
+                self._emit(job, lin.name, job(lin.name))
+        else:
+            self._calibrated_layer(job, run, spec)
+        job.stream.stats.seconds_per_layer[job.layer] = time.perf_counter() - began
+
+    def _emit(self, job: LayerJob, name: str, w: torch.Tensor) -> None:
+        result = quantize(w, self.config)
+        job.emit(name, result)
+        if self.calibrated and self.propagate == "quantized":
+            job.set(name, runtime_weight(result, self.config.group_size))
+
+    def _calibrated_layer(self, job: LayerJob, run: CalibrationRun, spec) -> None:
+        quantized = {lin.name for lin in spec.linears}
+        roles = {lin.name: lin.role for lin in spec.linears}
+        float_outputs, cached = self.observe(job, run)
+        changed = self.fold_scales(job, cached)
+        for group in spec.input_groups:
+            x = cached.get(group.key)
+            for name in group.linears:
+                if name not in quantized:
+                    continue
+                w = job(name)
+                if x and not any(tag in roles[name] for tag in UNCLIPPED):
+                    w = clip(w, search_clip(w, torch.cat(x), self.config), self.config.group_size)
+                self._emit(job, name, w)
+        for name in sorted(changed - quantized):
+            job.emit(name, job(name))  # scaled norms, routers and biases replace the source's
+        run.advance(float_outputs if self.propagate == "float" else run.forward(job))
+
+    def observe(self, job: LayerJob, run: CalibrationRun) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The layer's float outputs and every input group's inputs (experts under the threshold given all of the
+        layer's tokens)."""
+        arch = job.arch
+        spec = arch.layer_spec(job.layer)
+        inputs, routing = _Inputs({g.key for g in spec.input_groups}), Routing()
+        has_router = hasattr(arch, "on_route")
+        if has_router:
+            arch.on_route = routing
+        try:
+            float_outputs = run.forward(job, [inputs])
+        finally:
+            if has_router:
+                arch.on_route = None
+        self._expert_coverage(job, spec.input_groups, inputs.inputs, routing)
+        return float_outputs, inputs.inputs
+
+    def fold_scales(self, job: LayerJob, cached: dict[str, list[torch.Tensor]]) -> set[str]:
+        """Search and fold every scaling unit's scales into the job's layer (and the cached inputs); returns the
+        names of the tensors changed. The folded float layer computes what the source layer does."""
+        spec = job.arch.layer_spec(job.layer)
+        quantized = {lin.name for lin in spec.linears}
+        changed: set[str] = set()
+        for unit in scaling_units(spec.input_groups):
+            self._scale(job, unit, cached, quantized, changed)
+        return changed
+
+    def _expert_coverage(self, job: LayerJob, groups: list[InputGroup], cached: dict[str, list[torch.Tensor]],
+                         routing: Routing) -> None:
+        """Tokens per routed expert; an expert under the threshold gets its inputs from all of the layer's tokens
+        (its down projection's computed through its float gate and up)."""
+        experts = sorted({g.expert for g in groups if g.expert is not None})
+        if not experts:
+            return
+        router = next(g for g in groups if g.key.endswith("mlp.gate"))
+        tokens = torch.cat(cached[router.key])
+        choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)
+        counts = [int((choices == e).any(-1).sum()) for e in experts]
+        job.stream.stats.expert_tokens[job.layer] = counts
+        for expert, count in zip(experts, counts, strict=True):
+            if count >= self.min_expert_tokens:
+                continue
+            gate_group, down_group = (g for g in groups if g.expert == expert)
+            gate, up = (job(n) for n in gate_group.linears)
+            cached[gate_group.key] = [tokens]
+            cached[down_group.key] = [F.silu(tokens @ gate.T) * (tokens @ up.T)]
+            job.stream.stats.fallbacks.setdefault(job.layer, []).append(gate_group.linears[0].rsplit(".", 2)[0])
+
+    def _scale(self, job: LayerJob, unit: ScalingUnit, cached: dict[str, list[torch.Tensor]], quantized: set[str],
+               changed: set[str]) -> None:
+        names = [n for n in unit.linears if n in quantized]
+        # the unit's input: a group that sees every token of it (an expert's down unit is its one group)
+        whole = [g for g in unit.groups if g.expert is None] or unit.groups[:1]
+        x = cached.get(whole[0].key)
+        if not names or not x:
+            return
+        if len(unit.linears) == 1:
+            (name,) = names
+            bias = _bias(job, name)
+
+            def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+                return [F.linear(xi, ws[0], bias) for xi in x]
+        else:
+            def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+                replaced = overlay(dict(zip(names, ws, strict=True)), job)
+                return [job.arch.norm_block(job.layer, unit.producer, replaced, xi[None],
+                                            torch.arange(len(xi), device=xi.device))[0] for xi in x]
+        found = search_scales(activation_mean(x), [job(n) for n in names], inspect, self.config)
+        s = found.scales
+        job.stream.stats.note(job.layer, "awq_scale_ratio", unit.producer, found.ratio)
+        producer = job(unit.producer)
+        if unit.kind == "norm":
+            job.set(unit.producer, producer / s)
+        else:  # a linear's output rows (the last len(s), as AutoAWQ) and its bias
+            job.set(unit.producer, torch.cat([producer[:-len(s)], producer[-len(s):] / s[:, None]]))
+            bias_name = unit.producer.removesuffix(".weight") + ".bias"
+            if _has(job, bias_name):
+                job.set(bias_name, job(bias_name) / s)
+                changed.add(bias_name)
+        changed.add(unit.producer)
+        for name in unit.linears:
+            job.set(name, job(name) * s)
+            changed.add(name)
+        for group in unit.groups:
+            if group.key in cached:
+                cached[group.key] = [xi / s for xi in cached[group.key]]
+
+
+def _has(job: LayerJob, name: str) -> bool:
+    return name in job.arch.layer_spec(job.layer).tensor_shapes()
+
+
+def _bias(job: LayerJob, weight_name: str) -> torch.Tensor | None:
+    name = weight_name.removesuffix(".weight") + ".bias"
+    return job(name) if _has(job, name) else None
