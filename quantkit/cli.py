@@ -85,8 +85,8 @@ def inspect(model, as_json):
                    "Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS); "
                    "gptq:w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] (bits 2/3/4/8; no g: one group per "
                    "row; act: act-order; asym: zero points; static: static groups; mse: clipping search; rtn: "
-                   "round-to-nearest, no calibration), e.g. "
-                   "gptq:w4g128. Repeat for several outputs from one read of the source.")
+                   "round-to-nearest, no calibration), e.g. gptq:w4g128; awq:w4g{group}[-rtn] (group 32/64/128; "
+                   "AutoAWQ GEMM layout). Repeat for several outputs from one read of the source.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
                    "are named <model>-<TYPE>.gguf.")

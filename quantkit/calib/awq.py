@@ -85,10 +85,13 @@ class AWQ:
     clipping (no calibration). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
 
     def __init__(self, config: AWQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
-                 propagate: str = "quantized"):
+                 propagate: str = "quantized", kept_dtype: torch.dtype | None = None):
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens, self.propagate = config, rtn, min_expert_tokens, propagate
+        # the dtype the output stores the scaled norms and routers in: the quantized forward uses them so rounded,
+        # as a runtime (and a resumed run, which reads them back) does
+        self.kept_dtype = kept_dtype
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -121,8 +124,10 @@ class AWQ:
                 if x and not any(tag in roles[name] for tag in UNCLIPPED):
                     w = clip(w, search_clip(w, torch.cat(x), self.config), self.config.group_size)
                 self._emit(job, name, w)
-        for name in sorted(changed - quantized):
-            job.emit(name, job(name))  # scaled norms, routers and biases replace the source's
+        for name in sorted(changed - quantized):  # scaled norms, routers and biases replace the source's
+            if self.kept_dtype is not None:
+                job.set(name, job(name).to(self.kept_dtype).float())
+            job.emit(name, job(name))
         run.advance(float_outputs if self.propagate == "float" else run.forward(job))
 
     def observe(self, job: LayerJob, run: CalibrationRun) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:

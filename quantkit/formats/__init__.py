@@ -17,7 +17,8 @@ from pathlib import Path
 from quantkit.errors import ConfigError
 from quantkit.plan import Plan, format_plan
 
-FORMAT_MODULES = {"gguf": "quantkit.formats.gguf.format", "gptq": "quantkit.formats.gptq"}
+FORMAT_MODULES = {"gguf": "quantkit.formats.gguf.format", "gptq": "quantkit.formats.gptq",
+                  "awq": "quantkit.formats.awq"}
 
 
 @dataclass(frozen=True)

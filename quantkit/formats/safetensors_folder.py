@@ -130,7 +130,8 @@ class FolderWriter:
         self.shards[key] = {"sha256": hashlib.sha256(data).hexdigest(),
                             "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                             "tensors": {n: [_DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in tensors.items()},
-                            **({"info": info} if info else {})}
+                            # as the state file will give it back to a resumed run (keys sorted)
+                            **({"info": json.loads(json.dumps(info, sort_keys=True))} if info else {})}
         self._save_state()
 
     def infos(self) -> dict[int, dict]:

@@ -103,11 +103,49 @@ class BlockFP8Decoder(Decoder):
         return pairs
 
 
-class GPTQDecoder(Decoder):
-    """AutoGPTQ/GPTQModel checkpoints (FORMATS.md §5): `<module>.qweight/.qzeros/.scales/.g_idx` read as a float32
-    `<module>.weight`, dequantized as every GPTQ runtime does (quantkit.formats.gptq.dequantize_stored)."""
+class _PackedDecoder(Decoder):
+    """Checkpoints that store each quantized linear as `<module>.<suffix>` parts, read as a float32
+    `<module>.weight` dequantized as the format's runtimes do."""
 
-    name = "gptq"
+    kind = ""
+    SUFFIXES: tuple[str, ...] = ()
+
+    def _collect_modules(self, location) -> None:
+        self._modules = {}
+        for name in location:
+            if name.endswith(f".{self.SUFFIXES[0]}"):
+                module = name.removesuffix(f".{self.SUFFIXES[0]}")
+                parts = tuple(f"{module}.{s}" for s in self.SUFFIXES)
+                missing = [p for p in parts if p not in location]
+                if missing:
+                    raise SourceError(f"{location[name].path}: {self.kind} module {module!r} has no {missing[0]!r}; "
+                                      "the checkpoint is incomplete, re-download or re-convert it")
+                self._modules[module + ".weight"] = parts
+
+    def _shape(self, parts: tuple[str, ...]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _dequantize(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def virtual(self):
+        return {weight: (self._shape(parts), parts) for weight, parts in self._modules.items()}
+
+    def read(self, name: str, device) -> torch.Tensor | None:
+        parts = self._modules.get(name)
+        if parts is None:
+            return None
+        return self._dequantize([self.location[p].read(p, device=device) for p in parts])
+
+    def _entry_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.location[name].entries[name].shape)
+
+
+class GPTQDecoder(_PackedDecoder):
+    """AutoGPTQ/GPTQModel checkpoints (FORMATS.md §5): `<module>.qweight/.qzeros/.scales/.g_idx`, dequantized as
+    every GPTQ runtime does (quantkit.formats.gptq.dequantize_stored)."""
+
+    name, kind = "gptq", "GPTQ"
     SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, location, config, origin):
@@ -119,33 +157,15 @@ class GPTQDecoder(Decoder):
             raise SourceError(f"{origin}/config.json: quantkit reads GPTQ checkpoints with bits 2/3/4/8 and "
                               f"checkpoint_format 'gptq' (v1 zeros); this one says bits {self.bits!r}, "
                               f"format {fmt!r}")
-        self._modules = {}
-        for name in location:
-            if name.endswith(".qweight"):
-                module = name.removesuffix(".qweight")
-                parts = tuple(f"{module}.{s}" for s in self.SUFFIXES)
-                missing = [p for p in parts if p not in location]
-                if missing:
-                    raise SourceError(f"{location[name].path}: GPTQ module {module!r} has no {missing[0]!r}; the "
-                                      "checkpoint is incomplete, re-download or re-convert it")
-                self._modules[module + ".weight"] = parts
+        self._collect_modules(location)
 
-    def virtual(self):
-        shapes = {}
-        for weight, parts in self._modules.items():
-            qweight, scales = parts[0], parts[2]
-            out = self.location[scales].entries[scales].shape[1]
-            columns = self.location[qweight].entries[qweight].shape[0] * 32 // self.bits
-            shapes[weight] = ((out, columns), parts)
-        return shapes
+    def _shape(self, parts):
+        return self._entry_shape(parts[2])[1], self._entry_shape(parts[0])[0] * 32 // self.bits
 
-    def read(self, name: str, device) -> torch.Tensor | None:
-        parts = self._modules.get(name)
-        if parts is None:
-            return None
+    def _dequantize(self, tensors):
         from quantkit.formats.gptq import dequantize_stored  # the format owns the packing (lazy: it imports Model)
 
-        return dequantize_stored(*(self.location[p].read(p, device=device) for p in parts), self.bits)
+        return dequantize_stored(*tensors, self.bits)
 
     def label(self, stored_dtypes: set[str]) -> str:
         qc = self.config["quantization_config"]
@@ -154,8 +174,40 @@ class GPTQDecoder(Decoder):
         return f"GPTQ w{self.bits}{group}{flags}"
 
 
+class AWQDecoder(_PackedDecoder):
+    """AutoAWQ GEMM checkpoints (FORMATS.md §6.1): `<module>.qweight/.qzeros/.scales`, dequantized as every AWQ
+    runtime does (quantkit.formats.awq.dequantize_stored)."""
+
+    name, kind = "awq", "AWQ"
+    SUFFIXES = ("qweight", "qzeros", "scales")
+
+    def __init__(self, location, config, origin):
+        super().__init__(location, config, origin)
+        qc = self.config["quantization_config"]
+        self.bits = qc.get("bits", qc.get("w_bit"))
+        self.group_size = qc.get("group_size", qc.get("q_group_size"))
+        version = str(qc.get("version", "gemm")).lower()
+        if self.bits != 4 or version != "gemm" or qc.get("zero_point", True) is not True:
+            raise SourceError(f"{origin}/config.json: quantkit reads AWQ checkpoints in AutoAWQ's GEMM layout (4-bit, "
+                              f"zero points); this one says bits {self.bits!r}, version {version!r}, zero_point "
+                              f"{qc.get('zero_point')!r}")
+        self._collect_modules(location)
+
+    def _shape(self, parts):
+        return self._entry_shape(parts[2])[1], self._entry_shape(parts[0])[0]
+
+    def _dequantize(self, tensors):
+        from quantkit.formats.awq import dequantize_stored  # the format owns the packing (lazy: it imports Model)
+
+        return dequantize_stored(*tensors)
+
+    def label(self, stored_dtypes: set[str]) -> str:
+        return f"AWQ w4g{self.group_size}"
+
+
 # quantization_config.quant_method -> decoder; None: no quantization_config
-DECODERS: dict[str | None, type[Decoder]] = {None: Decoder, "fp8": BlockFP8Decoder, "gptq": GPTQDecoder}
+DECODERS: dict[str | None, type[Decoder]] = {None: Decoder, "fp8": BlockFP8Decoder, "gptq": GPTQDecoder,
+                                              "awq": AWQDecoder}
 
 
 def decoder_for(location: dict[str, SafetensorsFile], config: dict | None, origin: str) -> Decoder:

@@ -11,6 +11,7 @@ import quantkit.calib.layerwise as layerwise
 from quantkit.errors import QuantkitError
 from quantkit.formats import ConvertOptions, Job, get_format, parse_target
 from quantkit.formats import gptq as fmt
+from quantkit.formats.layerwise_folder import REPORT_NAME
 from quantkit.model import Model
 from quantkit.quant.gptq import GPTQConfig, dequantize, gptq_quantize, rtn_quantize
 from quantkit.source.safetensors_file import SafetensorsFile
@@ -103,7 +104,8 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("preset, kwargs, spec", [("qwen2", {}, "w4g64-act"), ("deepseek_v3", {"fp8": True}, "w4g64")])
+@pytest.mark.parametrize("preset, kwargs, spec", [("qwen2", {}, "w4g64-act"), ("deepseek_v3", {"fp8": True}, "w4g64"),
+                                                  ("qwen2-tied", {}, "w4g64")])
 def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kwargs, spec):
     plan, files = _convert(model_cache(preset, **kwargs), spec, tmp_path)
     folder = files[0].parent
@@ -124,6 +126,9 @@ def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kw
     assert config["quantization_config"]["desc_act"] is spec.endswith("-act")
     assert json.loads((folder / "quantize_config.json").read_text())["group_size"] == 64
     assert (folder / "tokenizer.json").is_file() and not list(tmp_path.glob("*.part"))
+    with Model(folder) as out:  # a tied head is stored too (AutoGPTQ's loader needs it), as the embedding
+        if out.arch.tie_word_embeddings:
+            assert torch.equal(out.source.read("lm_head.weight"), out.source.read("model.embed_tokens.weight"))
 
 
 def test_several_targets_share_one_pass_and_equal_separate_runs(model_cache, tmp_path, calib, monkeypatch):
@@ -151,7 +156,7 @@ def test_round_to_nearest_needs_no_calibration(model_cache, tmp_path, calib, mon
     src = model_cache("llama")
     _, files = _convert(src, "w4g32-rtn", tmp_path)
     folder = files[0].parent
-    report = json.loads((folder / fmt.REPORT_NAME).read_text())
+    report = json.loads((folder / REPORT_NAME).read_text())
     assert report["method"] == "round-to-nearest" and report["calibration"] is None
     name = "model.layers.1.self_attn.o_proj.weight"
     with Model(folder) as out, Model(src) as ref:
@@ -170,7 +175,7 @@ def test_report_lists_expert_tokens_and_fallbacks(copy_model, tmp_path, calib):
             tensors[name][3] = -1e4
             save_file(tensors, shard, metadata={"format": "pt"})
     _, files = _convert(src, "w4g64", tmp_path)
-    report = json.loads((files[0].parent / fmt.REPORT_NAME).read_text())
+    report = json.loads((files[0].parent / REPORT_NAME).read_text())
     assert report["method"] == "gptq" and report["calibration"]["samples"] == 4
     layer = report["layers"]["1"]
     assert layer["expert_tokens"][3] == 0 and "model.layers.1.mlp.experts.3" in layer["fallback_experts"]
