@@ -7,8 +7,8 @@ bench/results/autogptq_load.md.
 Afterwards the env stays cached, so plain pytest runs test_autogptq.py too (it skips where the env is missing).
 """
 
-import ast
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -36,15 +36,17 @@ def main() -> int:
     junit = Path(tempfile.mkdtemp()) / "junit.xml"
     env = {**os.environ, "QUANTKIT_INTEROP_AUTOGPTQ": "1"}
     test, test_s = _timed([sys.executable, "-m", "pytest", "tests/interop/test_autogptq.py", "-s", "-p",
-                           "no:cacheprovider", f"--junitxml={junit}"], env=env)
+                           "no:cacheprovider", "-o", "junit_family=xunit1",
+                           f"--junitxml={junit}"], env=env)
     cases = ET.parse(junit).getroot().iter("testcase")
     junit.unlink()
     rows, outcomes, versions = [], [], {}
     for case in cases:
-        failed = case.find("failure") is not None or case.find("error") is not None
-        outcomes.append(f"- `{case.get('name')}`: {'FAILED' if failed else 'passed'} ({float(case.get('time')):.0f} s)")
+        outcome = next((f"{tag}: {case.find(tag).get('message')}" for tag in ("failure", "error", "skipped")
+                        if case.find(tag) is not None), "passed")
+        outcomes.append(f"- `{case.get('name')}` ({float(case.get('time')):.0f} s): {outcome}")
         for prop in case.iter("property"):
-            value = ast.literal_eval(prop.get("value"))
+            value = json.loads(prop.get("value"))
             versions = value.pop("versions", versions)
             if "error" in value:
                 rows.append(f"| {prop.get('name')} | does not load | `{value['error']}` |")
