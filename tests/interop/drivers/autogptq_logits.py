@@ -34,13 +34,15 @@ def run(folder: str, windows: list[list[int]]) -> dict:
 
 
 def main() -> None:
+    import accelerate
     import auto_gptq
     import transformers
 
     windows_path, *pairs = sys.argv[1:]
     windows = json.loads(open(windows_path).read())
+    # accelerate is unpinned and does AutoGPTQ's checkpoint loading (load_checkpoint_in_model).
     versions = {"torch": str(torch.__version__), "transformers": transformers.__version__,
-                "auto_gptq": auto_gptq.__version__}
+                "accelerate": accelerate.__version__, "auto_gptq": auto_gptq.__version__}
     for folder, out in zip(pairs[::2], pairs[1::2], strict=True):
         torch.save({**run(folder, windows), "versions": versions}, out)
 
