@@ -12,12 +12,31 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def build_env(name: str) -> Path:
-    """The venv's python, built or reused (stamp = requirements + build script + Python version)."""
-    done = subprocess.run(["bash", str(HERE / "envs" / "build_env.sh"), name], capture_output=True, text=True)
+def build_env(name: str, cached_only: bool = False) -> Path | None:
+    """The venv's python, built or reused (stamp = requirements + build script + Python version); with
+    cached_only, None unless it is already built and current."""
+    done = subprocess.run(["bash", str(HERE / "envs" / "build_env.sh"), name, *(["--cached"] if cached_only else [])],
+                          capture_output=True, text=True)
+    if cached_only and done.returncode == 3:
+        return None
     if done.returncode:
         pytest.fail(f"building the {name} consumer env failed:\n{done.stderr[-4000:]}", pytrace=False)
     return Path(done.stdout.strip().splitlines()[-1]) / "bin" / "python"
+
+
+def _runner(python: Path, env: dict):
+    """run(driver, *args): a driver under drivers/ in that venv; a non-zero exit fails the test."""
+
+    def run(driver: str, *args) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(python), str(HERE / "drivers" / driver), *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            pytest.fail(f"{driver} failed in the consumer env (rc {done.returncode}):\n{done.stderr[-4000:]}",
+                        pytrace=False)
+        return done
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +49,20 @@ def gptqmodel_env(tmp_path_factory):
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "GPTQMODEL_CPU_WORKERS": "2",
            "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(python.parent.parent / "torch_extensions"),
            "OMP_NUM_THREADS": "2", "PYTHONPATH": ""}
+    return _runner(python, env)
 
-    def run(driver: str, *args) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(python), str(HERE / "drivers" / driver), *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=1800)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            pytest.fail(f"{driver} failed in the consumer env (rc {done.returncode}):\n{done.stderr[-4000:]}",
-                        pytrace=False)
-        return done
 
-    return run
+@pytest.fixture(scope="session")
+def autogptq_env(tmp_path_factory):
+    """run(driver, *args) in the AutoGPTQ 0.7.1 consumer env, offline, every cache in a temp dir. Building it
+    (3-4 min) does not fit CI's time budget, so tests using it run only where it is already cached (by
+    tests/interop/autogptq_check.py or an earlier run) or with QUANTKIT_INTEROP_AUTOGPTQ=1, which builds it."""
+    python = build_env("autogptq", cached_only=not os.environ.get("QUANTKIT_INTEROP_AUTOGPTQ"))
+    if python is None:
+        pytest.skip("AutoGPTQ consumer env not cached: run tests/interop/autogptq_check.py or set "
+                    "QUANTKIT_INTEROP_AUTOGPTQ=1")
+    scratch = tmp_path_factory.mktemp("autogptq-env")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
+           "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": ""}
+    return _runner(python, env)
