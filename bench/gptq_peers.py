@@ -83,8 +83,9 @@ def timed(cmd: list[str], env: dict, log: Path) -> dict:
     result = {"wall_s": wall, "load_1min": load, "rc": done.returncode, "command": " ".join(map(str, cmd))}
     if done.returncode:
         tail = [line for line in log.read_text().splitlines() if line.strip()]
-        errors = [line for line in tail if re.match(r"^\w*(Error|Exception)\b", line)]
-        result["error"] = (errors or tail)[-1][:500]
+        errors = [i for i, line in enumerate(tail) if re.match(r"^\w*(Error|Exception)\b", line)]
+        at = errors[-1] if errors else len(tail) - 1
+        result["error"] = " ".join(line.strip() for line in tail[at:at + 2] if line != "--- stdout ---")[:500]
         return result
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "{}"
     result.update(json.loads(last) if last.startswith("{") else {})
@@ -153,8 +154,16 @@ def run_model(name: str, args, pythons: dict, report: dict) -> None:
     qk_env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(REPO)}
     runs, targets = report["runs"].setdefault(name, {}), {}
     for group in args.groups:
-        g = f"g{group}"
-        out = work / f"quantkit-{g}"
+        runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, runs, targets)
+        save(report, args)
+    evaluate(name, src, work, targets, qk_env, args, report)
+
+
+def runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, runs, targets) -> None:
+    """Run the selected tools for one group size; record timings in `runs` and outputs to evaluate in `targets`."""
+    g = f"g{group}"
+    out = work / f"quantkit-{g}"
+    if "quantkit" in args.tools:
         shutil.rmtree(out, ignore_errors=True)
         r = timed([sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", f"gptq:w4{g}", "-o", str(out),
                    "--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu",
@@ -163,10 +172,11 @@ def run_model(name: str, args, pythons: dict, report: dict) -> None:
         if m:
             r["quantize_s"] = int(m.group(1)) * float(m.group(2))
         runs[f"quantkit-{g}"] = r
-        qk_dir = next(out.glob("*-GPTQ-*"), None)
-        targets[f"quantkit-{g}"] = qk_dir
         print(f"{name} quantkit {g}: {r['wall_s']:.1f} s (rc {r['rc']})", flush=True)
-
+    qk_dir = next(out.glob("*-GPTQ-*"), None)
+    if "quantkit" in args.tools:
+        targets[f"quantkit-{g}"] = qk_dir
+    if "gptqmodel" in args.tools:
         gm = work / f"gptqmodel-{g}"
         shutil.rmtree(gm, ignore_errors=True)
         py = pythons["gptqmodel"]
@@ -176,6 +186,7 @@ def run_model(name: str, args, pythons: dict, report: dict) -> None:
         targets[f"gptqmodel-{g}"] = gm if r["rc"] == 0 else None
         print(f"{name} gptqmodel {g}: {r['wall_s']:.1f} s (rc {r['rc']}) {r.get('error', '')}", flush=True)
 
+    if "llmcompressor" in args.tools:
         lc, lc_dense = work / f"llmcompressor-{g}", work / f"llmcompressor-{g}-dense"
         shutil.rmtree(lc, ignore_errors=True)
         shutil.rmtree(lc_dense, ignore_errors=True)
@@ -186,14 +197,16 @@ def run_model(name: str, args, pythons: dict, report: dict) -> None:
         targets[f"llmcompressor-{g}"] = lc_dense if r["rc"] == 0 else None
         print(f"{name} llmcompressor {g}: {r['wall_s']:.1f} s (rc {r['rc']}) {r.get('error', '')}", flush=True)
 
-        if qk_dir is not None:
-            with Model(src, device="cpu") as model:
-                runs[f"rtn-{g}"] = rtn_folder(model, qk_dir, group, work / f"rtn-{g}")
-            targets[f"rtn-{g}"] = work / f"rtn-{g}"
-        save(report, args)
+    if "rtn" in args.tools and qk_dir is not None:
+        with Model(src, device="cpu") as model:
+            runs[f"rtn-{g}"] = rtn_folder(model, qk_dir, group, work / f"rtn-{g}")
+        targets[f"rtn-{g}"] = work / f"rtn-{g}"
 
+
+def evaluate(name, src, work, targets, qk_env, args, report) -> None:
+    """One `quantkit eval` over this run's outputs; entries already in the report for other tools are kept."""
     paths = {k: v for k, v in targets.items() if v is not None}
-    ev = work / "eval"
+    ev = work / ("eval" if set(args.tools) == set(TOOLS) else "eval-" + "-".join(args.tools))
     r = timed([sys.executable, "-m", "quantkit.cli", "eval", *map(str, paths.values()), "--baseline", str(src),
                "--mc-items", "0", "--windows", str(args.windows), "--device", "cpu", "-o", str(ev), "--force"],
               qk_env, work / "eval.log")
@@ -230,12 +243,13 @@ def markdown(report: dict) -> str:
              f"{report['samples']} x {report['ctx']} calibration tokens from the bundled calibration split (the same "
              f"ids for every tool), {THREADS} threads, CPU. Peer settings: see bench/peers/*.py and the notes "
              "below.  ",
-             f"Quality: `quantkit eval` vs the bundled source, {ev.get('windows', '?')} windows of {ev.get('ctx', '?')} "
+             f"Quality: `quantkit eval` vs the bundled source, {ev.get('windows', '?')} windows of "
+             f"{ev.get('ctx', '?')} "
              f"tokens ({ev.get('scored_tokens', '?')} scored tokens) of the bundled held-out text. "
              "RTN = round-to-nearest on the same grid. llm-compressor is evaluated through a float32 copy of its "
              "dequantized weights.", "",
-             "| model | group | tool | KLD mean | KLD / quantkit's | top-1 % | PPL | wall (process) s | quantize call s "
-             "| quantkit / tool (process) | quantkit / tool (quantize) | load 1-min |",
+             "| model | group | tool | KLD mean | KLD / quantkit's | top-1 % | PPL | wall (process) s "
+             "| quantize call s | quantkit / tool (process) | quantkit / tool (quantize) | load 1-min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
         q = report["quality"].get(name, {})
@@ -254,12 +268,14 @@ def markdown(report: dict) -> str:
                 kld = v.get("kld_mean")
                 rel = None if kld is None or not ours_q else kld / ours_q
                 timing = tool not in ("quantkit", "rtn")
+                wall = ours.get("wall_s") / r["wall_s"] if timing and ours.get("wall_s") else None
+                quant = (ours["quantize_s"] / r["quantize_s"]
+                         if timing and ours.get("quantize_s") and r.get("quantize_s") else None)
                 lines.append(
                     f"| {name} | {g} | {tool} | {_f(kld, '{:.5f}')} | {_f(rel, '{:.3f}')} | "
                     f"{_f(v.get('top1_pct'), '{:.2f}')} | {_f(v.get('ppl'), '{:.3f}')} | {_f(r.get('wall_s'))} | "
                     f"{_f(r.get('quantize_s'))} | "
-                    f"{_f(ours.get('wall_s') / r['wall_s'] if timing and ours.get('wall_s') else None, '{:.2f}')} | "
-                    f"{_f(ours['quantize_s'] / r['quantize_s'] if timing and ours.get('quantize_s') and r.get('quantize_s') else None, '{:.2f}')} | "
+                    f"{_f(wall, '{:.2f}')} | {_f(quant, '{:.2f}')} | "
                     f"{_f(r.get('load_1min'), '{:.2f}')} |")
         if q.get("baseline_ppl"):
             lines.append(f"| {name} | | source (baseline) | 0 | | 100.00 | {q['baseline_ppl']:.3f} | | | | | |")
@@ -285,8 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=64, help="eval windows of 512 tokens per model")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-peers"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gptq_peers")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="a subset reruns only those tools")
+    parser.add_argument("--merge", action="store_true", help="add to the existing .json instead of starting anew")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (notes kept)")
     args = parser.parse_args(argv)
+    if args.render:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return 0
     args.groups = [int(g) for g in args.groups.split(",")]
+    args.tools = args.tools.split(",")
     torch.set_num_threads(THREADS)
     pythons = {name: venv_python(name) for name in ("gptqmodel", "llmcompressor")}
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -299,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                           "torch": torch.__version__},
               "samples": args.samples, "ctx": args.ctx, "groups": args.groups, "runs": {}, "quality": {},
               "notes": []}
+    if args.merge:
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        report = old | {"command": old["command"] + " + " + report["command"]}
     for name in args.models.split(","):
         run_model(name, args, pythons, report)
     return 0

@@ -22,7 +22,7 @@ T0 = time.perf_counter()
 import torch  # noqa: E402
 
 
-def dense_state(model) -> dict:
+def dense_state(model, tied: bool) -> dict:
     """Every float tensor the model holds, quantized Linears replaced by fake_quantize(weight) (scale x codes)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
@@ -36,6 +36,8 @@ def dense_state(model) -> dict:
             worst = max(worst, (q - w).abs().max().item())
             out[f"{name}.weight"] = q.contiguous()
     for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the embedding's alias: the source folder has no such tensor
         if name not in out and tensor.is_floating_point() and not name.rsplit(".", 1)[-1].startswith(
                 ("weight_scale", "weight_zero_point", "weight_g_idx", "input_", "output_")):
             out[name] = tensor.detach().float().contiguous()
@@ -64,7 +66,7 @@ def main() -> None:
             max_seq_length=len(ids[0]), pipeline="sequential", shuffle_calibration_samples=False,
             moe_calibrate_all_experts="--all-experts" in flags)
     t_quant = time.perf_counter()
-    dense, worst = dense_state(model)
+    dense, worst = dense_state(model, bool(getattr(model.config, "tie_word_embeddings", False)))
     model.save_pretrained(out, save_compressed=True)
     t_save = time.perf_counter()
 
