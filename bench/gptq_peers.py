@@ -55,6 +55,27 @@ from quantkit.quant.gptq import GPTQConfig, rtn_quantize  # noqa: E402
 PEERS = REPO / "bench" / "peers"
 THREADS = 2
 TOOLS = ("quantkit", "gptqmodel", "llmcompressor", "rtn")
+# Written under the table: what each peer was set to (and why), and what could not be matched.
+NOTES = [
+    "GPTQModel 7.7.0 (bench/peers/gptqmodel_gptq.py): bits 4, group_size G, sym True, desc_act False, "
+    "act_group_aware False (its default True for GPTQ: group-aware reordering), damp_percent 0.01 (default 0.05), "
+    "true_sequential False (default True; quantkit is layer-level sequential), static_groups False, mse 0.0, "
+    "offload_to_disk False (default True: a disk round trip quantkit does not make), format gptq (v1), float32, "
+    "batch 1, calibration_sort None (keeps the given order). Its low-sample fallback (RTN below 0.5% of the tokens) "
+    "stays on; no expert falls under it with these samples. It propagates quantized layer outputs, as quantkit does.",
+    "llm-compressor 0.14.0.1 (bench/peers/llmcompressor_gptq.py): GPTQModifier with int4 symmetric group-G weights, "
+    "minmax observer, actorder None (default static), dampening_frac 0.01, block_size 128, ignore lm_head, the "
+    "sequential pipeline (layer by layer, quantized outputs propagated), moe_calibrate_all_experts False "
+    "(default True). Not matchable: it takes every group's scale from the original weight before GPTQ runs "
+    "(AutoGPTQ's static_groups), where quantkit and GPTQModel take it from the updated weight when GPTQ reaches "
+    "the group.",
+    "tiny-deepseek: quantkit reads the FP8 folder directly; the peers get a float32 HF copy the bench writes "
+    "by dequantizing the FP8 blocks with quantkit's reader (the copy quantkit avoids).",
+    "Timing: tools run one after another on a machine shared with other jobs (1-min load averages 4.7-8 on 2 cores "
+    "during the run), so times are noisy; GPTQModel's JIT kernels were compiled before the run (cached beside "
+    "its venv). 'quantize call' for quantkit is the sum of its per-layer GPTQ times from its log; for the peers "
+    "the driver's timer around quantize() / oneshot().",
+]
 
 
 def venv_python(name: str) -> Path:
@@ -281,7 +302,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | | source (baseline) | 0 | | 100.00 | {q['baseline_ppl']:.3f} | | | | | |")
     lines += ["", "Ratios below 1 mean quantkit is faster (goal <= 0.5). RTN's wall time is the in-process "
               "quantization inside this bench, not a tool run.", ""]
-    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines += [f"- {n}" for n in NOTES + report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
