@@ -14,11 +14,13 @@ import re
 
 import torch
 
-from quantkit.calib.awq import AWQ
+from quantkit.arch.base import Architecture
+from quantkit.calib.awq import AWQ, scaling_units
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
 from quantkit.formats.layerwise_folder import KEPT_DTYPE, LayerwiseFolderFormat
 from quantkit.formats.packing import pack, unpack
+from quantkit.model import Model
 from quantkit.quant.awq import GROUP_SIZES, AWQConfig, AWQResult, dequantize
 
 SPEC_RE = re.compile(r"w4g(\d+)(-rtn)?")
@@ -79,6 +81,19 @@ class AWQFormat(LayerwiseFolderFormat):
 
     def method(self, config: AWQConfig, rtn: bool) -> AWQ:
         return AWQ(config, rtn=rtn, kept_dtype=KEPT_DTYPE)
+
+    def check_model(self, model: Model) -> None:
+        arch = model.arch
+        if type(arch).norm_block is Architecture.norm_block:
+            raise ConfigError(f"{model.source.path}: quantkit does not know how AWQ's scales fold into "
+                              f"{arch.name}'s norms (no norm_block for its attention/MLP); use gptq: or gguf: for "
+                              "this model")
+        for spec in arch.layers():
+            for unit in scaling_units(spec.input_groups):
+                shape = spec.tensor_shapes().get(unit.producer)
+                if unit.kind == "norm" and (shape is None or len(shape) != 1):
+                    raise ConfigError(f"{model.source.path}: {unit.producer!r} is not a plain norm weight AWQ's "
+                                      "scales can fold into; use gptq: or gguf: for this model")
 
     def check_shape(self, name: str, shape: tuple[int, int], config: AWQConfig) -> None:
         out, columns = shape

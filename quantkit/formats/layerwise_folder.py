@@ -85,6 +85,9 @@ class LayerwiseFolderFormat(OutputFormat):
     def method(self, config: Any, rtn: bool) -> Method:
         raise NotImplementedError
 
+    def check_model(self, model: Model) -> None:
+        """Raise ConfigError when the method cannot handle this model at all (before any work)."""
+
     def check_shape(self, name: str, shape: tuple[int, int], config: Any) -> None:
         """Raise ConfigError when the linear cannot be stored in this layout."""
 
@@ -115,6 +118,7 @@ class LayerwiseFolderFormat(OutputFormat):
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         model = self._require_model(source)
+        self.check_model(model)
         config = self.config(target, options)
         entries = [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in kept_globals(model).items()]
         shapes = model.arch.tensor_shapes()

@@ -120,3 +120,12 @@ def test_shapes_the_layout_cannot_hold_are_refused_before_work(model_cache):
     with Model(model_cache("deepseek_v3-ragged")) as model:  # hidden size 200
         with pytest.raises(QuantkitError, match="divisible by 8 and input columns by the group size 32"):
             FORMAT.plan(model, parse_target("awq:w4g32"), ConvertOptions())
+
+
+def test_an_architecture_without_a_folding_rule_is_refused_before_work(model_cache, monkeypatch):
+    from quantkit.arch.base import Architecture
+
+    with Model(model_cache("llama")) as model:
+        monkeypatch.setattr(type(model.arch), "norm_block", Architecture.norm_block)
+        with pytest.raises(QuantkitError, match="does not know how AWQ's scales fold into llama"):
+            FORMAT.plan(model, parse_target("awq:w4g32"), ConvertOptions())
