@@ -18,7 +18,8 @@ Two ways to measure:
 
 * cli (default): the real CLI, `python -m quantkit.cli convert FOLDER --to gptq:w4g128 -o OUT --device D
   --threads T --calib-samples S --calib-ctx L` (bundled calibration text), on one-layer FP8 checkpoints from
-  read_memory.py's generator (random weights, 128x128 block scales): a MoE layer at each N and, with --dense, a
+  read_memory.py's generator (random weights, 128x128 block scales, norms of 1 so that routing depends on the
+  token): a MoE layer at each N and, with --dense, a
   dense one. The layer's seconds come from OUT/gptq_report.json (`seconds_per_layer`) when quantkit writes one,
   else from the end-of-run summary line ("1 layers, X s per layer"); they include reading and dequantizing the
   FP8 weights, the float and the quantized forward of every sample, Hessians, solves, packing and writing. On CUDA
@@ -243,7 +244,7 @@ def _convert(folder: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def _cli_layer(kind: str, experts: int, workdir: Path, args: argparse.Namespace) -> dict:
     folder = workdir / f"v3-{kind}-{experts}"
-    job = {"folder": str(folder), "kind": "fp8", "layers": 1, "shards": 4,
+    job = {"folder": str(folder), "kind": "fp8", "layers": 1, "shards": 4, "unit_norms": True,
            "overrides": _v3_config(experts, kind == "dense")}
     print(f"[{kind} {experts}] generating {folder}", flush=True)
     generate_seconds = _prepare(folder, job)

@@ -128,7 +128,9 @@ def _sized_config(kind: str, size_gb: float, overrides: dict | None = None, laye
 
 def _generate(job: dict) -> dict:
     """Write config.json, the index and the shards, holding one shard in memory at a time. The job may carry
-    config `overrides` and an exact `layers` count (then size_gb is ignored)."""
+    config `overrides`, an exact `layers` count (then size_gb is ignored) and `unit_norms`: norm weights (the 1-D
+    BF16 tensors) of 1 instead of random ones of 0.02, so that a MoE router sees inputs of a real model's scale and
+    routes by token (with 0.02 the router's e_score_correction_bias decides, the same experts for every token)."""
     import torch
     from safetensors.torch import save_file
 
@@ -161,6 +163,8 @@ def _generate(job: dict) -> dict:
                 q, scale = quantize_block_fp8(torch.randn(shape) * 0.02)
                 templates[key] = q
                 templates[(tuple(scale.shape), "F32", True)] = scale
+            elif len(shape) == 1 and dtype == "BF16" and job.get("unit_norms"):
+                templates[key] = torch.ones(shape, dtype=torch.bfloat16)
             else:
                 templates[key] = (torch.randn(shape) * 0.02).to(torch.bfloat16 if dtype == "BF16" else torch.float32)
         return templates[key].clone()  # save_file refuses tensors that share storage
