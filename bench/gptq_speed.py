@@ -342,7 +342,8 @@ def _markdown(report: dict) -> str:
     fit = r["fit"]
     lines += [""]
     if fit:
-        lines.append(f"Fit: MoE layer(N) = {fit['fixed_seconds']:.0f} s + N x {fit['per_expert_seconds']:.1f} s")
+        how = "sum of the pieces above" if s["mode"] == "solves" else "line through the two runs"
+        lines.append(f"MoE layer(N) = {fit['fixed_seconds']:.0f} s + N x {fit['per_expert_seconds']:.1f} s ({how})")
     lines += [
         f"- V3 MoE layer (256 experts): {r['moe_layer_seconds']:.0f} s = {_hours(r['moe_layer_seconds'])}",
         f"- dense layer: {r['dense_layer_seconds']:.0f} s = {_hours(r['dense_layer_seconds'])} "
