@@ -93,8 +93,9 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return n
 
 
-def _sized_config(kind: str, size_gb: float) -> dict:
-    """The preset with the benchmark's dimensions and the layer count whose stored size is nearest size_gb."""
+def _sized_config(kind: str, size_gb: float, overrides: dict | None = None, layers: int | None = None) -> dict:
+    """The preset with the benchmark's dimensions (then `overrides`, for other benchmarks' shapes) and the layer
+    count whose stored size is nearest size_gb, or exactly `layers`."""
     import copy
 
     from quantkit.testing.factory import FP8_BLOCK, PRESETS
@@ -102,6 +103,7 @@ def _sized_config(kind: str, size_gb: float) -> dict:
     spec = CHECKPOINTS[kind]
     config = copy.deepcopy(PRESETS[spec["preset"]])
     config.update(spec["overrides"])
+    config.update(overrides or {})
     config.pop("num_nextn_predict_layers", None)  # no MTP layer: the generator writes what the arch lists
     config["torch_dtype"] = "bfloat16"
     if spec["fp8"]:
@@ -112,6 +114,9 @@ def _sized_config(kind: str, size_gb: float) -> dict:
         config["num_hidden_layers"] = layers
         return sum(_nbytes(s, d) for _, s, d in _stored_tensors(config, spec["fp8"]))
 
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+        return config
     target, layers = size_gb * GB, 1
     while total(layers) < target:
         layers += 1
@@ -122,7 +127,10 @@ def _sized_config(kind: str, size_gb: float) -> dict:
 
 
 def _generate(job: dict) -> dict:
-    """Write config.json, the index and the shards, holding one shard in memory at a time."""
+    """Write config.json, the index and the shards, holding one shard in memory at a time. The job may carry
+    config `overrides`, an exact `layers` count (then size_gb is ignored) and `unit_norms`: norm weights (the 1-D
+    BF16 tensors) of 1 instead of random ones of 0.02, so that a MoE router sees inputs of a real model's scale and
+    routes by token (with 0.02 the router's e_score_correction_bias decides, the same experts for every token)."""
     import torch
     from safetensors.torch import save_file
 
@@ -130,7 +138,7 @@ def _generate(job: dict) -> dict:
 
     folder, kind, shards = Path(job["folder"]), job["kind"], job["shards"]
     fp8 = CHECKPOINTS[kind]["fp8"]
-    config = _sized_config(kind, job["size_gb"])
+    config = _sized_config(kind, job.get("size_gb", 0), job.get("overrides"), job.get("layers"))
     stored = _stored_tensors(config, fp8)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -155,6 +163,8 @@ def _generate(job: dict) -> dict:
                 q, scale = quantize_block_fp8(torch.randn(shape) * 0.02)
                 templates[key] = q
                 templates[(tuple(scale.shape), "F32", True)] = scale
+            elif len(shape) == 1 and dtype == "BF16" and job.get("unit_norms"):
+                templates[key] = torch.ones(shape, dtype=torch.bfloat16)
             else:
                 templates[key] = (torch.randn(shape) * 0.02).to(torch.bfloat16 if dtype == "BF16" else torch.float32)
         return templates[key].clone()  # save_file refuses tensors that share storage
