@@ -11,6 +11,7 @@ so a single output holds one layer of float32 weights at a time, else in an over
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,6 +119,18 @@ def run_layers(model: Model, streams: Sequence[Stream], samples: Sequence[torch.
             job = LayerJob(model, layer, stream, cache, in_place=i == len(active) - 1)
             stream.method.quantize_layer(job, runs.get(id(stream)))
         cache.clear()
+        _release_freed_memory()
         if progress is not None:
             progress(layer + 1, arch.num_layers)
         yield layer
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed heap back to the OS after each layer. glibc keeps most of a layer's freed float32 tensors
+    in its arenas (measured: with 653 MiB layers, RSS stayed about 2 GiB above what was alive, growing layer by
+    layer), so
+    without this the process's RSS grows with the model instead of staying at one layer."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
