@@ -128,8 +128,7 @@ def run_layers(model: Model, streams: Sequence[Stream], samples: Sequence[torch.
 def _release_freed_memory() -> None:
     """Hand the freed heap back to the OS after each layer. glibc keeps most of a layer's freed float32 tensors
     in its arenas (measured: with 653 MiB layers, RSS stayed about 2 GiB above what was alive, growing layer by
-    layer), so
-    without this the process's RSS grows with the model instead of staying at one layer."""
+    layer), so without this the process's RSS grows with the model instead of staying at one layer."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
