@@ -81,7 +81,7 @@ def main() -> int:
         "",
         *outcomes,
         "",
-        "Why tiny-qwen2 computes garbage, what quantkit's writer would change, and why tiny-deepseek cannot load: the "
+        "Why tiny-qwen2 needs the tied lm_head.weight quantkit stores, and why tiny-deepseek cannot load: the "
         "docstring of tests/interop/test_autogptq.py.",
         "",
     ]))
