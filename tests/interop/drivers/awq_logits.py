@@ -1,13 +1,14 @@
 """Runs inside a consumer venv, not with quantkit: load an AWQ (GEMM) folder with a real consumer and write its
 logits on given token windows.
 
-    python awq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [MODEL_DIR OUT.pt ...]
+    python awq_logits.py LOADER MODEL_DIR WINDOWS.json OUT.pt [MODEL_DIR WINDOWS.json OUT.pt ...]
 
 LOADER: "transformers" (GPTQModel env: AutoModelForCausalLM.from_pretrained, which hands AWQ to gptqmodel's
 kernels; they take bfloat16 or float16 only, and on CPU bfloat16, PEERS.md §6) or "autoawq" (AutoAWQ env:
 AutoAWQForCausalLM.from_quantized with PEERS.md §6's CPU workaround; it computes in float16). WINDOWS.json: a
 list of token-id lists. Each OUT.pt: {"logits": [float32 [T, vocab]], "kernels": sorted names of the quantized
-linear classes the consumer chose, "versions": {...}}, or {"error": the loader's exception}.
+linear classes the consumer chose, "versions": {...}}, or {"error": the loader's exception}. All folders share
+one interpreter start (30-70 s of imports on a busy 2-core machine).
 """
 
 import json
@@ -62,10 +63,9 @@ def versions(loader: str) -> dict:
 
 
 def main() -> None:
-    loader, windows_path, *pairs = sys.argv[1:]
-    windows = json.loads(open(windows_path).read())
-    for folder, out in zip(pairs[::2], pairs[1::2], strict=True):
-        torch.save({**run(loader, folder, windows), "versions": versions(loader)}, out)
+    loader, *triples = sys.argv[1:]
+    for folder, windows, out in zip(triples[::3], triples[1::3], triples[2::3], strict=True):
+        torch.save({**run(loader, folder, json.loads(open(windows).read())), "versions": versions(loader)}, out)
 
 
 if __name__ == "__main__":
