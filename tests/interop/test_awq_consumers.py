@@ -103,7 +103,7 @@ def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("awq")
     folders, windows, ours = {}, {}, {}
     for name in MODELS:
-        converted = api.convert(MODELS_DIR / name, [f"awq:{s}" for s in SCHEMES], out / name, calib_samples=16,
+        converted = api.convert(MODELS_DIR / name, [f"awq:{s}" for s in SCHEMES], out, calib_samples=16,
                                 calib_ctx=128)
         with Model(MODELS_DIR / name) as source:
             windows[name] = _windows(source)
