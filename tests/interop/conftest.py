@@ -71,11 +71,11 @@ def autogptq_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def autoawq_env(tmp_path_factory):
     """run(driver, *args) in the AutoAWQ 0.2.9 consumer env (transformers 4.51.3), offline, every cache in a temp
-    dir. A fresh build costs 5-6 min on 2 cores (bench/results/awq_consumers_peer_check.md), more than CI's time
+    dir. A fresh build costs 5.5-6.5 min on 2 cores (bench/results/awq_consumers_peer_check.md), more than CI's time
     budget: tests using it run where it is already cached or with QUANTKIT_AUTOAWQ=1, which builds it."""
     python = build_env("autoawq", cached_only=not os.environ.get("QUANTKIT_AUTOAWQ"))
     if python is None:
-        pytest.skip("AutoAWQ consumer env not cached: set QUANTKIT_AUTOAWQ=1 to build it (5-6 min)")
+        pytest.skip("AutoAWQ consumer env not cached: set QUANTKIT_AUTOAWQ=1 to build it (5.5-6.5 min)")
     scratch = tmp_path_factory.mktemp("autoawq-env")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
