@@ -114,6 +114,8 @@ class AWQ:
         quantized = {lin.name for lin in spec.linears}
         roles = {lin.name: lin.role for lin in spec.linears}
         float_outputs, cached = self.observe(job, run)
+        if self.propagate != "float":
+            float_outputs = None  # one activation copy fewer while the layer is quantized
         changed = self.fold_scales(job, cached)
         for group in spec.input_groups:
             x = cached.get(group.key)

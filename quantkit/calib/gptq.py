@@ -102,6 +102,8 @@ class GPTQ:
             arch.on_route = routing
         try:
             float_outputs = run.forward(job, [hessians])
+            if self.propagate != "float":
+                float_outputs = None  # one activation copy fewer while the layer is quantized
         finally:
             if has_router:
                 arch.on_route = None
@@ -140,6 +142,7 @@ class GPTQ:
                           routing: Routing) -> None:
         stats = job.stream.stats
         tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
+        hessians.router_inputs.clear()  # held once, concatenated
         choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)
         by_expert = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
         downs = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("down_proj")}
