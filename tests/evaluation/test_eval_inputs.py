@@ -120,7 +120,7 @@ def test_fp8_folder_is_labelled_from_its_quantization_config(model_cache):
     assert report["baseline"]["type"] == "fp8 e4m3 block 128x128"
 
 
-@pytest.mark.parametrize("method", ["awq", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["bitsandbytes", "compressed-tensors"])
 def test_unreadable_quantization_method_is_refused(copy_model, method):
     folder = copy_model("qwen2")
     config = json.loads((folder / "config.json").read_text())
