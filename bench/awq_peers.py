@@ -118,6 +118,8 @@ def run_model(name: str, args, report: dict) -> None:
             runs[key] = r
             print(f"{name} {key}: {r['wall_s']:.1f} s (rc {r['rc']}) {r.get('error', '')}", flush=True)
             save(report, args)
+    if not any(targets.values()):
+        return
     ev = work / ("eval" if set(args.tools) == set(TOOLS) else "eval-" + "-".join(args.tools))
     settings = evaluate(src, targets, ev, work / "eval.log", args.windows, report["quality"].setdefault(name, {}))
     if settings is not None:
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {}, "quality": {}, "notes": []}
     if args.merge:
         old = json.loads(args.out.with_suffix(".json").read_text())
-        report = old | {"command": old["command"] + " + " + report["command"]}
+        report = old | {"command": old["command"] + " + " + report["command"],
+                        "groups": sorted(set(old["groups"]) | set(args.groups), reverse=True)}
     for name in args.models.split(","):
         run_model(name, args, report)
     return 0

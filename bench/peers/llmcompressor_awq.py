@@ -7,7 +7,8 @@ of llmcompressor_gptq.py).
 
 Settings pinned to quantkit's `awq:w4g{GROUP}` (AutoAWQ's) where llm-compressor allows: AWQModifier with duo_scaling
 True and n_grid 20 (its defaults, AutoAWQ's) and its built-in mappings for the model (q/k/v judged on the whole
-self_attn, gate/up on the whole MLP or MoE with the router, v -> o, up -> down; DeepSeek's q_a/kv_a, q_b, kv_b),
+self_attn, gate/up on the whole MLP or MoE with the router, v -> o, up -> down; DeepSeek's q_a/kv_a, q_b, kv_b,
+its post-attention mapping split between dense and MoE layers: deepseek_mappings),
 then QuantizationModifier with int4 asymmetric group-G weights (W4A16_ASYM with group G), min-max observer, lm_head
 and the MoE router ignored, the sequential pipeline, MoE experts calibrated on the tokens routed to them. What
 cannot be matched: llm-compressor has no AWQ clip search (AutoAWQ's apply_clip), so its groups keep min-max ranges.
@@ -23,6 +24,26 @@ T0 = time.perf_counter()
 
 import torch  # noqa: E402
 from llmcompressor_gptq import dense_state, write_dense  # noqa: E402
+
+
+def deepseek_mappings(config):
+    """llm-compressor's DeepSeek mappings with the post-attention norm's split between the dense layers (gate/up)
+    and the MoE layers (router, every expert's and the shared expert's gate/up): its own mapping lists the router
+    for every layer and fails on models whose first_k_dense_replace layers have none ("AWQ needs to match a single
+    smoothlayer for each mapping"), the case its GLM-4.7-Flash mapping works around by dropping the router."""
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping
+
+    dense = "|".join(str(i) for i in range(config.first_k_dense_replace))
+    moe = "|".join(str(i) for i in range(config.first_k_dense_replace, config.num_hidden_layers))
+    out = [m for m in AWQ_MAPPING_REGISTRY["DeepseekV3ForCausalLM"] if "post_attention" not in m.smooth_layer]
+    if dense:
+        out.append(AWQMapping(rf"re:.*layers\.({dense})\.post_attention_layernorm$",
+                              [rf"re:.*layers\.({dense})\.mlp\.gate_proj$", rf"re:.*layers\.({dense})\.mlp\.up_proj$"]))
+    if moe:
+        out.append(AWQMapping(rf"re:.*layers\.({moe})\.post_attention_layernorm$",
+                              [rf"re:.*layers\.({moe})\.mlp\.gate$", rf"re:.*layers\.({moe})\.mlp\..*gate_proj$",
+                               rf"re:.*layers\.({moe})\.mlp\..*up_proj$"]))
+    return out
 
 
 def main() -> None:
@@ -44,7 +65,8 @@ def main() -> None:
     t_load = time.perf_counter()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="int", symmetric=False, strategy="group", group_size=int(group), observer="minmax"))
-    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+    mappings = deepseek_mappings(model.config) if model.config.model_type == "deepseek_v3" else None
+    recipe = [AWQModifier(duo_scaling=True, n_grid=20, mappings=mappings),
               QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*mlp.gate$"])]
     oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(ids),
             max_seq_length=len(ids[0]), pipeline="sequential", shuffle_calibration_samples=False,
