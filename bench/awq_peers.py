@@ -68,11 +68,13 @@ NOTES = [
     "included, for gate/up via Architecture.norm_block), float32, quantized outputs propagated to the next layer.",
     "AutoAWQ 0.2.9 (bench/peers/autoawq_awq.py): its defaults (zero_point True, GEMM, duo_scaling True, n_grid 20, "
     "apply_clip True, max_chunk_memory 1 GiB), the token-id lists as calib_data, all samples in one batch, loaded "
-    "in float32 (the config's bf16 otherwise). It propagates float outputs to the next layer.",
+    "in float32 (the config's bf16 otherwise), with its CPU-only scale-search aliasing bug patched (see below). It "
+    "propagates float outputs to the next layer.",
     "GPTQModel 7.7.0 (bench/peers/gptqmodel_awq.py): AWQConfig bits 4, group G, sym False (zero points; its default "
     "writes zero_point false), duo scaling, n_grid 20, clip on (fixed in its AWQ processor), max_chunk_memory "
     "1 GiB, offload_to_disk False, batch 1, calibration order kept; bf16 (its AWQ rejects float32 on CPU), the "
-    "saved bf16 scales cast to float16 exactly.",
+    "saved bf16 scales cast to float16 exactly. bf16 matmuls are slow on this CPU: 80-100 s per tiny layer, so it "
+    "ran at g128 on tiny-llama only (and tiny-deepseek, where it fails).",
     "llm-compressor 0.14.0.1 (bench/peers/llmcompressor_awq.py): AWQModifier(duo_scaling True, n_grid 20) with its "
     "built-in mappings, then int4 asymmetric group-G weights (W4A16_ASYM), min-max observer, lm_head and router "
     "ignored, sequential pipeline, routed-token expert calibration. Not matchable: it has no AWQ clip search.",
