@@ -30,13 +30,8 @@ Results: bench/results/gptq_peers.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,14 +41,27 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from peer_common import (  # noqa: E402
+    PEERS,
+    THREADS,
+    float_copy,
+    float_copy_meta,
+    peer_env,
+    quantize_seconds,
+    quantkit_env,
+    report_head,
+    timed,
+    venv_python,
+)
+from peer_common import evaluate as evaluate_outputs  # noqa: E402
+from peer_common import fmt as _f  # noqa: E402
+
 from quantkit.bundled import resolve_model  # noqa: E402
 from quantkit.calib.data import calibration_samples  # noqa: E402
 from quantkit.calib.gptq import runtime_weight  # noqa: E402
 from quantkit.model import Model  # noqa: E402
 from quantkit.quant.gptq import GPTQConfig, rtn_quantize  # noqa: E402
 
-PEERS = REPO / "bench" / "peers"
-THREADS = 2
 TOOLS = ("quantkit", "gptqmodel", "llmcompressor", "rtn")
 # Written under the table: what each peer was set to (and why), and what could not be matched.
 NOTES = [
@@ -78,61 +86,6 @@ NOTES = [
 ]
 
 
-def venv_python(name: str) -> Path:
-    done = subprocess.run(["bash", str(REPO / "tests/interop/envs/build_env.sh"), name], capture_output=True,
-                          text=True, check=True)
-    return Path(done.stdout.strip().splitlines()[-1]) / "bin" / "python"
-
-
-def peer_env(scratch: Path, python: Path) -> dict:
-    """Offline, every cache in a scratch dir (PEERS.md §7 pitfall 11), 2 threads; GPTQModel's JIT kernels stay
-    beside its venv so no run pays for compiling them."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
-            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "GPTQMODEL_CPU_WORKERS": "2",
-            "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(python.parent.parent / "torch_extensions"),
-            "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": ""}
-
-
-def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    load = os.getloadavg()[0]
-    began = time.perf_counter()
-    with log.open("w") as f:
-        done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
-    wall = time.perf_counter() - began
-    log.write_text(log.read_text() + "\n--- stdout ---\n" + done.stdout)
-    result = {"wall_s": wall, "load_1min": load, "rc": done.returncode, "command": " ".join(map(str, cmd))}
-    if done.returncode:
-        tail = [line for line in log.read_text().splitlines() if line.strip()]
-        errors = [i for i, line in enumerate(tail) if re.match(r"^\w*(Error|Exception)\b", line)]
-        at = errors[-1] if errors else len(tail) - 1
-        result["error"] = " ".join(line.strip() for line in tail[at:at + 2] if line != "--- stdout ---")[:500]
-        return result
-    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "{}"
-    result.update(json.loads(last) if last.startswith("{") else {})
-    return result
-
-
-def float_copy(model: Model, dst: Path) -> Path:
-    """A float32 HF folder of the model's weights as quantkit reads them (FP8 blocks dequantized): what the peers,
-    which cannot read block-FP8 on CPU, calibrate from."""
-    from safetensors.torch import save_file
-
-    if (dst / "model.safetensors").exists():
-        return dst
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file({t.name: model.source.read(t.name).contiguous() for t in model.source.tensors()},
-              str(dst / "model.safetensors"))
-    config = dict(model.config)
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    for f in model.folder.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
-            shutil.copy(f, dst / f.name)
-    return dst
-
-
 def rtn_folder(model: Model, gptq_dir: Path, group: int, dst: Path) -> dict:
     """RTN of every linear quantkit's GPTQ output quantized, as a float32 HF folder."""
     from safetensors import safe_open
@@ -153,16 +106,6 @@ def rtn_folder(model: Model, gptq_dir: Path, group: int, dst: Path) -> dict:
     return {"wall_s": time.perf_counter() - began, "rc": 0, "linears": len(quantized)}
 
 
-def float_copy_meta(model: Model, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    config = dict(model.config)
-    config.pop("quantization_config", None)
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    for f in model.folder.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
-            shutil.copy(f, dst / f.name)
-
-
 def run_model(name: str, args, pythons: dict, report: dict) -> None:
     src = resolve_model(name)
     work = args.work / name
@@ -172,12 +115,12 @@ def run_model(name: str, args, pythons: dict, report: dict) -> None:
         calib = work / "calib.json"
         calib.write_text(json.dumps(ids))
         peer_src = float_copy(model, work / "float32") if model.source.is_fp8 else src
-    qk_env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(REPO)}
+    qk_env = quantkit_env()
     runs, targets = report["runs"].setdefault(name, {}), {}
     for group in args.groups:
         runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, runs, targets)
         save(report, args)
-    evaluate(name, src, work, targets, qk_env, args, report)
+    evaluate(name, src, work, targets, args, report)
 
 
 def runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, runs, targets) -> None:
@@ -189,9 +132,8 @@ def runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, r
         r = timed([sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", f"gptq:w4{g}", "-o", str(out),
                    "--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu",
                    "--threads", str(THREADS)], qk_env, work / f"quantkit-{g}.log")
-        m = re.search(r"(\d+) layers, ([\d.]+) s per layer", (work / f"quantkit-{g}.log").read_text())
-        if m:
-            r["quantize_s"] = int(m.group(1)) * float(m.group(2))
+        if (seconds := quantize_seconds(work / f"quantkit-{g}.log")) is not None:
+            r["quantize_s"] = seconds
         runs[f"quantkit-{g}"] = r
         print(f"{name} quantkit {g}: {r['wall_s']:.1f} s (rc {r['rc']})", flush=True)
     qk_dir = next(out.glob("*-GPTQ-*"), None)
@@ -224,31 +166,14 @@ def runs_group(name, group, src, peer_src, work, calib, qk_env, args, pythons, r
         targets[f"rtn-{g}"] = work / f"rtn-{g}"
 
 
-def evaluate(name, src, work, targets, qk_env, args, report) -> None:
+def evaluate(name, src, work, targets, args, report) -> None:
     """One `quantkit eval` over this run's outputs; entries already in the report for other tools are kept."""
-    paths = {k: v for k, v in targets.items() if v is not None}
     ev = work / ("eval" if set(args.tools) == set(TOOLS) else "eval-" + "-".join(args.tools))
-    r = timed([sys.executable, "-m", "quantkit.cli", "eval", *map(str, paths.values()), "--baseline", str(src),
-               "--mc-items", "0", "--windows", str(args.windows), "--device", "cpu", "-o", str(ev), "--force"],
-              qk_env, work / "eval.log")
-    quality = report["quality"].setdefault(name, {})
-    if r["rc"]:
-        quality["error"] = r.get("error")
-    else:
-        data = json.loads((ev / "report.json").read_text())
-        report["eval_settings"] = data["settings"] | {"baseline": None}
-        quality["baseline_ppl"] = data["baseline"]["ppl"]
-        by_path = {v["path"]: v for v in data["variants"]}
-        for key, path in paths.items():
-            v = by_path.get(str(path))
-            if v is not None:
-                quality[key] = {"kld_mean": v["kld"]["mean"], "kld_p99": v["kld"]["p99"], "top1_pct": v["top1_pct"],
-                                "ppl": v["ppl"], "delta_ppl_pct": v["delta_ppl_pct"]}
+    settings = evaluate_outputs(src, targets, ev, work / "eval.log", args.windows,
+                                report["quality"].setdefault(name, {}))
+    if settings is not None:
+        report["eval_settings"] = settings
     save(report, args)
-
-
-def _f(x, fmt="{:.1f}") -> str:
-    return "—" if x is None else fmt.format(x)
 
 
 def markdown(report: dict) -> str:
@@ -333,16 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args.tools = args.tools.split(",")
     torch.set_num_threads(THREADS)
     pythons = {name: venv_python(name) for name in ("gptqmodel", "llmcompressor")}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    report = {"date": datetime.date.today().isoformat(), "commit": commit,
-              "command": "python bench/gptq_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__},
-              "samples": args.samples, "ctx": args.ctx, "groups": args.groups, "runs": {}, "quality": {},
-              "notes": []}
+    report = report_head("gptq_peers.py", argv) | {
+        "samples": args.samples, "ctx": args.ctx, "groups": args.groups, "runs": {}, "quality": {}, "notes": []}
     if args.merge:
         old = json.loads(args.out.with_suffix(".json").read_text())
         report = old | {"command": old["command"] + " + " + report["command"]}

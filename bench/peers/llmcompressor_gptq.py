@@ -44,6 +44,25 @@ def dense_state(model, tied: bool) -> dict:
     return out, worst
 
 
+def write_dense(src: str, dense_out: str, dense: dict) -> None:
+    """The dense copy: the source folder's tokenizer and config without quantization, float32 safetensors."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    dst = Path(dense_out)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy(f, dst / f.name)
+    config = json.loads((Path(src) / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(dense, str(dst / "model.safetensors"))
+
+
 def main() -> None:
     src, out, dense_out, calib_path, group, *flags = sys.argv[1:]
     import datasets
@@ -70,22 +89,7 @@ def main() -> None:
     model.save_pretrained(out, save_compressed=True)
     t_save = time.perf_counter()
 
-    # the dense copy (not timed): the source folder's config without quantization, float32 safetensors
-    import shutil
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    dst = Path(dense_out)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in Path(src).iterdir():
-        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
-            shutil.copy(f, dst / f.name)
-    config = json.loads((Path(src) / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(dense, str(dst / "model.safetensors"))
+    write_dense(src, dense_out, dense)  # not timed
     print(json.dumps({"import_s": t_import - T0, "load_s": t_load - t_import, "quantize_s": t_quant - t_load,
                       "save_s": t_save - t_quant, "fake_quant_vs_weight_max": worst,
                       "quantized_linears": sum(1 for m in model.modules() if hasattr(m, "weight_scale"))}))
