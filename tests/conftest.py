@@ -34,6 +34,22 @@ def copy_model(model_cache, tmp_path):
     return copy
 
 
+@pytest.fixture
+def unrouted_expert_model(copy_model) -> Path:
+    """The FP8 DeepSeek-V3 test model with expert 3 of layer 1 made unreachable (a large negative score-correction
+    bias): the zero-token expert every calibrated method must give its fallback."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model("deepseek_v3", fp8=True)
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][3] = -1e4
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return folder
+
+
 def bundled_imatrix_file(name: str) -> Path:
     """The bundled importance matrix of a bundled model: the one the real llama-imatrix wrote
     (tests/data/llama_imatrix, eval/make_llama_imatrix.py), which the golden digests were made with."""

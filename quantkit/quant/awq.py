@@ -73,11 +73,16 @@ def group_params(w: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torc
     return scales, zeros
 
 
+def _codes(w: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [out, G, g] (float, 0..maxq), scales and zero points [out, G] of AutoAWQ's zero-point quantizer."""
+    scales, zeros = group_params(w, config)
+    q = (torch.round(_grouped(w, config.group_size) / scales[..., None]) + zeros[..., None]).clamp(0, config.maxq)
+    return q, scales, zeros
+
+
 def pseudo_quantize(w: torch.Tensor, config: AWQConfig) -> torch.Tensor:
     """w quantized and dequantized (AutoAWQ's pseudo_quantize_tensor)."""
-    scales, zeros = group_params(w, config)
-    g = _grouped(w, config.group_size)
-    q = (torch.round(g / scales[..., None]) + zeros[..., None]).clamp(0, config.maxq)
+    q, scales, zeros = _codes(w, config)
     return ((q - zeros[..., None]) * scales[..., None]).reshape(w.shape)
 
 
@@ -86,9 +91,7 @@ def quantize(w: torch.Tensor, config: AWQConfig) -> AWQResult:
     if not torch.isfinite(w).all():
         raise QuantkitError("the weight to quantize holds NaN or infinite values; the checkpoint is damaged or was "
                             "not dequantized correctly")
-    scales, zeros = group_params(w, config)
-    g = _grouped(w, config.group_size)
-    q = (torch.round(g / scales[..., None]) + zeros[..., None]).clamp(0, config.maxq)
+    q, scales, zeros = _codes(w, config)
     return AWQResult(q.reshape(w.shape).to(torch.int32), scales, zeros.to(torch.int32))
 
 
