@@ -188,17 +188,18 @@ class AWQ:
         x = cached.get(whole[0].key)
         if not names or not x:
             return
+        batches = _batches(x, self.config.inspect_tokens)
         if len(unit.linears) == 1:
             (name,) = names
             bias = _bias(job, name)
 
             def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-                return [F.linear(xi, ws[0], bias) for xi in x]
+                return [F.linear(xb, ws[0], bias) for xb in batches]
         else:
             def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
                 replaced = overlay(dict(zip(names, ws, strict=True)), job)
-                return [job.arch.norm_block(job.layer, unit.producer, replaced, xi[None],
-                                            torch.arange(len(xi), device=xi.device))[0] for xi in x]
+                return [job.arch.norm_block(job.layer, unit.producer, replaced, xb,
+                                            torch.arange(xb.shape[1], device=xb.device)) for xb in batches]
         found = search_scales(activation_mean(x), [job(n) for n in names], inspect, self.config)
         s = found.scales
         job.stream.stats.note(job.layer, "awq_scale_ratio", unit.producer, found.ratio)
@@ -218,6 +219,21 @@ class AWQ:
         for group in unit.groups:
             if group.key in cached:
                 cached[group.key] = [xi / s for xi in cached[group.key]]
+
+
+def _batches(samples: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    """Consecutive equal-length samples [t, in] stacked into [b, t, in] batches of at most max_tokens tokens (at
+    least one sample each): a few large matmuls instead of one small one per sample."""
+    batches: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    for xi in samples:
+        if run and (xi.shape != run[0].shape or (len(run) + 1) * len(xi) > max_tokens):
+            batches.append(torch.stack(run))
+            run = []
+        run.append(xi)
+    if run:
+        batches.append(torch.stack(run))
+    return batches
 
 
 def _has(job: LayerJob, name: str) -> bool:

@@ -32,6 +32,7 @@ class AWQConfig:
     max_shrink: float = 0.5  # clipping tries max |w| * (1 - i/clip_grid) for i < max_shrink * clip_grid
     clip_tokens: int = 512  # input rows the clip search subsamples down to
     clip_batch: int = 256  # output rows per clip-search batch (memory only: results do not depend on it)
+    inspect_tokens: int = 4096  # calibration tokens per inspected forward (memory only, up to float rounding)
 
     def __post_init__(self) -> None:
         if self.bits != 4:
