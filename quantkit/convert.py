@@ -1,5 +1,5 @@
-"""`quantkit convert`: one source checkpoint -> one or more outputs, in any registered format, each format
-writing all of its outputs from one read of the source."""
+"""`quantkit convert`: one source checkpoint -> one or more outputs, in any registered format, each format (or
+each group of formats sharing a pass: GPTQ and AWQ) writing all of its outputs from one read of the source."""
 
 from __future__ import annotations
 
@@ -57,10 +57,14 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
                 plans[i] = fmt.plan(source, parsed[i], options)
         if dry_run:
             return list(zip(paths, plans, strict=True))
-        written: list[Path | None] = [None] * len(parsed)
+        by_pass: dict[str, list[int]] = {}
         for name, indices in by_format.items():
+            by_pass.setdefault(get_format(name).shared_pass or name, []).extend(indices)
+        written: list[Path | None] = [None] * len(parsed)
+        for indices in by_pass.values():
             jobs = [Job(parsed[i], plans[i], paths[i]) for i in indices]
-            for i, files in zip(indices, get_format(name).write(source, jobs, options), strict=True):
+            writer = get_format(parsed[indices[0]].format)
+            for i, files in zip(indices, writer.write(source, jobs, options), strict=True):
                 written[i] = paths[i] if paths[i].is_dir() else files[0]  # a folder format: the folder
         return list(zip(written, plans, strict=True))
     finally:

@@ -69,6 +69,8 @@ class Job:
 class OutputFormat:
     name: str = ""
     example: str = ""  # a valid spec, for messages
+    # Formats with the same pass name are written together: the first one's write() gets every job of them all.
+    shared_pass: str | None = None
 
     def parse_spec(self, spec: str) -> Target:
         raise NotImplementedError
@@ -88,7 +90,8 @@ class OutputFormat:
         raise NotImplementedError
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
-        """Write every job from one pass over the source; returns each job's files (several when sharded),
+        """Write every job (of this format, or of every format of its shared pass) from one pass over the source;
+        returns each job's files (several when sharded),
         each re-read and checked against its plan before returning."""
         raise NotImplementedError
 

@@ -1,6 +1,7 @@
 """What the calibrated HF-folder outputs (GPTQ, AWQ) share: a plan of packed linears and BF16 rest, one
-quantkit.calib.layerwise pass for every target of the format in the command, a FolderWriter per target (resume,
-refusal, atomic completion), each result packed as the method emits it, and `quantkit_report.json`.
+quantkit.calib.layerwise pass for every GPTQ and AWQ target in the command (each layer read once for all), a
+FolderWriter per target (resume, refusal, atomic completion), each result packed as the method emits it, and
+`quantkit_report.json`.
 
 A format subclass says how its spec reads, which method quantizes, how a result packs and unpacks, and what
 config files describe the folder.
@@ -21,7 +22,7 @@ from quantkit import __version__
 from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS
 from quantkit.calib.layerwise import LayerStats, Method, Stream
 from quantkit.errors import ConfigError
-from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
+from quantkit.formats import ConvertOptions, Job, OutputFormat, Target, get_format
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
 from quantkit.model import Model
 from quantkit.plan import Plan, PlanEntry
@@ -73,6 +74,7 @@ class LayerwiseFolderFormat(OutputFormat):
     """Base of the formats written by a layerwise calibration pass into an HF folder."""
 
     label = ""  # GPTQ, AWQ: file names and messages
+    shared_pass = "layerwise"
     suffixes: tuple[str, ...] = ()  # the tensors stored per quantized linear
 
     # ---- what a subclass provides ------------------------------------------------------------------------
@@ -131,34 +133,38 @@ class LayerwiseFolderFormat(OutputFormat):
         return Plan(self.name, target.spec, tuple(entries))
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
-        """Every target of this format in the command in one pass over the model: each layer read once."""
+        """Every GPTQ and AWQ target in the command in one pass over the model: each layer read once. Each job is
+        handled by its own format (jobs may mix formats of this pass)."""
         from quantkit.calib.data import calibration_samples
         from quantkit.calib.layerwise import run_layers  # looked up per call: tests interpose on it
 
         model = self._require_model(source)
         layers = quantized_linears(model)
         # Every output folder is opened (existing outputs and foreign OUT.part refused) before calibrating.
-        outputs = [_Output(self, job, FolderWriter(job.path, model.folder, self._fingerprint(model, job, options),
-                                                   len(layers), force=options.force), options)
-                   for job in jobs]
+        outputs = []
+        for job in jobs:
+            fmt = get_format(job.target.format)
+            writer = FolderWriter(job.path, model.folder, fmt._fingerprint(model, job, options), len(layers),
+                                  force=options.force)
+            outputs.append(_Output(fmt, job, writer, options))
         for out in outputs:
             if not out.writer.has(OTHER):
                 out.writer.write(OTHER, {n: _read_global(model, n).to(KEPT_DTYPE) for n in kept_globals(model)})
         todo = [out for out in outputs if out.writer.start_layer < len(layers)]
-        streams = [Stream(self.method(out.config, out.rtn), out.take, start_layer=out.writer.start_layer,
+        streams = [Stream(out.fmt.method(out.config, out.rtn), out.take, start_layer=out.writer.start_layer,
                           restore=out.restore(layers)) for out in todo]
         samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) \
             if any(s.method.calibrated for s in streams) else []
         progress = None if options.progress is None else (lambda done, total: options.progress(
-            Progress(f"{self.name} " + ", ".join(out.job.target.spec for out in todo), done, total, "layers")))
+            Progress(", ".join(str(out.job.target) for out in todo), done, total, "layers")))
         for index in run_layers(model, streams, samples, progress=progress):
             _, linears, others = layers[index]
             writing = [(out, s) for out, s in zip(todo, streams, strict=True) if index >= s.start_layer]
             kept = {n: model.source.read(n).to(KEPT_DTYPE) for n in others} if writing else {}
             for out, stream in writing:
-                missing = {f"{module_name(n)}.{self.suffixes[0]}" for n in linears} - set(out.pending)
+                missing = {f"{module_name(n)}.{out.fmt.suffixes[0]}" for n in linears} - set(out.pending)
                 if missing:
-                    raise RuntimeError(f"layer {index}: {self.label} gave no result for {sorted(missing)}")
+                    raise RuntimeError(f"layer {index}: {out.fmt.label} gave no result for {sorted(missing)}")
                 info = stream.stats.layer_record(index)
                 if out.replaced:
                     info["replaced_tensors"] = sorted(out.replaced)
@@ -168,8 +174,8 @@ class LayerwiseFolderFormat(OutputFormat):
             log_summary(out.job, stream.stats)
         results = []
         for out in outputs:
-            config_json, files = self.config_files(out.config)
-            results.append(out.writer.finish(config_json, {**files, REPORT_NAME: self.report(out, options)}))
+            config_json, files = out.fmt.config_files(out.config)
+            results.append(out.writer.finish(config_json, {**files, REPORT_NAME: out.fmt.report(out, options)}))
         return results
 
     def _fingerprint(self, model: Model, job: Job, options: ConvertOptions) -> str:

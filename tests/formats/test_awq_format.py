@@ -129,3 +129,22 @@ def test_an_architecture_without_a_folding_rule_is_refused_before_work(model_cac
         monkeypatch.setattr(type(model.arch), "norm_block", Architecture.norm_block)
         with pytest.raises(QuantkitError, match="does not know how AWQ's scales fold into llama"):
             FORMAT.plan(model, parse_target("awq:w4g32"), ConvertOptions())
+
+
+def test_gptq_and_awq_targets_share_one_pass_and_equal_separate_runs(model_cache, tmp_path, monkeypatch):
+    from quantkit.convert import convert
+    from quantkit.source.hf import HFCheckpoint
+
+    src = model_cache("deepseek_v3", fp8=True)
+    specs = ["awq:w4g64", "gptq:w4g64", "awq:w4g32-rtn"]
+    options = {"calib_samples": 4, "calib_ctx": 32}
+    alone = {s: _files(convert(src, [s], tmp_path / s.replace(":", "-"), **options)[0][0]) for s in specs}
+    reads, read = {}, HFCheckpoint.read
+    monkeypatch.setattr(HFCheckpoint, "read", lambda self, n, *a, **k: (
+        reads.__setitem__(n, reads.get(n, 0) + 1), read(self, n, *a, **k))[1])
+    written = convert(src, specs, tmp_path / "all", **options)
+    for spec, (folder, _) in zip(specs, written, strict=True):
+        assert _files(folder) == alone[spec], spec
+    with Model(src) as model:
+        layer_linears = {lin.name for i in range(3) for lin in model.arch.layer_spec(i).linears}
+    assert layer_linears & set(reads) and all(reads[n] == 1 for n in layer_linears if n in reads), reads
