@@ -85,13 +85,14 @@ class AWQ:
     clipping (no calibration). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
 
     def __init__(self, config: AWQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
-                 propagate: str = "quantized", kept_dtype: torch.dtype | None = None):
+                 propagate: str = "quantized", kept_dtype: torch.dtype | None = None,
+                 scale_dtype: torch.dtype = torch.float16):
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens, self.propagate = config, rtn, min_expert_tokens, propagate
         # the dtype the output stores the scaled norms and routers in: the quantized forward uses them so rounded,
         # as a runtime (and a resumed run, which reads them back) does
-        self.kept_dtype = kept_dtype
+        self.kept_dtype, self.scale_dtype = kept_dtype, scale_dtype  # the latter: of the stored group scales
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -108,7 +109,7 @@ class AWQ:
         result = quantize(w, self.config)
         job.emit(name, result)
         if self.calibrated and self.propagate == "quantized":
-            job.set(name, runtime_weight(result, self.config.group_size))
+            job.set(name, runtime_weight(result, self.config.group_size, self.scale_dtype))
 
     def _calibrated_layer(self, job: LayerJob, run: CalibrationRun, spec) -> None:
         quantized = {lin.name for lin in spec.linears}

@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_EXPERT_TOKENS = 16  # fewer routed tokens than this: the expert gets the fallback
 
 
-def runtime_weight(result: GPTQResult) -> torch.Tensor:
-    """The weight a runtime computes from the stored checkpoint: codes, zero points and fp16 scales."""
-    return dequantize(result.q, result.scales.half().float(), result.zeros, result.g_idx)
+def runtime_weight(result: GPTQResult, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The weight a runtime computes from the stored checkpoint: codes, zero points and the scales as stored (fp16
+    in GPTQ checkpoints, the model's dtype in compressed-tensors ones)."""
+    return dequantize(result.q, result.scales.to(scale_dtype).float(), result.zeros, result.g_idx)
 
 
 class _Hessians(Observer):
@@ -67,16 +68,17 @@ class GPTQ:
     """The GPTQ method of a layerwise Stream (quantkit.calib.layerwise): `rtn` rounds to nearest instead, with
     no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
     "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. Notes in the
-    stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping)."""
+    stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping).
+    `scale_dtype`: the dtype the output stores scales in (the quantized forward uses them so rounded)."""
 
     def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
-                 fallback: str = "all", propagate: str = "quantized"):
+                 fallback: str = "all", propagate: str = "quantized", scale_dtype: torch.dtype = torch.float16):
         if fallback not in ("all", "rtn"):
             raise ConfigError(f"unknown expert fallback {fallback!r}; use 'all' (the layer's tokens) or 'rtn'")
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens = config, rtn, min_expert_tokens
-        self.fallback, self.propagate = fallback, propagate
+        self.fallback, self.propagate, self.scale_dtype = fallback, propagate, scale_dtype
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -137,7 +139,7 @@ class GPTQ:
                 stats.note(layer, "damping_raised", name, float(result.damp_percent))
         job.emit(name, result)
         if self.calibrated and self.propagate == "quantized":
-            job.set(name, runtime_weight(result))
+            job.set(name, runtime_weight(result, self.scale_dtype))
     def _quantize_experts(self, job: LayerJob, groups: list[InputGroup], hessians: _Hessians,
                           routing: Routing) -> None:
         stats = job.stream.stats

@@ -18,7 +18,7 @@ from quantkit.errors import ConfigError
 from quantkit.plan import Plan, format_plan
 
 FORMAT_MODULES = {"gguf": "quantkit.formats.gguf.format", "gptq": "quantkit.formats.gptq",
-                  "awq": "quantkit.formats.awq"}
+                  "awq": "quantkit.formats.awq", "ct": "quantkit.formats.compressed_tensors"}
 
 
 @dataclass(frozen=True)

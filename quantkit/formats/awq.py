@@ -82,7 +82,7 @@ class AWQFormat(LayerwiseFolderFormat):
     def method(self, config: AWQConfig, rtn: bool) -> AWQ:
         return AWQ(config, rtn=rtn, kept_dtype=KEPT_DTYPE)
 
-    def check_model(self, model: Model) -> None:
+    def check_model(self, model: Model, config: AWQConfig) -> None:
         arch = model.arch
         if type(arch).norm_block is Architecture.norm_block:
             raise ConfigError(f"{model.source.path}: quantkit does not know how AWQ's scales fold into "
@@ -112,7 +112,7 @@ class AWQFormat(LayerwiseFolderFormat):
     def unpack(self, stored: dict[str, torch.Tensor], config: AWQConfig) -> torch.Tensor:
         return dequantize_stored(*(stored[s] for s in SUFFIXES))
 
-    def config_files(self, config: AWQConfig) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: AWQConfig, model: Model) -> tuple[dict, dict[str, dict]]:
         return {"quantization_config": self.quantization_config(config)}, {}
 
     @staticmethod

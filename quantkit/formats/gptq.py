@@ -21,6 +21,7 @@ from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
 from quantkit.formats.layerwise_folder import LayerwiseFolderFormat
 from quantkit.formats.packing import pack, to_int32, unpack
+from quantkit.model import Model
 from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequantize
 
 SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
@@ -126,7 +127,7 @@ class GPTQFormat(LayerwiseFolderFormat):
     def unpack(self, stored: dict[str, torch.Tensor], config: GPTQConfig) -> torch.Tensor:
         return dequantize_stored(*(stored[s] for s in SUFFIXES), config.bits)
 
-    def config_files(self, config: GPTQConfig) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: GPTQConfig, model: Model) -> tuple[dict, dict[str, dict]]:
         return ({"quantization_config": self.quantization_config(config)},
                 {"quantize_config.json": self.quantize_config(config)})
 

@@ -87,7 +87,7 @@ class LayerwiseFolderFormat(OutputFormat):
     def method(self, config: Any, rtn: bool) -> Method:
         raise NotImplementedError
 
-    def check_model(self, model: Model) -> None:
+    def check_model(self, model: Model, config: Any) -> None:
         """Raise ConfigError when the method cannot handle this model at all (before any work)."""
 
     def check_shape(self, name: str, shape: tuple[int, int], config: Any) -> None:
@@ -104,7 +104,7 @@ class LayerwiseFolderFormat(OutputFormat):
         """The runtime (float32) weight of one stored linear: suffix -> tensor."""
         raise NotImplementedError
 
-    def config_files(self, config: Any) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: Any, model: Model) -> tuple[dict, dict[str, dict]]:
         """(what config.json adds, other JSON files by name)."""
         raise NotImplementedError
 
@@ -120,8 +120,8 @@ class LayerwiseFolderFormat(OutputFormat):
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         model = self._require_model(source)
-        self.check_model(model)
         config = self.config(target, options)
+        self.check_model(model, config)
         entries = [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in kept_globals(model).items()]
         shapes = model.arch.tensor_shapes()
         for _, linears, others in quantized_linears(model):
@@ -174,7 +174,7 @@ class LayerwiseFolderFormat(OutputFormat):
             log_summary(out.job, stream.stats)
         results = []
         for out in outputs:
-            config_json, files = out.fmt.config_files(out.config)
+            config_json, files = out.fmt.config_files(out.config, model)
             results.append(out.writer.finish(config_json, {**files, REPORT_NAME: out.fmt.report(out, options)}))
         return results
 
@@ -221,8 +221,9 @@ class _Output:
     def restore(self, layers):
         def runtime_weights(layer: int) -> dict[str, torch.Tensor]:
             stored = self.writer.read(layer)
-            weights = {name: self.fmt.unpack({s: stored[f"{module_name(name)}.{s}"] for s in self.fmt.suffixes},
-                                             self.config) for name in layers[layer][1]}
+            weights = {name: self.fmt.unpack({s: stored[key] for s in self.fmt.suffixes
+                                              if (key := f"{module_name(name)}.{s}") in stored}, self.config)
+                       for name in layers[layer][1]}
             replaced = self.writer.infos().get(layer, {}).get("replaced_tensors", [])
             return weights | {name: stored[name].float() for name in replaced}
         return runtime_weights

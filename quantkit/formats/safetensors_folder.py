@@ -27,7 +27,8 @@ STATE_NAME = "quantkit-state.json"
 OTHER = "other"  # the shard key of the tensors outside the decoder layers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
-_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
+_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32",
+                torch.int64: "I64"}
 
 
 class OutputFolderError(QuantkitError):

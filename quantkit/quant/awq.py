@@ -102,9 +102,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group
     return ((g - zeros.float()[..., None]) * scales.float()[..., None]).reshape(q.shape)
 
 
-def runtime_weight(result: AWQResult, group_size: int) -> torch.Tensor:
-    """What a runtime computes from the stored checkpoint (fp16 scales)."""
-    return dequantize(result.q, result.scales.half().float(), result.zeros, group_size)
+def runtime_weight(result: AWQResult, group_size: int, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """What a runtime computes from the stored checkpoint (scales as stored: fp16 in AutoAWQ's layout)."""
+    return dequantize(result.q, result.scales.to(scale_dtype).float(), result.zeros, group_size)
 
 
 def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:

@@ -49,9 +49,12 @@ class GPTQConfig:
     damp_percent: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128  # columns per lazy batch update
     mse: bool = False  # shrink each grid's range to minimise the MSE_NORM error (see MSE_* above)
+    # sym grids always span [-max |w|, max |w|] (compressed-tensors' min-max grid); False keeps AutoGPTQ's quirk
+    # of xmin = 0 for a group without negative values
+    full_sym_range: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("sym", "desc_act", "static_groups", "mse"):
+        for name in ("sym", "desc_act", "static_groups", "mse", "full_sym_range"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTQ {name} must be true or false, got {getattr(self, name)!r}")
         if _not_int(self.bits) or self.bits not in BITS:
@@ -135,7 +138,7 @@ def find_params(x: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, torc
     xmax = x.amax(1).clamp(min=0)
     if config.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax if config.full_sym_range else torch.where(xmin < 0, -xmax, xmin)
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)

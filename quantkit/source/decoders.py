@@ -8,6 +8,8 @@ DECODERS; `HFCheckpoint` and everything above it (Model, eval) then read them un
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from quantkit.errors import ConfigError, SourceError
@@ -109,6 +111,7 @@ class _PackedDecoder(Decoder):
 
     kind = ""
     SUFFIXES: tuple[str, ...] = ()
+    OPTIONAL: tuple[str, ...] = ()  # parts some modules store (then after the SUFFIXES, in this order)
 
     def _collect_modules(self, location) -> None:
         self._modules = {}
@@ -120,7 +123,8 @@ class _PackedDecoder(Decoder):
                 if missing:
                     raise SourceError(f"{location[name].path}: {self.kind} module {module!r} has no {missing[0]!r}; "
                                       "the checkpoint is incomplete, re-download or re-convert it")
-                self._modules[module + ".weight"] = parts
+                optional = tuple(p for s in self.OPTIONAL if (p := f"{module}.{s}") in location)
+                self._modules[module + ".weight"] = parts + optional
 
     def _shape(self, parts: tuple[str, ...]) -> tuple[int, int]:
         raise NotImplementedError
@@ -205,9 +209,64 @@ class AWQDecoder(_PackedDecoder):
         return f"AWQ w4g{self.group_size}"
 
 
+class CompressedTensorsDecoder(_PackedDecoder):
+    """compressed-tensors pack-quantized checkpoints (FORMATS.md §7.3, llm-compressor's and quantkit's ct: output):
+    `<module>.weight_packed/.weight_scale/.weight_shape` (+ `.weight_zero_point`, `.weight_g_idx`), dequantized
+    as the runtimes do (quantkit.formats.compressed_tensors.dequantize_stored). Integer weight-only schemes."""
+
+    name, kind = "compressed-tensors", "compressed-tensors"
+    SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+    OPTIONAL = ("weight_zero_point", "weight_g_idx")
+
+    def __init__(self, location, config, origin):
+        super().__init__(location, config, origin)
+        qc = self.config["quantization_config"]
+        groups = (qc.get("config_groups") or {}).values()
+        readable = qc.get("format") in ("pack-quantized", "mixed-precision") and all(
+            g.get("format", "pack-quantized") == "pack-quantized" and not g.get("input_activations")
+            and (g.get("weights") or {}).get("type") == "int" and (g.get("weights") or {}).get("num_bits") in (4, 8)
+            for g in groups)
+        if not groups or not readable:
+            raise SourceError(f"{origin}/config.json: quantkit reads compressed-tensors checkpoints whose config "
+                              "groups are all pack-quantized int4/int8 weight-only schemes; this one has format "
+                              f"{qc.get('format')!r} and groups {json.dumps(qc.get('config_groups'))[:300]}")
+        self._bits = sorted({g["weights"]["num_bits"] for g in groups})
+        self._collect_modules(location)
+
+    def _read_parts(self, parts: tuple[str, ...], device) -> dict[str, torch.Tensor]:
+        return {p.rsplit(".", 1)[1]: self.location[p].read(p, device=device) for p in parts}
+
+    def _shape(self, parts):
+        out, columns = (int(v) for v in self.location[parts[2]].read(parts[2]))
+        return out, columns
+
+    def read(self, name: str, device) -> torch.Tensor | None:
+        from quantkit.formats.compressed_tensors import dequantize_stored  # the format owns the packing
+
+        parts = self._modules.get(name)
+        if parts is None:
+            return None
+        stored = self._read_parts(parts, device)
+        columns = int(stored["weight_shape"][1])
+        bits = next((b for b in self._bits if stored["weight_packed"].shape[1] == -(-columns * b // 32)), None)
+        if bits is None:
+            raise SourceError(f"{self.origin}: {name!r} packs {columns} columns into {stored['weight_packed'].shape[1]}"
+                              f" words, which fits none of the config's bit widths {self._bits}")
+        return dequantize_stored(stored, bits)
+
+    def label(self, stored_dtypes: set[str]) -> str:
+        qc = self.config["quantization_config"]
+        schemes = []
+        for g in qc["config_groups"].values():
+            w = g["weights"]
+            group = f"g{w['group_size']}" if w.get("strategy") == "group" else ""
+            schemes.append(f"w{w['num_bits']}{group}" + ("" if w.get("symmetric", True) else "-asym"))
+        return "compressed-tensors " + "+".join(schemes)
+
+
 # quantization_config.quant_method -> decoder; None: no quantization_config
 DECODERS: dict[str | None, type[Decoder]] = {None: Decoder, "fp8": BlockFP8Decoder, "gptq": GPTQDecoder,
-                                              "awq": AWQDecoder}
+                                              "awq": AWQDecoder, "compressed-tensors": CompressedTensorsDecoder}
 
 
 def decoder_for(location: dict[str, SafetensorsFile], config: dict | None, origin: str) -> Decoder:

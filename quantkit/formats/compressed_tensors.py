@@ -1,0 +1,224 @@
+"""The compressed-tensors output (llm-compressor's checkpoints; what vLLM and transformers' compressed-tensors
+integration load; FORMATS.md §7): `--to ct:w4g128`, `ct:w8`, `ct:w4g128-gptq`, `ct:w4g128-awq`, ...
+
+Spec: `w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse]`.
+- bits 4 or 8 (vLLM's WNA16 kernels); `g{group}` 32, 64 or 128 (strategy "group"), none = one scale per output
+  row (strategy "channel", W8A16's preset);
+- symmetric unless `-asym` (zero points stored);
+- weights by round-to-nearest (the default, no calibration: compressed-tensors' own min-max grid), `-gptq`
+  (quantkit.calib.gptq; `-act`: act-order with static groups, compressed-tensors' actorder "weight"; `-mse`: the
+  MSE grid) or `-awq`
+  (quantkit.calib.awq: 4-bit, grouped, always asymmetric; its scales folded into the norms, which are stored).
+
+Every decoder-layer linear is stored pack-quantized (FORMATS.md §7.3): `weight_packed` int32 [out, in*bits/32]
+(codes + 2^(bits-1) as unsigned, LSB first along the input dim), `weight_scale` [out, groups] in the model's
+dtype (BF16), `weight_shape` int64 [2], asymmetric `weight_zero_point` int32 [out*bits/32, groups] (packed along
+the output dim). A GPTQ or AWQ grid maps exactly onto compressed-tensors'
+signed one: code q in 0..2^bits-1 is q - 2^(bits-1), zero point z is z - 2^(bits-1). The methods round their
+scales to BF16 for the quantized forward, as the runtime does. Embeddings, lm_head, norms, routers: BF16.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantkit.calib.awq import AWQ
+from quantkit.calib.gptq import GPTQ
+from quantkit.errors import ConfigError
+from quantkit.formats import ConvertOptions, Target
+from quantkit.formats.awq import FORMAT as AWQ_FORMAT
+from quantkit.formats.layerwise_folder import KEPT_DTYPE, LayerwiseFolderFormat, module_name, quantized_linears
+from quantkit.formats.packing import pack, unpack
+from quantkit.model import Model
+from quantkit.quant.awq import AWQConfig, AWQResult
+from quantkit.quant.gptq import GPTQConfig, GPTQResult, dequantize
+
+SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
+BITS, GROUPS = (4, 8), (32, 64, 128)
+FLAGS = ("asym", "gptq", "awq", "act", "mse")  # canonical order
+GPTQ_ONLY = ("act", "mse")
+GRAMMAR = ("w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] with bits 4 or 8, group 32, 64 or 128 (none: one "
+           "scale per output row), e.g. w4g128, w8, w4g128-gptq, w4g128-awq; round-to-nearest unless -gptq or -awq; "
+           "-act (act-order, static groups) and -mse only with -gptq; -awq is 4-bit, grouped and asymmetric")
+# The compressed-tensors release whose checkpoint layout this follows (llm-compressor 0.14's)
+CT_VERSION = "0.19.0"
+LINEAR_TARGET = "Linear"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One weight scheme: the stored grid and the method that fills it."""
+
+    bits: int
+    group_size: int  # -1: one group per output row
+    sym: bool
+    method: str  # "rtn" | "gptq" | "awq"
+    act: bool = False
+    mse: bool = False
+    damp: float | None = None
+
+    @property
+    def actorder(self) -> str | None:
+        """compressed-tensors' actorder "weight": columns in act-order while quantizing, static natural groups, so
+        nothing extra is stored. Its "group" (g_idx) is gone from compressed-tensors 0.20, which refuses it."""
+        return "weight" if self.act else None
+
+    def gptq(self) -> GPTQConfig:
+        return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.act,
+                          static_groups=self.act, mse=self.mse, full_sym_range=True,
+                          **({} if self.damp is None else {"damp_percent": self.damp}))
+
+    def weights_args(self) -> dict:
+        """The config group's `weights` QuantizationArgs."""
+        grouped = self.group_size != -1
+        return {"num_bits": self.bits, "type": "int", "symmetric": self.sym,
+                "group_size": self.group_size if grouped else None, "strategy": "group" if grouped else "channel",
+                "block_structure": None, "dynamic": False, "actorder": self.actorder,
+                "observer": "mse" if self.mse else "minmax", "observer_kwargs": {}}
+
+
+def parse_scheme(spec: str) -> Scheme:
+    match = SPEC_RE.fullmatch(spec.strip().lower())
+    flags = tuple(match.group(3).split("-")[1:]) if match else ()
+    bits = int(match.group(1)) if match else None
+    group = -1 if match is None or match.group(2) is None else int(match.group(2))
+    if (match is None or bits not in BITS or (group != -1 and group not in GROUPS)
+            or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags)
+            or ("gptq" in flags and "awq" in flags)
+            or (any(f in flags for f in GPTQ_ONLY) and "gptq" not in flags)
+            or ("awq" in flags and (bits != 4 or group == -1))):
+        raise ConfigError(f"cannot read compressed-tensors spec {spec!r}: expected {GRAMMAR}")
+    method = "gptq" if "gptq" in flags else "awq" if "awq" in flags else "rtn"
+    return Scheme(bits, group, "asym" not in flags and method != "awq", method, "act" in flags, "mse" in flags)
+
+
+def canonical_spec(scheme: Scheme) -> str:
+    flags = {"asym": not scheme.sym and scheme.method != "awq", "gptq": scheme.method == "gptq",
+             "awq": scheme.method == "awq", "act": scheme.act, "mse": scheme.mse}
+    group = f"g{scheme.group_size}" if scheme.group_size != -1 else ""
+    return f"w{scheme.bits}{group}" + "".join(f"-{f}" for f in FLAGS if flags[f])
+
+
+# ---- packing (FORMATS.md §7.3): pure functions on int tensors ---------------------------------------------------
+def _pack_padded(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """pack() after zero-padding `dim` to whole words, as compressed-tensors' pack_to_int32 does."""
+    per = 32 // bits
+    pad = -values.shape[dim] % per
+    if pad:
+        shape = list(values.shape)
+        shape[dim] = pad
+        values = torch.cat([values, values.new_zeros(shape)], dim)
+    return pack(values, bits, dim)
+
+
+def pack_result(result: GPTQResult | AWQResult, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One linear's stored tensors by suffix. Unsigned codes 0..2^bits-1 are compressed-tensors' signed codes
+    plus the 2^(bits-1) offset it packs with, so they pack as they are; likewise the zero points."""
+    out, columns = result.q.shape
+    stored = {"weight_packed": _pack_padded(result.q, scheme.bits, 1),
+              "weight_scale": result.scales.to(KEPT_DTYPE).contiguous(),
+              "weight_shape": torch.tensor([out, columns], dtype=torch.int64)}
+    if not scheme.sym:
+        stored["weight_zero_point"] = _pack_padded(result.zeros, scheme.bits, 0)
+    if isinstance(result, GPTQResult) and not torch.equal(result.g_idx.long(), _natural_g_idx(columns, scheme)):
+        raise RuntimeError("a GPTQ result has permuted groups, which this layout cannot store")
+    return stored
+
+
+def _natural_g_idx(columns: int, scheme: Scheme) -> torch.Tensor:
+    return torch.arange(columns) // (columns if scheme.group_size == -1 else scheme.group_size)
+
+
+def dequantize_stored(stored: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """The float32 [out, in] weight stored linear means: (code - zero point) x scale, with the stored scales;
+    computed as the methods' runtime weights are, so a resumed run continues from the same numbers."""
+    out, columns = (int(v) for v in stored["weight_shape"])
+    q = unpack(stored["weight_packed"], bits, 1)[:, :columns].contiguous()
+    scales = stored["weight_scale"].float()
+    groups = scales.shape[1]
+    if "weight_zero_point" in stored:
+        zeros = unpack(stored["weight_zero_point"], bits, 0)[:out]
+    else:
+        zeros = torch.full((out, groups), 2 ** (bits - 1), dtype=torch.int32)
+    g_idx = stored.get("weight_g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(columns) // -(-columns // groups)
+    return dequantize(q, scales, zeros, g_idx).contiguous()
+
+
+def packed_bytes(shape: tuple[int, int], scheme: Scheme) -> int:
+    out, columns = shape
+    per = 32 // scheme.bits
+    groups = 1 if scheme.group_size == -1 else columns // scheme.group_size
+    total = 4 * out * -(-columns // per) + 2 * out * groups + 16  # weight_shape: two int64
+    if not scheme.sym:
+        total += 4 * -(-out // per) * groups
+    return total
+
+
+# ---- the format -------------------------------------------------------------------------------------------------
+class CompressedTensorsFormat(LayerwiseFolderFormat):
+    name = "ct"
+    label = "CT"
+    example = "w4g128"
+    suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+    def parse_spec(self, spec: str) -> Target:
+        return Target(self.name, canonical_spec(parse_scheme(spec)))
+
+    def config(self, target: Target, options: ConvertOptions) -> Scheme:
+        return replace(parse_scheme(target.spec), damp=options.damp)
+
+    def is_rtn(self, target: Target) -> bool:
+        return parse_scheme(target.spec).method == "rtn"
+
+    def method(self, scheme: Scheme, rtn: bool) -> GPTQ | AWQ:
+        if scheme.method == "awq":
+            return AWQ(AWQConfig(group_size=scheme.group_size), kept_dtype=KEPT_DTYPE, scale_dtype=KEPT_DTYPE)
+        return GPTQ(scheme.gptq(), rtn=rtn, scale_dtype=KEPT_DTYPE)
+
+    def check_model(self, model: Model, scheme: Scheme) -> None:
+        if scheme.method == "awq":
+            AWQ_FORMAT.check_model(model, AWQConfig(group_size=scheme.group_size))
+
+    def check_shape(self, name: str, shape: tuple[int, int], scheme: Scheme) -> None:
+        out, columns = shape
+        if scheme.group_size != -1 and columns % scheme.group_size:
+            raise ConfigError(f"{name!r} has shape {[out, columns]}; group {scheme.group_size} needs input columns "
+                              "divisible by it (use another group size, or no g for one scale per output row)")
+
+    def packed_bytes(self, shape: tuple[int, int], scheme: Scheme) -> int:
+        return packed_bytes(shape, scheme)
+
+    def pack(self, result: GPTQResult | AWQResult, scheme: Scheme) -> dict[str, torch.Tensor]:
+        return pack_result(result, scheme)
+
+    def unpack(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
+        return dequantize_stored(stored, scheme.bits)
+
+    def config_files(self, scheme: Scheme, model: Model) -> tuple[dict, dict[str, dict]]:
+        return {"quantization_config": self.quantization_config(scheme, ignored_linears(model))}, {}
+
+    @staticmethod
+    def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
+        """config.json's quantization_config (FORMATS.md §7.1), as compressed-tensors' update_config writes it."""
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": [LINEAR_TARGET], "weights": scheme.weights_args(),
+                                              "input_activations": None, "output_activations": None,
+                                              "format": "pack-quantized"}},
+                "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
+                "transform_config": {}, "version": CT_VERSION}
+
+
+def ignored_linears(model: Model) -> list[str]:
+    """The linear modules left unquantized, as compressed-tensors lists them: routers (2-D weights of a layer that
+    are not quantized) and lm_head."""
+    routers = [module_name(n) for _, _, others in quantized_linears(model) for n, shape in others.items()
+               if len(shape) == 2 and n.endswith(".weight")]
+    return routers + ["lm_head"]
+
+
+FORMAT = CompressedTensorsFormat()
