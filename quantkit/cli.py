@@ -86,13 +86,20 @@ def inspect(model, as_json):
                    "gptq:w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] (bits 2/3/4/8; no g: one group per "
                    "row; act: act-order; asym: zero points; static: static groups; mse: clipping search; rtn: "
                    "round-to-nearest, no calibration), e.g. gptq:w4g128; awq:w4g{group}[-rtn] (group 32/64/128; "
-                   "AutoAWQ GEMM layout). Repeat for several outputs from one read of the source.")
+                   "AutoAWQ GEMM layout); ct:w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] (bits 4/8; "
+                   "compressed-tensors pack-quantized, e.g. ct:w4g128, ct:w8, ct:w4g128-gptq, ct:w4g128-awq). Repeat "
+                   "for several outputs from one read of the source.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
                    "are named <model>-<TYPE>.gguf.")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Give tensors whose GGUF name matches REGEX this ggml type (repeatable; the first matching "
-                   "pattern wins and replaces the mixture's rule for that tensor, as llama-quantize).")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=SCHEME",
+              help="Per-tensor scheme (repeatable; the first matching pattern wins): a ggml type for gguf: targets "
+                   "(GGUF names, replacing the mixture's rule, as llama-quantize), a weight scheme w8, w4g128, "
+                   "w4g32[-asym] or bf16 (keep) for ct: targets (checkpoint names, e.g. 'self_attn=w8'); "
+                   "gptq:/awq: folders hold one scheme (use ct: for mixes).")
+@click.option("--fix-mix", is_flag=True,
+              help="A ct: mix that breaks a runtime rule (q/k/v, gate/up or a layer's routed experts with "
+                   "different schemes) is promoted to each set's most precise scheme instead of refused.")
 @click.option("--output-tensor-type", metavar="TYPE", help="ggml type of output.weight.")
 @click.option("--token-embedding-type", metavar="TYPE", help="ggml type of token_embd.weight.")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets the file type's base type (no mixture "
@@ -118,9 +125,9 @@ def inspect(model, as_json):
 @click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--damp", type=float, help="GPTQ Hessian damping, a fraction of its mean diagonal (default 0.01, "
                                          "as AutoGPTQ); raised automatically where a Hessian needs more.")
-def convert(model, targets, output, tensor_types, output_tensor_type, token_embedding_type, pure, imatrix, dry_run,
-            plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib, calib_samples, calib_ctx,
-            damp):
+def convert(model, targets, output, tensor_types, fix_mix, output_tensor_type, token_embedding_type, pure, imatrix,
+            dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib, calib_samples,
+            calib_ctx, damp):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -132,7 +139,7 @@ def convert(model, targets, output, tensor_types, output_tensor_type, token_embe
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with CliProgress() as show:
         results = api.convert(resolve_model(model), list(targets), output, dry_run=dry_run,
-                              tensor_types=list(tensor_types), output_tensor_type=output_tensor_type,
+                              tensor_types=list(tensor_types), fix_mix=fix_mix, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
                               threads=threads, force=force, split_max_size=split_max_size,
                               tokenizer_pre=tokenizer_pre, name=name, calib=calib, calib_samples=calib_samples,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, Target, get_format, parse_target
+from quantkit.formats.overrides import check_all_used, parse_overrides
 from quantkit.model import Model
 from quantkit.output import check_writable
 from quantkit.plan import Plan
@@ -55,6 +56,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
             fmt.prepare(source, options)
             for i in indices:
                 plans[i] = fmt.plan(source, parsed[i], options)
+        check_all_used(parse_overrides(options.tensor_types), (e.note for p in plans for e in p.entries),
+                       lambda o: any(get_format(t.format).reads_scheme(o.scheme) for t in parsed))
         if dry_run:
             return list(zip(paths, plans, strict=True))
         by_pass: dict[str, list[int]] = {}

@@ -82,17 +82,19 @@ class _Inputs(Observer):
 
 class AWQ:
     """AWQ as a layerwise Stream's method; `rtn` is the same asymmetric group quantization without scales or
-    clipping (no calibration). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
+    clipping (no calibration). `keep`: linears left unquantized (still scaled with their unit, stored in
+    `kept_dtype`). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
 
     def __init__(self, config: AWQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
                  propagate: str = "quantized", kept_dtype: torch.dtype | None = None,
-                 scale_dtype: torch.dtype = torch.float16):
+                 scale_dtype: torch.dtype = torch.float16, keep: frozenset[str] = frozenset()):
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens, self.propagate = config, rtn, min_expert_tokens, propagate
         # the dtype the output stores the scaled norms and routers in: the quantized forward uses them so rounded,
         # as a runtime (and a resumed run, which reads them back) does
         self.kept_dtype, self.scale_dtype = kept_dtype, scale_dtype  # the latter: of the stored group scales
+        self.keep = keep
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -100,7 +102,10 @@ class AWQ:
         spec = job.arch.layer_spec(job.layer)
         if run is None:
             for lin in spec.linears:
-                self._emit(job, lin.name, job(lin.name))
+                if lin.name in self.keep:
+                    self._keep(job, lin.name)
+                else:
+                    self._emit(job, lin.name, job(lin.name))
         else:
             self._calibrated_layer(job, run, spec)
         job.stream.stats.seconds_per_layer[job.layer] = time.perf_counter() - began
@@ -111,8 +116,14 @@ class AWQ:
         if self.calibrated and self.propagate == "quantized":
             job.set(name, runtime_weight(result, self.config.group_size, self.scale_dtype))
 
+    def _keep(self, job: LayerJob, name: str) -> None:
+        """A tensor stored unquantized instead of the source's: the forward uses it as stored."""
+        if self.kept_dtype is not None:
+            job.set(name, job(name).to(self.kept_dtype).float())
+        job.emit(name, job(name))
+
     def _calibrated_layer(self, job: LayerJob, run: CalibrationRun, spec) -> None:
-        quantized = {lin.name for lin in spec.linears}
+        quantized = {lin.name for lin in spec.linears} - self.keep
         roles = {lin.name: lin.role for lin in spec.linears}
         float_outputs, cached = self.observe(job, run)
         if self.propagate != "float":
@@ -127,10 +138,9 @@ class AWQ:
                 if x and not any(tag in roles[name] for tag in UNCLIPPED):
                     w = clip(w, search_clip(w, torch.cat(x), self.config), self.config.group_size)
                 self._emit(job, name, w)
-        for name in sorted(changed - quantized):  # scaled norms, routers and biases replace the source's
-            if self.kept_dtype is not None:
-                job.set(name, job(name).to(self.kept_dtype).float())
-            job.emit(name, job(name))
+        # scaled norms, routers and biases, and the kept linears, replace the source's
+        for name in sorted((changed - quantized) | (self.keep & {lin.name for lin in spec.linears})):
+            self._keep(job, name)
         run.advance(float_outputs if self.propagate == "float" else run.forward(job))
 
     def observe(self, job: LayerJob, run: CalibrationRun) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -154,7 +164,7 @@ class AWQ:
         """Search and fold every scaling unit's scales into the job's layer (and the cached inputs); returns the
         names of the tensors changed. The folded float layer computes what the source layer does."""
         spec = job.arch.layer_spec(job.layer)
-        quantized = {lin.name for lin in spec.linears}
+        quantized = {lin.name for lin in spec.linears} - self.keep
         changed: set[str] = set()
         for unit in scaling_units(spec.input_groups):
             self._scale(job, unit, cached, quantized, changed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -69,16 +70,19 @@ class GPTQ:
     no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
     "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. Notes in the
     stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping).
-    `scale_dtype`: the dtype the output stores scales in (the quantized forward uses them so rounded)."""
+    `scale_dtype`: the dtype the output stores scales in (the quantized forward uses them so rounded). `configs`:
+    per-linear settings replacing `config` (None: the linear stays unquantized, stored and used in `kept_dtype`)."""
 
     def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
-                 fallback: str = "all", propagate: str = "quantized", scale_dtype: torch.dtype = torch.float16):
+                 fallback: str = "all", propagate: str = "quantized", scale_dtype: torch.dtype = torch.float16,
+                 configs: Mapping[str, GPTQConfig | None] | None = None, kept_dtype: torch.dtype = torch.bfloat16):
         if fallback not in ("all", "rtn"):
             raise ConfigError(f"unknown expert fallback {fallback!r}; use 'all' (the layer's tokens) or 'rtn'")
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens = config, rtn, min_expert_tokens
         self.fallback, self.propagate, self.scale_dtype = fallback, propagate, scale_dtype
+        self.configs, self.kept_dtype = configs or {}, kept_dtype
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -121,7 +125,11 @@ class GPTQ:
         run.advance(float_outputs if self.propagate == "float" else run.forward(job))
 
     def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
-        config, stats, layer = self.config, job.stream.stats, job.layer
+        config, stats, layer = self.configs.get(name, self.config), job.stream.stats, job.layer
+        if config is None:  # kept: stored as the runtime will use it
+            job.set(name, w.to(self.kept_dtype).float())
+            job.emit(name, job(name))
+            return
         if self.rtn:
             result = rtn_quantize(w, config)
         elif acc is None or acc.n == 0:

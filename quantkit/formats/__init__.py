@@ -55,6 +55,8 @@ class ConvertOptions:
     calib_samples: int = 128
     calib_ctx: int = 512
     damp: float | None = None
+    # HF-folder mixes that break a runtime rule: promote to the nearest valid mix (True) or refuse (False)
+    fix_mix: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class OutputFormat:
 
     def prepare(self, source, options: ConvertOptions) -> None:
         """Load what every plan and write of this run shares (e.g. an importance matrix); once per run."""
+
+    def reads_scheme(self, scheme: str) -> bool:
+        """Whether a `--tensor-type REGEX=SCHEME` override's scheme is one of this format's (then it applies)."""
+        return False
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         raise NotImplementedError

@@ -79,7 +79,7 @@ class AWQFormat(LayerwiseFolderFormat):
     def is_rtn(self, target: Target) -> bool:
         return _parse(target.spec)[1]
 
-    def method(self, config: AWQConfig, rtn: bool) -> AWQ:
+    def method(self, config: AWQConfig, rtn: bool, configs: dict) -> AWQ:
         return AWQ(config, rtn=rtn, kept_dtype=KEPT_DTYPE)
 
     def check_model(self, model: Model, config: AWQConfig) -> None:
@@ -112,7 +112,7 @@ class AWQFormat(LayerwiseFolderFormat):
     def unpack(self, stored: dict[str, torch.Tensor], config: AWQConfig) -> torch.Tensor:
         return dequantize_stored(*(stored[s] for s in SUFFIXES))
 
-    def config_files(self, config: AWQConfig, model: Model) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: AWQConfig, model: Model, configs: dict) -> tuple[dict, dict[str, dict]]:
         return {"quantization_config": self.quantization_config(config)}, {}
 
     @staticmethod

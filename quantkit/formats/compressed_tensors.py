@@ -30,7 +30,14 @@ from quantkit.calib.gptq import GPTQ
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
 from quantkit.formats.awq import FORMAT as AWQ_FORMAT
-from quantkit.formats.layerwise_folder import KEPT_DTYPE, LayerwiseFolderFormat, module_name, quantized_linears
+from quantkit.formats.layerwise_folder import (
+    KEPT,
+    KEPT_DTYPE,
+    WEIGHT_SCHEME,
+    LayerwiseFolderFormat,
+    module_name,
+    quantized_linears,
+)
 from quantkit.formats.packing import pack, unpack
 from quantkit.model import Model
 from quantkit.quant.awq import AWQConfig, AWQResult
@@ -175,10 +182,48 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
     def is_rtn(self, target: Target) -> bool:
         return parse_scheme(target.spec).method == "rtn"
 
-    def method(self, scheme: Scheme, rtn: bool) -> GPTQ | AWQ:
+    def method(self, scheme: Scheme, rtn: bool, configs: dict[str, Scheme | None]) -> GPTQ | AWQ:
         if scheme.method == "awq":
-            return AWQ(AWQConfig(group_size=scheme.group_size), kept_dtype=KEPT_DTYPE, scale_dtype=KEPT_DTYPE)
-        return GPTQ(scheme.gptq(), rtn=rtn, scale_dtype=KEPT_DTYPE)
+            return AWQ(AWQConfig(group_size=scheme.group_size), kept_dtype=KEPT_DTYPE, scale_dtype=KEPT_DTYPE,
+                       keep=frozenset(n for n, c in configs.items() if c is None))
+        return GPTQ(scheme.gptq(), rtn=rtn, scale_dtype=KEPT_DTYPE, kept_dtype=KEPT_DTYPE,
+                    configs={n: None if c is None else c.gptq() for n, c in configs.items()})
+
+    def override_config(self, scheme: Scheme, text: str) -> Scheme | None:
+        if text.lower() == KEPT:
+            return None
+        if scheme.method == "awq":
+            raise ConfigError(f"--tensor-type ...={text}: a ct:...-awq target quantizes every linear it quantizes at "
+                              "w4 with zero points (AWQ's grid); an override can only keep a tensor (=bf16)")
+        match = WEIGHT_SCHEME.fullmatch(text.lower())
+        bits, group = int(match.group(1)), -1 if match.group(2) is None else int(match.group(2))
+        if bits not in BITS or (group != -1 and group not in GROUPS):
+            raise ConfigError(f"--tensor-type ...={text}: compressed-tensors schemes are w4 or w8 with group 32, 64 or "
+                              "128 (or none: one scale per output row), optionally -asym; or bf16 to keep a tensor")
+        return replace(scheme, bits=bits, group_size=group, sym=match.group(3) is None)
+
+    def scheme_name(self, scheme: Scheme, target: Target) -> str:
+        return canonical_spec(scheme)
+
+    def check_mix(self, model: Model, configs: dict[str, Scheme | None], fix: bool) -> dict[str, str]:
+        notes = {}
+        for rule, names in runtime_sets(model):
+            schemes = {configs[n] for n in names}
+            if len(schemes) == 1:
+                continue
+            if not fix:
+                common = max(schemes, key=lambda c: sum(configs[n] == c for n in names))
+                names = sorted(names, key=lambda n: configs[n] == common)  # the odd ones first
+                listed = ", ".join(f"{n} ({_label(configs[n])})" for n in names[:6])
+                raise ConfigError(f"this mix breaks a runtime rule: {rule}; {listed}"
+                                  f"{f' and {len(names) - 6} more' if len(names) > 6 else ''}. Give them one scheme, "
+                                  "or pass --fix-mix to promote each such set to its most precise scheme")
+            best = max(schemes, key=_precision)
+            for n in names:
+                if configs[n] != best:
+                    notes[n] = f"promoted from {_label(configs[n])}: {rule.split(':')[0]}"
+                    configs[n] = best
+        return notes
 
     def check_model(self, model: Model, scheme: Scheme) -> None:
         if scheme.method == "awq":
@@ -199,18 +244,81 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
     def unpack(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
         return dequantize_stored(stored, scheme.bits)
 
-    def config_files(self, scheme: Scheme, model: Model) -> tuple[dict, dict[str, dict]]:
-        return {"quantization_config": self.quantization_config(scheme, ignored_linears(model))}, {}
+    def config_files(self, scheme: Scheme, model: Model, configs: dict[str, Scheme | None]) -> tuple[dict, dict]:
+        kept = [module_name(n) for n, c in configs.items() if c is None]
+        return {"quantization_config": self.quantization_config(configs, ignored_linears(model) + kept)}, {}
 
     @staticmethod
-    def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
-        """config.json's quantization_config (FORMATS.md §7.1), as compressed-tensors' update_config writes it."""
+    def quantization_config(configs: dict[str, Scheme | None], ignore: list[str]) -> dict:
+        """config.json's quantization_config (FORMATS.md §7.1, §7.2), as compressed-tensors' update_config writes
+        it: one config group targeting every Linear when the linears share a scheme; otherwise one per scheme,
+        each targeting exactly its modules (disjoint regexes, so no matching precedence is involved)."""
+        by_scheme: dict[Scheme, list[str]] = {}
+        for name, scheme in configs.items():
+            if scheme is not None:
+                by_scheme.setdefault(scheme, []).append(module_name(name))
+        every = [module_name(n) for n in configs]
+        groups = {}
+        for i, (scheme, modules) in enumerate(by_scheme.items()):
+            targets = [LINEAR_TARGET] if len(by_scheme) == 1 else module_targets(modules, every)
+            groups[f"group_{i}"] = {"targets": targets, "weights": scheme.weights_args(), "input_activations": None,
+                                    "output_activations": None, "format": "pack-quantized"}
         return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": [LINEAR_TARGET], "weights": scheme.weights_args(),
-                                              "input_activations": None, "output_activations": None,
-                                              "format": "pack-quantized"}},
-                "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
-                "transform_config": {}, "version": CT_VERSION}
+                "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+                "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION}
+
+
+LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+EXPERT = re.compile(r"experts\.\d+\.")
+
+
+def module_targets(modules: list[str], every: list[str]) -> list[str]:
+    r"""`re:` targets matching exactly `modules` among `every` module: per role, the layers it covers (routed
+    experts folded into `experts.\d+` where all of a layer's experts are in), else the exact names."""
+    by_role: dict[str, list[str]] = {}
+    for module in modules:
+        match = LAYER_MODULE.fullmatch(module)
+        role = EXPERT.sub("experts.*.", match.group(2)) if match else module
+        by_role.setdefault(role, []).append(module)
+    targets = []
+    for role, members in by_role.items():
+        layers = sorted({int(m.group(1)) for n in members if (m := LAYER_MODULE.fullmatch(n))})
+        rest = re.escape(role).replace(re.escape("experts.*."), r"experts\.\d+\.")
+        pattern = rf"^model\.layers\.(?:{'|'.join(map(str, layers))})\.{rest}$"
+        if layers and {n for n in every if re.match(pattern, n)} == set(members):
+            targets.append(f"re:{pattern}")
+        else:
+            targets += [f"re:^{re.escape(n)}$" for n in sorted(members)]
+    return targets
+
+
+def runtime_sets(model: Model) -> list[tuple[str, list[str]]]:
+    """The linears vLLM runs as one: (rule, names) per fused input group and per layer's routed experts."""
+    sets = []
+    for spec in model.arch.layers():
+        linears = {lin.name for lin in spec.linears}
+        for group in spec.input_groups:
+            names = [n for n in group.linears if n in linears]
+            if group.expert is None and len(names) > 1:
+                sets.append(("fused linears: vLLM runs linears reading one input (q/k/v as qkv_proj, gate/up as "
+                             "gate_up_proj, DeepSeek's q_a/kv_a as fused_qkv_a_proj) as one matmul with one scheme",
+                             names))
+        experts = [lin.name for lin in spec.linears if lin.expert is not None]
+        if experts:
+            sets.append(("MoE experts: vLLM's fused MoE runs every routed expert of a layer (gate, up and down) "
+                         "with one scheme", experts))
+    return sets
+
+
+def _precision(scheme: Scheme | None) -> tuple:
+    if scheme is None:
+        return (1, 0, 0, 0)
+    group = scheme.group_size if scheme.group_size != -1 else 1 << 30
+    return (0, scheme.bits, -group, not scheme.sym)
+
+
+def _label(scheme: Scheme | None) -> str:
+    return KEPT if scheme is None else canonical_spec(replace(scheme, method="rtn", act=False, mse=False))
 
 
 def ignored_linears(model: Model) -> list[str]:

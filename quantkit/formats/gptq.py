@@ -108,7 +108,7 @@ class GPTQFormat(LayerwiseFolderFormat):
     def is_rtn(self, target: Target) -> bool:
         return "rtn" in _parse(target.spec)[2]
 
-    def method(self, config: GPTQConfig, rtn: bool) -> GPTQ:
+    def method(self, config: GPTQConfig, rtn: bool, configs: dict) -> GPTQ:
         return GPTQ(config, rtn=rtn)
 
     def check_shape(self, name: str, shape: tuple[int, int], config: GPTQConfig) -> None:
@@ -127,7 +127,7 @@ class GPTQFormat(LayerwiseFolderFormat):
     def unpack(self, stored: dict[str, torch.Tensor], config: GPTQConfig) -> torch.Tensor:
         return dequantize_stored(*(stored[s] for s in SUFFIXES), config.bits)
 
-    def config_files(self, config: GPTQConfig, model: Model) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: GPTQConfig, model: Model, configs: dict) -> tuple[dict, dict[str, dict]]:
         return ({"quantization_config": self.quantization_config(config)},
                 {"quantize_config.json": self.quantize_config(config)})
 

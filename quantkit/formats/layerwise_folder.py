@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS
 from quantkit.calib.layerwise import LayerStats, Method, Stream
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target, get_format
+from quantkit.formats.overrides import parse_overrides, resolve
 from quantkit.formats.safetensors_folder import OTHER, FolderWriter
 from quantkit.model import Model
 from quantkit.plan import Plan, PlanEntry
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "quantkit_report.json"
 KEPT = "bf16"
+# a --tensor-type scheme of the HF-folder formats: w{bits}[g{group}][-asym]
+WEIGHT_SCHEME = re.compile(r"w(\d+)(?:g(\d+))?(-asym)?")
 KEPT_DTYPE = torch.bfloat16
 EMBEDDING, TIED_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -84,8 +88,28 @@ class LayerwiseFolderFormat(OutputFormat):
     def is_rtn(self, target: Target) -> bool:
         raise NotImplementedError
 
-    def method(self, config: Any, rtn: bool) -> Method:
+    def method(self, config: Any, rtn: bool, configs: dict[str, Any]) -> Method:
+        """The stream's method; `configs`: each quantized linear's config (None: kept unquantized)."""
         raise NotImplementedError
+
+    def reads_scheme(self, scheme: str) -> bool:
+        """`--tensor-type` schemes: a weight scheme (w8, w4g128, ...) or bf16 (keep)."""
+        return scheme.lower() == KEPT or WEIGHT_SCHEME.fullmatch(scheme.lower()) is not None
+
+    def override_config(self, config: Any, scheme: str) -> Any:
+        """One linear's config for an override's scheme (None: kept BF16)."""
+        raise ConfigError(f"{self.name}: folders store one scheme for every linear (their loaders read one "
+                          f"quantization_config), so --tensor-type ...={scheme} cannot apply; write per-tensor "
+                          "schemes as compressed-tensors config groups instead: --to ct:SPEC (e.g. ct:w4g128-gptq)")
+
+    def scheme_name(self, config: Any, target: Target) -> str:
+        """A linear's scheme in the plan."""
+        return target.spec
+
+    def check_mix(self, model: Model, configs: dict[str, Any], fix: bool) -> dict[str, str]:
+        """Check (with `fix`, change in place) a per-linear mix against the runtime's rules; returns notes for the
+        plan by linear."""
+        return {}
 
     def check_model(self, model: Model, config: Any) -> None:
         """Raise ConfigError when the method cannot handle this model at all (before any work)."""
@@ -104,7 +128,7 @@ class LayerwiseFolderFormat(OutputFormat):
         """The runtime (float32) weight of one stored linear: suffix -> tensor."""
         raise NotImplementedError
 
-    def config_files(self, config: Any, model: Model) -> tuple[dict, dict[str, dict]]:
+    def config_files(self, config: Any, model: Model, configs: dict[str, Any]) -> tuple[dict, dict[str, dict]]:
         """(what config.json adds, other JSON files by name)."""
         raise NotImplementedError
 
@@ -118,17 +142,38 @@ class LayerwiseFolderFormat(OutputFormat):
                               "config.json), not a GGUF file")
         return source
 
+    def linear_configs(self, model: Model, target: Target, options: ConvertOptions) -> tuple[Any, dict, dict]:
+        """The target's config, each decoder-layer linear's config after `--tensor-type` overrides and the
+        runtime's rules (None: kept BF16), and the plan note of each linear an override or a rule decided."""
+        config = self.config(target, options)
+        linears = [name for _, names, _ in quantized_linears(model) for name in names]
+        configs: dict[str, Any] = dict.fromkeys(linears, config)
+        notes = {}
+        for name, override in resolve(linears, parse_overrides(options.tensor_types), self.reads_scheme).items():
+            configs[name] = self.override_config(config, override.scheme)
+            notes[name] = override.note()
+        for name, note in self.check_mix(model, configs, options.fix_mix).items():
+            notes[name] = ", ".join(filter(None, (notes.get(name), note)))
+        return config, configs, notes
+
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         model = self._require_model(source)
-        config = self.config(target, options)
+        config, configs, notes = self.linear_configs(model, target, options)
         self.check_model(model, config)
-        entries = [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in kept_globals(model).items()]
+        # embeddings and lm_head stay BF16: a bf16 override naming them is honoured as it stands
+        kept_by = resolve(kept_globals(model), parse_overrides(options.tensor_types), lambda s: s.lower() == KEPT)
+        entries = [PlanEntry(n, s, KEPT, 2 * math.prod(s), False, kept_by[n].note() if n in kept_by else "")
+                   for n, s in kept_globals(model).items()]
         shapes = model.arch.tensor_shapes()
         for _, linears, others in quantized_linears(model):
             for name in linears:
-                shape = tuple(shapes[name])
-                self.check_shape(name, shape, config)
-                entries.append(PlanEntry(name, shape, target.spec, self.packed_bytes(shape, config), True))
+                shape, own = tuple(shapes[name]), configs[name]
+                if own is None:
+                    entries.append(PlanEntry(name, shape, KEPT, 2 * math.prod(shape), False, notes.get(name, "")))
+                    continue
+                self.check_shape(name, shape, own)
+                entries.append(PlanEntry(name, shape, self.scheme_name(own, target), self.packed_bytes(shape, own),
+                                         True, notes.get(name, "")))
             entries += [PlanEntry(n, s, KEPT, 2 * math.prod(s), False) for n, s in others.items()]
         return Plan(self.name, target.spec, tuple(entries))
 
@@ -146,13 +191,13 @@ class LayerwiseFolderFormat(OutputFormat):
             fmt = get_format(job.target.format)
             writer = FolderWriter(job.path, model.folder, fmt._fingerprint(model, job, options), len(layers),
                                   force=options.force)
-            outputs.append(_Output(fmt, job, writer, options))
+            outputs.append(_Output(fmt, job, writer, options, model))
         for out in outputs:
             if not out.writer.has(OTHER):
                 out.writer.write(OTHER, {n: _read_global(model, n).to(KEPT_DTYPE) for n in kept_globals(model)})
         todo = [out for out in outputs if out.writer.start_layer < len(layers)]
-        streams = [Stream(out.fmt.method(out.config, out.rtn), out.take, start_layer=out.writer.start_layer,
-                          restore=out.restore(layers)) for out in todo]
+        streams = [Stream(out.fmt.method(out.config, out.rtn, out.configs), out.take,
+                          start_layer=out.writer.start_layer, restore=out.restore(layers)) for out in todo]
         samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx) \
             if any(s.method.calibrated for s in streams) else []
         progress = None if options.progress is None else (lambda done, total: options.progress(
@@ -162,7 +207,8 @@ class LayerwiseFolderFormat(OutputFormat):
             writing = [(out, s) for out, s in zip(todo, streams, strict=True) if index >= s.start_layer]
             kept = {n: model.source.read(n).to(KEPT_DTYPE) for n in others} if writing else {}
             for out, stream in writing:
-                missing = {f"{module_name(n)}.{out.fmt.suffixes[0]}" for n in linears} - set(out.pending)
+                missing = {f"{module_name(n)}.{out.fmt.suffixes[0]}" if out.configs[n] is not None else n
+                           for n in linears} - set(out.pending)
                 if missing:
                     raise RuntimeError(f"layer {index}: {out.fmt.label} gave no result for {sorted(missing)}")
                 info = stream.stats.layer_record(index)
@@ -174,13 +220,15 @@ class LayerwiseFolderFormat(OutputFormat):
             log_summary(out.job, stream.stats)
         results = []
         for out in outputs:
-            config_json, files = out.fmt.config_files(out.config, model)
+            config_json, files = out.fmt.config_files(out.config, model, out.configs)
             results.append(out.writer.finish(config_json, {**files, REPORT_NAME: out.fmt.report(out, options)}))
         return results
 
     def _fingerprint(self, model: Model, job: Job, options: ConvertOptions) -> str:
         settings = {"format": self.name, "spec": job.target.spec, "quantkit": __version__,
                     "files": model.source.file_identity(), "damp": options.damp}
+        if job.plan.entries and any(e.note for e in job.plan.entries):  # overrides and mix fixes
+            settings["mix"] = {e.name: [e.scheme, e.note] for e in job.plan.entries if e.note}
         if not self.is_rtn(job.target):
             calib = options.calib
             settings |= {"calib": [str(calib), calib.stat().st_size, calib.stat().st_mtime_ns] if calib else None,
@@ -203,27 +251,30 @@ class LayerwiseFolderFormat(OutputFormat):
 class _Output:
     """One target being written: its folder, settings, and the current layer's packed tensors."""
 
-    def __init__(self, fmt: LayerwiseFolderFormat, job: Job, writer: FolderWriter, options: ConvertOptions):
+    def __init__(self, fmt: LayerwiseFolderFormat, job: Job, writer: FolderWriter, options: ConvertOptions,
+                 model: Model):
         self.fmt, self.job, self.writer = fmt, job, writer
-        self.config, self.rtn = fmt.config(job.target, options), fmt.is_rtn(job.target)
+        self.config, self.configs, _ = fmt.linear_configs(model, job.target, options)
+        self.rtn = fmt.is_rtn(job.target)
         self.pending: dict[str, torch.Tensor] = {}
         self.replaced: set[str] = set()
 
     def take(self, layer: int, name: str, result: Any) -> None:
         """The stream's sink: a quantized linear is packed at once (the layer is held packed, not as codes); a
-        plain tensor is one the method changed (an AWQ-scaled norm), stored instead of the source's."""
+        plain tensor is one the method changed (an AWQ-scaled norm) or kept, stored instead of the source's."""
         if isinstance(result, torch.Tensor):
             self.pending[name] = result.to(KEPT_DTYPE)
             self.replaced.add(name)
         else:
-            self.pending.update({f"{module_name(name)}.{s}": t for s, t in self.fmt.pack(result, self.config).items()})
+            packed = self.fmt.pack(result, self.configs[name])
+            self.pending.update({f"{module_name(name)}.{s}": t for s, t in packed.items()})
 
     def restore(self, layers):
         def runtime_weights(layer: int) -> dict[str, torch.Tensor]:
             stored = self.writer.read(layer)
             weights = {name: self.fmt.unpack({s: stored[key] for s in self.fmt.suffixes
-                                              if (key := f"{module_name(name)}.{s}") in stored}, self.config)
-                       for name in layers[layer][1]}
+                                              if (key := f"{module_name(name)}.{s}") in stored}, self.configs[name])
+                       for name in layers[layer][1] if self.configs[name] is not None}
             replaced = self.writer.infos().get(layer, {}).get("replaced_tensors", [])
             return weights | {name: stored[name].float() for name in replaced}
         return runtime_weights

@@ -3,6 +3,7 @@ from the text here, the GPTQ/AWQ grids on compressed-tensors' signed grid, plan 
 quantkit's decoder reading the output back, kill + resume, and the shared pass with GPTQ/AWQ targets."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -112,11 +113,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("spec", ["w4g32-asym-gptq", "w4g32-awq"])
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch, spec):
-    """The quantized forward uses BF16-rounded scales, as the resumed run reads them back."""
+@pytest.mark.parametrize("spec, overrides", [("w4g32-asym-gptq", []), ("w4g32-awq", [r"layers\.1\.mlp=bf16"]),
+                                             ("w4g32-gptq", ["self_attn=w8", r"layers\.1\.mlp=bf16"])])
+def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch, spec, overrides):
+    """The quantized forward uses BF16-rounded scales and kept linears, as the resumed run reads them back."""
     src = model_cache("deepseek_v3", fp8=True)
-    ((whole, _),) = convert(src, [f"ct:{spec}"], tmp_path / "whole", **OPTIONS)
+    options = {**OPTIONS, "tensor_types": overrides}
+    ((whole, _),) = convert(src, [f"ct:{spec}"], tmp_path / "whole", **options)
     real = layerwise.run_layers
 
     def dying(*args, **kwargs):
@@ -127,9 +130,9 @@ def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch, s
 
     monkeypatch.setattr(layerwise, "run_layers", dying)
     with pytest.raises(Killed):
-        convert(src, [f"ct:{spec}"], tmp_path / "resumed", **OPTIONS)
+        convert(src, [f"ct:{spec}"], tmp_path / "resumed", **options)
     monkeypatch.setattr(layerwise, "run_layers", real)
-    ((resumed, _),) = convert(src, [f"ct:{spec}"], tmp_path / "resumed", **OPTIONS)
+    ((resumed, _),) = convert(src, [f"ct:{spec}"], tmp_path / "resumed", **options)
     assert {p.name: p.read_bytes() for p in resumed.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
 
 
@@ -137,3 +140,92 @@ def test_group_sizes_the_model_cannot_hold_are_refused_before_work(model_cache):
     with Model(model_cache("deepseek_v3-ragged")) as model:  # hidden size 200
         with pytest.raises(QuantkitError, match="group 32 needs input columns divisible by it"):
             fmt.FORMAT.plan(model, parse_target("ct:w4g32"), fmt.ConvertOptions())
+
+
+# ---- mixes: --tensor-type REGEX=SCHEME, runtime rules ---------------------------------------------------------------
+def _plan(src, spec, *overrides, fix_mix=False):
+    ((_, plan),) = convert(src, [f"ct:{spec}"], None, dry_run=True, tensor_types=list(overrides), fix_mix=fix_mix)
+    return {e.name: e for e in plan.entries}
+
+
+def test_first_matching_override_wins_and_is_noted(model_cache):
+    plan = _plan(model_cache("llama"), "w4g32-gptq", r"layers\.0\.self_attn=bf16", "self_attn=w8")
+    q0, q1 = plan["model.layers.0.self_attn.q_proj.weight"], plan["model.layers.1.self_attn.q_proj.weight"]
+    assert (q0.scheme, q0.quantized, q0.note) == ("bf16", False, r"--tensor-type layers\.0\.self_attn=bf16")
+    assert (q1.scheme, q1.note) == ("w8-gptq", "--tensor-type self_attn=w8")
+    assert plan["model.layers.1.mlp.down_proj.weight"].scheme == "w4g32-gptq"
+    with pytest.raises(QuantkitError, match=r"--tensor-type q_proj=w4g32: 'q_proj' matches no tensor"):
+        _plan(model_cache("llama"), "w4g32", "self_attn=w8", "q_proj=w4g32")  # all taken by the first
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nothing_here=w8", "'nothing_here' matches no tensor"),
+    ("self_attn=q8_0", "'q8_0' is not a scheme of any target"),
+    ("self_attn=w3", "compressed-tensors schemes are w4 or w8"),
+    ("self_attn=w4g100", "compressed-tensors schemes are w4 or w8"),
+    ("self_attn=", "malformed --tensor-type"),
+    ("(=w8", "not a valid regular expression"),
+])
+def test_bad_overrides_are_refused_with_their_text(model_cache, override, message):
+    with pytest.raises(QuantkitError, match=re.escape(message)):
+        _plan(model_cache("llama"), "w4g32", override)
+
+
+def test_gptq_and_awq_folders_refuse_mixes_and_point_to_ct(model_cache):
+    for fmt_name in ("gptq", "awq"):
+        with pytest.raises(QuantkitError, match=r"one scheme for every linear.*--to ct:"):
+            convert(model_cache("llama"), [f"{fmt_name}:w4g32"], None, dry_run=True, tensor_types=["mlp=w8"])
+
+
+def test_awq_targets_take_only_keep_overrides(model_cache):
+    plan = _plan(model_cache("llama"), "w4g32-awq", r"down_proj=bf16")
+    assert plan["model.layers.0.mlp.down_proj.weight"].scheme == "bf16"
+    with pytest.raises(QuantkitError, match="can only keep a tensor"):
+        _plan(model_cache("llama"), "w4g32-awq", r"down_proj=w8")
+
+
+@pytest.mark.parametrize("preset, kwargs, override, rule, odd", [
+    ("llama", {}, "q_proj=w8", "fused linears", "model.layers.0.self_attn.q_proj.weight (w8)"),
+    ("llama", {}, "up_proj=bf16", "fused linears", "model.layers.0.mlp.up_proj.weight (bf16)"),
+    ("deepseek_v3", {"fp8": True}, "kv_a_proj_with_mqa=w8", "fused linears",
+     "model.layers.0.self_attn.kv_a_proj_with_mqa.weight (w8)"),
+    ("deepseek_v3", {"fp8": True}, r"experts\.1\.down_proj=w8", "MoE experts",
+     "model.layers.1.mlp.experts.1.down_proj.weight (w8)"),
+])
+def test_runtime_rules_refuse_a_mix_naming_rule_and_tensors(model_cache, preset, kwargs, override, rule, odd):
+    with pytest.raises(QuantkitError, match=rf"breaks a runtime rule: {rule}.*{re.escape(odd)}.*--fix-mix"):
+        _plan(model_cache(preset, **kwargs), "w4g32", override)
+
+
+def test_fix_mix_promotes_each_set_to_its_most_precise_scheme(model_cache):
+    plan = _plan(model_cache("deepseek_v3", fp8=True), "w4g64", r"layers\.1\.mlp\.experts\.1\.down_proj=w8",
+                 "shared_experts.up_proj=bf16", fix_mix=True)
+    experts = [e for n, e in plan.items() if ".mlp.experts." in n and ".layers.1." in n]
+    assert experts and all(e.scheme == "w8" for e in experts)
+    assert plan["model.layers.1.mlp.experts.0.gate_proj.weight"].note == "promoted from w4g64: MoE experts"
+    assert plan["model.layers.1.mlp.shared_experts.gate_proj.weight"].scheme == "bf16"
+    assert plan["model.layers.1.mlp.shared_experts.down_proj.weight"].scheme == "w4g64"  # not fused with gate/up
+    assert all(e.scheme == "w4g64" for n, e in plan.items() if ".mlp.experts." in n and ".layers.2." in n)
+
+
+def test_mixed_config_groups_target_every_module_exactly_once(model_cache, tmp_path):
+    src = model_cache("deepseek_v3", fp8=True)
+    overrides = ["self_attn=w8", r"layers\.0\.mlp=bf16", r"layers\.2\.mlp\.experts=w4g32-asym"]
+    ((folder, plan),) = convert(src, ["ct:w4g64-gptq"], tmp_path, tensor_types=overrides, **OPTIONS)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    schemes = {e.name.removesuffix(".weight"): e.scheme for e in plan.entries if e.name.startswith("model.layers.")
+               and e.name.endswith(".weight") and len(e.shape) == 2 and not e.name.endswith("mlp.gate.weight")}
+    assert len(qc["config_groups"]) == 3
+    for module, scheme in schemes.items():
+        groups = [g for g in qc["config_groups"].values()
+                  if any(re.match(t.removeprefix("re:"), module) for t in g["targets"])]
+        if scheme == "bf16":
+            assert not groups and module in qc["ignore"], module
+        else:
+            assert len(groups) == 1, (module, groups)
+            bits = groups[0]["weights"]["num_bits"]
+            assert scheme.startswith(f"w{bits}"), (module, scheme, groups[0]["weights"])
+    with Model(folder) as out:
+        assert out.source.label() == "compressed-tensors w8+w4g64+w4g32-asym"
+        kept = "model.layers.0.mlp.down_proj.weight"
+        assert out.source.info(kept).dtype == "BF16" and out.source.read(kept).dtype == torch.float32

@@ -1,8 +1,8 @@
 """The real consumer of quantkit's compressed-tensors folders: transformers' compressed-tensors integration
 (transformers 5.17.0 + compressed-tensors 0.20.0, conftest.ct_env) loads what `quantkit convert --to ct:...` writes
-for the three bundled models (tiny-deepseek from its FP8 checkpoint) and computes the logits quantkit's forward
-computes on the folder; compressed-tensors' own compressor, given the dequantized weights and quantkit's scales and
-zero points, packs exactly the tensors quantkit stored.
+for the three bundled models (tiny-deepseek from its FP8 checkpoint), uniform and mixed (two config groups) and
+computes the logits quantkit's forward computes on the folder; compressed-tensors' own compressor, given the
+dequantized weights and quantkit's scales and zero points, packs exactly the tensors quantkit stored.
 
 Measured (main, float32 in both): llama and qwen2 identical logits (max |dlogit| 0.0) for w4g128, w8, w4g128-awq
 and GPTQ; DeepSeek-V3 2.1e-3 to 3.4e-3 of max |logit|: transformers 5 keeps routed experts in fused 3-D
@@ -12,6 +12,7 @@ take weight_zero_point (a CONVERSION error); vLLM reads per-expert tensors itsel
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.interop
 
 MODELS = ["tiny-llama", "tiny-qwen2", "tiny-deepseek"]
 SCHEMES = ["w4g128", "w8", "w4g128-awq"]
+# the issue's mix: attention W8, MLP W4 g128 (lm_head stays BF16 in every ct output)
+MIX = ("w4g128", ["self_attn=w8"])
 WINDOWS, CONTEXT = 2, 96
 # max |dlogit| / max |logit|: both sides float32 on the same dequantized weights (measured 0.0)
 TOLERANCE = 1e-4
@@ -52,7 +55,8 @@ def written(tmp_path_factory):
         converted = api.convert(MODELS_DIR / name, [f"ct:{s}" for s in SCHEMES], out, calib_samples=8, calib_ctx=64)
         with Model(MODELS_DIR / name) as source:
             model_windows = _windows(source)
-        for scheme, (path, _) in zip(SCHEMES, converted, strict=True):
+        mixed = api.convert(MODELS_DIR / name, [f"ct:{MIX[0]}"], out / "mix", tensor_types=MIX[1])
+        for scheme, (path, _) in zip([*SCHEMES, "mix"], converted + mixed, strict=True):
             key = f"{name}:{scheme}"
             folders[key], windows[key] = path, model_windows
             with Model(path) as model:
@@ -90,6 +94,12 @@ def test_transformers_logits_match_quantkit(written, ct_env, tmp_path, record_pr
     assert not failures, failures
 
 
+def _group_of(module: str, groups: dict) -> dict:
+    """The config group whose targets take the module (quantkit's groups are disjoint by construction)."""
+    return next(g for g in groups.values() for t in g["targets"]
+                if t == "Linear" or (t.startswith("re:") and re.match(t[3:], module)))
+
+
 def test_compressed_tensors_packs_what_quantkit_stored(written, ct_env, tmp_path):
     """Per folder, layer 0's linears and one routed expert's: compressed-tensors' compressor on quantkit's
     dequantized weight with quantkit's scale and (signed) zero point gives the stored tensors bit for bit."""
@@ -97,20 +107,21 @@ def test_compressed_tensors_packs_what_quantkit_stored(written, ct_env, tmp_path
     for key, folder in folders.items():
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         stored = _stored(folder)
-        offset = 2 ** (qc["config_groups"]["group_0"]["weights"]["num_bits"] - 1)
-        bits = qc["config_groups"]["group_0"]["weights"]["num_bits"]
         modules = sorted({n.rsplit(".", 1)[0] for n in stored if n.endswith(".weight_packed")
                           and (".layers.0." in n or ".experts.1." in n)})
-        job = {"scheme": qc["config_groups"]["group_0"], "modules": {}}
+        jobs: dict[str, dict] = {}
         with Model(folder) as model:
             for module in modules:
+                group = _group_of(module, qc["config_groups"])
+                bits = group["weights"]["num_bits"]
                 tensors = {"weight": model.source.read(f"{module}.weight"),
                            "weight_scale": stored[f"{module}.weight_scale"]}
                 if f"{module}.weight_zero_point" in stored:
                     zeros = unpack(stored[f"{module}.weight_zero_point"], bits, 0)[:tensors["weight"].shape[0]]
-                    tensors["weight_zero_point"] = (zeros - offset).to(torch.int8)
+                    tensors["weight_zero_point"] = (zeros - 2 ** (bits - 1)).to(torch.int8)
+                job = jobs.setdefault(json.dumps(group, sort_keys=True), {"scheme": group, "modules": {}})
                 job["modules"][module] = tensors
-        torch.save(job, tmp_path / "job.pt")
+        torch.save(list(jobs.values()), tmp_path / "job.pt")
         ct_env("ct_check.py", "compress", tmp_path / "job.pt", tmp_path / "packed.pt")
         theirs = torch.load(tmp_path / "packed.pt")
         assert modules and set(theirs) == set(modules), key

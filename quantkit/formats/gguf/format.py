@@ -8,8 +8,9 @@ from quantkit.calib.imatrix import Imatrix
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.gguf import writer
 from quantkit.formats.gguf.file import Value, string, u32
-from quantkit.formats.gguf.mixtures import ModelFacts, file_type, plan_types
+from quantkit.formats.gguf.mixtures import ModelFacts, file_type, is_ggml_type, plan_types
 from quantkit.formats.gguf.tensors import mapping_for
+from quantkit.formats.overrides import parse_override
 from quantkit.model import Model
 from quantkit.plan import Plan, format_plan
 from quantkit.source.gguf_file import GGUFFile
@@ -66,13 +67,17 @@ class GGUFFormat(OutputFormat):
     def prepare(self, source, options: ConvertOptions) -> None:
         self._imatrix = (options.imatrix, Imatrix.load(options.imatrix)) if options.imatrix is not None else None
 
+    def reads_scheme(self, scheme: str) -> bool:
+        return is_ggml_type(scheme)
+
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         if isinstance(source, GGUFFile):
             shapes, facts = {n: source.shape(n) for n in source.tensors}, gguf_facts(source)
         else:
             shapes, facts = {t.name: t.shape for t in mapping_for(source.arch).tensors()}, model_facts(source)
         return plan_types(shapes, facts, target.spec, imatrix=self._imatrix is not None,
-                          tensor_types=options.tensor_types, output_tensor_type=options.output_tensor_type,
+                          tensor_types=[t for t in options.tensor_types if self.reads_scheme(parse_override(t).scheme)],
+                          output_tensor_type=options.output_tensor_type,
                           token_embedding_type=options.token_embedding_type, pure=options.pure)
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:

@@ -110,6 +110,10 @@ def ggml_type(name: str) -> str:
     return key
 
 
+def is_ggml_type(name: str) -> bool:
+    return name.strip().upper() in GGMLQuantizationType.__members__
+
+
 def parse_tensor_type(spec: str) -> tuple[str, str]:
     """`--tensor-type PATTERN=TYPE` -> (lower-cased pattern, ggml type name), as quantize.cpp parse_tensor_type."""
     pattern, sep, type_name = spec.partition("=")
@@ -432,7 +436,8 @@ def plan_types(
     patterns = []
     for spec in tensor_types:
         pattern, type_name = parse_tensor_type(spec) if isinstance(spec, str) else (spec[0], ggml_type(spec[1]))
-        patterns.append((re.compile(pattern), type_name))
+        note = f"--tensor-type {spec if isinstance(spec, str) else pattern}"
+        patterns.append((re.compile(pattern), type_name, note))
     out_type = None if output_tensor_type is None else ggml_type(output_tensor_type)
     embd_type = None if token_embedding_type is None else ggml_type(token_embedding_type)
 
@@ -449,15 +454,15 @@ def plan_types(
         new_type = default
         matched = None
         if embd_type is not None and cat == _TOKEN_EMBD and not (
-            name == "per_layer_token_embd.weight" and any(p.search(name) for p, _ in patterns)
+            name == "per_layer_token_embd.weight" and any(p.search(name) for p, _, _ in patterns)
         ):
             new_type, note = embd_type, "--token-embedding-type"
         elif out_type is not None and cat == _OUTPUT:
             new_type, note = out_type, "--output-tensor-type"
         elif default not in _NOT_QUANTIZED:
-            matched = next(((p, t) for p, t in patterns if p.search(name)), None)
+            matched = next(((t, n) for p, t, n in patterns if p.search(name)), None)
             if matched is not None:
-                new_type, note = matched[1], f"--tensor-type {matched[0].pattern}"
+                new_type, note = matched
             elif not pure:
                 new_type = _mixture_type(qs, name, shape, cat, ft.name, default, out_type)
             chosen = new_type

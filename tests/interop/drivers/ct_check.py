@@ -6,10 +6,10 @@
 logits: transformers' AutoModelForCausalLM.from_pretrained (its compressed-tensors integration, float32) on each
 folder; OUT.pt = {"logits": [float32 [T, vocab]] per window, "quantized": sorted names of the modules it set up
 as quantized, "versions": {...}} or {"error": the loader's exception}.
-compress: IN.pt = {"scheme": a config group (targets, weights, ...), "modules": {name: {"weight": float32 [out,
-in], "weight_scale", "weight_zero_point" (signed, asymmetric only), "weight_g_idx" (act-order only)}}};
-compressed-tensors' own PackedQuantizationCompressor.compress (what ModelCompressor.compress_model runs per
-module) on each; OUT.pt = {name: its compressed state dict}.
+compress: IN.pt = [{"scheme": a config group (targets, weights, ...), "modules": {name: {"weight": float32 [out,
+in], "weight_scale", "weight_zero_point" (signed, asymmetric only)}}}, ...]; compressed-tensors' own
+PackedQuantizationCompressor.compress (what ModelCompressor.compress_model runs per module) on each module with
+its group's scheme; OUT.pt = {name: its compressed state dict}.
 """
 
 import json
@@ -39,12 +39,16 @@ def logits(folder: str, windows: list[list[int]]) -> dict:
     return {"logits": out, "quantized": quantized, "versions": versions()}
 
 
-def compress(job: dict) -> dict:
+def compress(groups: list[dict]) -> dict:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    scheme = QuantizationScheme.model_validate(job["scheme"])
-    return {name: PackedQuantizationCompressor.compress(tensors, scheme) for name, tensors in job["modules"].items()}
+    out = {}
+    for group in groups:
+        scheme = QuantizationScheme.model_validate(group["scheme"])
+        for name, tensors in group["modules"].items():
+            out[name] = PackedQuantizationCompressor.compress(tensors, scheme)
+    return out
 
 
 def main() -> None:
