@@ -97,6 +97,9 @@ def inspect(model, as_json):
                    "(GGUF names, replacing the mixture's rule, as llama-quantize), a weight scheme w8, w4g128, "
                    "w4g32[-asym] or bf16 (keep) for ct: targets (checkpoint names, e.g. 'self_attn=w8'); "
                    "gptq:/awq: folders hold one scheme (use ct: for mixes).")
+@click.option("--keep-first-dense", is_flag=True,
+              help="Keep a MoE model's leading dense layers (DeepSeek's first_k_dense_replace) in BF16, in every "
+                   "target; applied before --tensor-type overrides.")
 @click.option("--fix-mix", is_flag=True,
               help="A ct: mix that breaks a runtime rule (q/k/v, gate/up or a layer's routed experts with "
                    "different schemes) is promoted to each set's most precise scheme instead of refused.")
@@ -125,9 +128,9 @@ def inspect(model, as_json):
 @click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--damp", type=float, help="GPTQ Hessian damping, a fraction of its mean diagonal (default 0.01, "
                                          "as AutoGPTQ); raised automatically where a Hessian needs more.")
-def convert(model, targets, output, tensor_types, fix_mix, output_tensor_type, token_embedding_type, pure, imatrix,
-            dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib, calib_samples,
-            calib_ctx, damp):
+def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, output_tensor_type, token_embedding_type,
+            pure, imatrix, dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib,
+            calib_samples, calib_ctx, damp):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -139,7 +142,8 @@ def convert(model, targets, output, tensor_types, fix_mix, output_tensor_type, t
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with CliProgress() as show:
         results = api.convert(resolve_model(model), list(targets), output, dry_run=dry_run,
-                              tensor_types=list(tensor_types), fix_mix=fix_mix, output_tensor_type=output_tensor_type,
+                              tensor_types=list(tensor_types), keep_first_dense=keep_first_dense, fix_mix=fix_mix,
+                              output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
                               threads=threads, force=force, split_max_size=split_max_size,
                               tokenizer_pre=tokenizer_pre, name=name, calib=calib, calib_samples=calib_samples,

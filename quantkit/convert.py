@@ -25,6 +25,18 @@ def output_paths(model_name: str, targets: list[Target], output: Path | None) ->
     return [folder / get_format(t.format).file_name(model_name, t) for t in targets]
 
 
+def keep_first_dense(source) -> str:
+    """`--keep-first-dense` as the override it stands for (named sets come before --tensor-type overrides): the
+    dense layers before the first MoE layer kept BF16, matched by checkpoint and GGUF names alike."""
+    arch = getattr(source, "arch", None)
+    layers = range(arch.num_layers) if arch is not None else range(0)
+    dense = [i for i in layers if not getattr(arch, "is_moe_layer", lambda _: True)(i)]
+    if arch is None or not dense or len(dense) == len(layers) or dense != list(range(len(dense))):
+        raise ConfigError("--keep-first-dense needs an HF checkpoint of a MoE model whose first layers are dense "
+                          "(DeepSeek-V3/R1: first_k_dense_replace); this source has none")
+    return rf"^(?:model\.layers|blk)\.(?:{'|'.join(map(str, dense))})\.=bf16"
+
+
 def _open_source(path: str | Path, device: str):
     if str(path).endswith(".gguf"):  # requantize an F32/F16/BF16 GGUF, as llama-quantize does
         return GGUFFile(path)
@@ -47,6 +59,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
         model_name = options.name or (Path(model_path).stem if isinstance(source, GGUFFile)
                                       else source.source.path.name)
         paths = output_paths(model_name, parsed, output)
+        if options.keep_first_dense:
+            options.tensor_types = [keep_first_dense(source), *options.tensor_types]
         by_format: dict[str, list[int]] = {}
         for index, target in enumerate(parsed):
             by_format.setdefault(target.format, []).append(index)

@@ -57,6 +57,8 @@ class ConvertOptions:
     damp: float | None = None
     # HF-folder mixes that break a runtime rule: promote to the nearest valid mix (True) or refuse (False)
     fix_mix: bool = False
+    # keep the decoder layers before a MoE model's first MoE layer unquantized (DeepSeek's dense layers)
+    keep_first_dense: bool = False
 
 
 @dataclass(frozen=True)

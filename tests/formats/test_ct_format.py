@@ -229,3 +229,16 @@ def test_mixed_config_groups_target_every_module_exactly_once(model_cache, tmp_p
         assert out.source.label() == "compressed-tensors w8+w4g64+w4g32-asym"
         kept = "model.layers.0.mlp.down_proj.weight"
         assert out.source.info(kept).dtype == "BF16" and out.source.read(kept).dtype == torch.float32
+
+
+def test_keep_first_dense_keeps_deepseeks_dense_layers_in_every_format(model_cache):
+    src = model_cache("deepseek_v3", fp8=True)  # layer 0 dense, 1-2 MoE
+    (_, ct), (_, gguf) = convert(src, ["ct:w4g64", "gguf:Q4_K_M"], None, dry_run=True, keep_first_dense=True)
+    ct_schemes = {e.name: e.scheme for e in ct.entries}
+    assert ct_schemes["model.layers.0.mlp.down_proj.weight"] == "bf16"
+    assert ct_schemes["model.layers.0.self_attn.o_proj.weight"] == "bf16"
+    assert ct_schemes["model.layers.1.mlp.shared_experts.down_proj.weight"] == "w4g64"
+    gguf_schemes = {e.name: e.scheme for e in gguf.entries}
+    assert gguf_schemes["blk.0.ffn_down.weight"] == "BF16" and gguf_schemes["blk.1.ffn_down_shexp.weight"] != "BF16"
+    with pytest.raises(QuantkitError, match="--keep-first-dense needs .* MoE model"):
+        convert(model_cache("llama"), ["ct:w4g64"], None, dry_run=True, keep_first_dense=True)
