@@ -20,6 +20,7 @@ tokens for its clip and down-projection scales (the GPTQ fallback), listed in th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -82,19 +83,21 @@ class _Inputs(Observer):
 
 class AWQ:
     """AWQ as a layerwise Stream's method; `rtn` is the same asymmetric group quantization without scales or
-    clipping (no calibration). `keep`: linears left unquantized (still scaled with their unit, stored in
-    `kept_dtype`). Notes in the stream's stats: "awq_scale_ratio" (unit producer -> chosen ratio)."""
+    clipping (no calibration). `configs`: per-linear settings replacing `config` (None: left unquantized, still
+    scaled with its unit, stored in `kept_dtype`). Notes in the stream's stats: "awq_scale_ratio" (unit producer ->
+    chosen ratio)."""
 
     def __init__(self, config: AWQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
                  propagate: str = "quantized", kept_dtype: torch.dtype | None = None,
-                 scale_dtype: torch.dtype = torch.float16, keep: frozenset[str] = frozenset()):
+                 scale_dtype: torch.dtype = torch.float16, configs: Mapping[str, AWQConfig | None] | None = None):
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
         self.config, self.rtn, self.min_expert_tokens, self.propagate = config, rtn, min_expert_tokens, propagate
         # the dtype the output stores the scaled norms and routers in: the quantized forward uses them so rounded,
         # as a runtime (and a resumed run, which reads them back) does
         self.kept_dtype, self.scale_dtype = kept_dtype, scale_dtype  # the latter: of the stored group scales
-        self.keep = keep
+        self.configs = configs or {}
+        self.keep = frozenset(n for n, c in self.configs.items() if c is None)
         self.calibrated = not rtn
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
@@ -110,11 +113,15 @@ class AWQ:
             self._calibrated_layer(job, run, spec)
         job.stream.stats.seconds_per_layer[job.layer] = time.perf_counter() - began
 
+    def _config(self, name: str) -> AWQConfig:
+        return self.configs.get(name) or self.config
+
     def _emit(self, job: LayerJob, name: str, w: torch.Tensor) -> None:
-        result = quantize(w, self.config)
+        config = self._config(name)
+        result = quantize(w, config)
         job.emit(name, result)
         if self.calibrated and self.propagate == "quantized":
-            job.set(name, runtime_weight(result, self.config.group_size, self.scale_dtype))
+            job.set(name, runtime_weight(result, config.group_size, self.scale_dtype))
 
     def _keep(self, job: LayerJob, name: str) -> None:
         """A tensor stored unquantized instead of the source's: the forward uses it as stored."""
@@ -136,7 +143,8 @@ class AWQ:
                     continue
                 w = job(name)
                 if x and not any(tag in roles[name] for tag in UNCLIPPED):
-                    w = clip(w, search_clip(w, torch.cat(x), self.config), self.config.group_size)
+                    config = self._config(name)
+                    w = clip(w, search_clip(w, torch.cat(x), config), config.group_size)
                 self._emit(job, name, w)
         # scaled norms, routers and biases, and the kept linears, replace the source's
         for name in sorted((changed - quantized) | (self.keep & {lin.name for lin in spec.linears})):
@@ -211,7 +219,8 @@ class AWQ:
                 replaced = overlay(dict(zip(names, ws, strict=True)), job)
                 return [job.arch.norm_block(job.layer, unit.producer, replaced, xb,
                                             torch.arange(xb.shape[1], device=xb.device)) for xb in batches]
-        found = search_scales(activation_mean(x), [job(n) for n in names], inspect, self.config)
+        found = search_scales(activation_mean(x), [job(n) for n in names], inspect,
+                              [self._config(n) for n in names])
         s = found.scales
         job.stream.stats.note(job.layer, "awq_scale_ratio", unit.producer, found.ratio)
         producer = job(unit.producer)

@@ -8,7 +8,7 @@ Spec: `w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse]`.
 - weights by round-to-nearest (the default, no calibration: compressed-tensors' own min-max grid), `-gptq`
   (quantkit.calib.gptq; `-act`: act-order with static groups, compressed-tensors' actorder "weight"; `-mse`: the
   MSE grid) or `-awq`
-  (quantkit.calib.awq: 4-bit, grouped, always asymmetric; its scales folded into the norms, which are stored).
+  (quantkit.calib.awq: grouped, always asymmetric; its scales folded into the norms, which are stored).
 
 Every decoder-layer linear is stored pack-quantized (FORMATS.md §7.3): `weight_packed` int32 [out, in*bits/32]
 (codes + 2^(bits-1) as unsigned, LSB first along the input dim), `weight_scale` [out, groups] in the model's
@@ -49,7 +49,7 @@ FLAGS = ("asym", "gptq", "awq", "act", "mse")  # canonical order
 GPTQ_ONLY = ("act", "mse")
 GRAMMAR = ("w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] with bits 4 or 8, group 32, 64 or 128 (none: one "
            "scale per output row), e.g. w4g128, w8, w4g128-gptq, w4g128-awq; round-to-nearest unless -gptq or -awq; "
-           "-act (act-order, static groups) and -mse only with -gptq; -awq is 4-bit, grouped and asymmetric")
+           "-act (act-order, static groups) and -mse only with -gptq; -awq is grouped and asymmetric")
 # The compressed-tensors release whose checkpoint layout this follows (llm-compressor 0.14's)
 CT_VERSION = "0.19.0"
 LINEAR_TARGET = "Linear"
@@ -78,6 +78,9 @@ class Scheme:
                           static_groups=self.act, mse=self.mse, full_sym_range=True,
                           **({} if self.damp is None else {"damp_percent": self.damp}))
 
+    def awq(self) -> AWQConfig:
+        return AWQConfig(bits=self.bits, group_size=self.group_size)
+
     def weights_args(self) -> dict:
         """The config group's `weights` QuantizationArgs."""
         grouped = self.group_size != -1
@@ -96,7 +99,7 @@ def parse_scheme(spec: str) -> Scheme:
             or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags)
             or ("gptq" in flags and "awq" in flags)
             or (any(f in flags for f in GPTQ_ONLY) and "gptq" not in flags)
-            or ("awq" in flags and (bits != 4 or group == -1))):
+            or ("awq" in flags and group == -1)):
         raise ConfigError(f"cannot read compressed-tensors spec {spec!r}: expected {GRAMMAR}")
     method = "gptq" if "gptq" in flags else "awq" if "awq" in flags else "rtn"
     return Scheme(bits, group, "asym" not in flags and method != "awq", method, "act" in flags, "mse" in flags)
@@ -184,22 +187,24 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
 
     def method(self, scheme: Scheme, rtn: bool, configs: dict[str, Scheme | None]) -> GPTQ | AWQ:
         if scheme.method == "awq":
-            return AWQ(AWQConfig(group_size=scheme.group_size), kept_dtype=KEPT_DTYPE, scale_dtype=KEPT_DTYPE,
-                       keep=frozenset(n for n, c in configs.items() if c is None))
+            return AWQ(scheme.awq(), kept_dtype=KEPT_DTYPE, scale_dtype=KEPT_DTYPE,
+                       configs={n: None if c is None else c.awq() for n, c in configs.items()})
         return GPTQ(scheme.gptq(), rtn=rtn, scale_dtype=KEPT_DTYPE, kept_dtype=KEPT_DTYPE,
                     configs={n: None if c is None else c.gptq() for n, c in configs.items()})
 
     def override_config(self, scheme: Scheme, text: str) -> Scheme | None:
         if text.lower() == KEPT:
             return None
-        if scheme.method == "awq":
-            raise ConfigError(f"--tensor-type ...={text}: a ct:...-awq target quantizes every linear it quantizes at "
-                              "w4 with zero points (AWQ's grid); an override can only keep a tensor (=bf16)")
         match = WEIGHT_SCHEME.fullmatch(text.lower())
         bits, group = int(match.group(1)), -1 if match.group(2) is None else int(match.group(2))
         if bits not in BITS or (group != -1 and group not in GROUPS):
             raise ConfigError(f"--tensor-type ...={text}: compressed-tensors schemes are w4 or w8 with group 32, 64 or "
                               "128 (or none: one scale per output row), optionally -asym; or bf16 to keep a tensor")
+        if scheme.method == "awq":
+            if group == -1:
+                raise ConfigError(f"--tensor-type ...={text}: AWQ quantizes in groups; give a group size (e.g. "
+                                  f"w{bits}g128) or bf16 to keep the tensor")
+            return replace(scheme, bits=bits, group_size=group)  # AWQ's grid always has zero points
         return replace(scheme, bits=bits, group_size=group, sym=match.group(3) is None)
 
     def scheme_name(self, scheme: Scheme, target: Target) -> str:

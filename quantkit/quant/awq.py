@@ -18,11 +18,12 @@ import torch
 from quantkit.errors import ConfigError, QuantkitError
 
 GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)  # AutoAWQ's GEMM layout stores 4; compressed-tensors also 8
 
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AutoAWQ's settings (its defaults): 4-bit with zero points, the only thing its GEMM layout stores."""
+    """AutoAWQ's settings (its defaults): 4-bit with zero points (8-bit too for layouts that store it)."""
 
     bits: int = 4
     group_size: int = 128
@@ -35,8 +36,8 @@ class AWQConfig:
     inspect_tokens: int = 4096  # calibration tokens per inspected forward (memory only, up to float rounding)
 
     def __post_init__(self) -> None:
-        if self.bits != 4:
-            raise ConfigError(f"AWQ's GEMM layout stores 4-bit weights only; got {self.bits!r} bits")
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ConfigError(f"AWQ quantizes to {' or '.join(map(str, BITS))} bits; got {self.bits!r}")
         if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
             raise ConfigError(f"AWQ group_size must be one of {', '.join(map(str, GROUP_SIZES))}; got "
                               f"{self.group_size!r}")
@@ -136,13 +137,22 @@ class ScaleSearch:
 
 
 def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
-                  inspect: Callable[[list[torch.Tensor]], list[torch.Tensor]], config: AWQConfig) -> ScaleSearch:
+                  inspect: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                  config: AWQConfig | Sequence[AWQConfig]) -> ScaleSearch:
     """AutoAWQ's _compute_best_scale. `inspect(ws)` runs the inspected module on the group's cached inputs with
     the group's weights replaced by `ws` (in order) and returns its outputs; the loss of a ratio is the mean
-    squared difference from the outputs with the unquantized weights, over all their elements."""
+    squared difference from the outputs with the unquantized weights, over all their elements. `config`: one for
+    every weight, or one per weight (a mixed unit; the grid settings are the first one's)."""
+    configs = [config] * len(weights) if isinstance(config, AWQConfig) else list(config)
+    config = configs[0]
     reference = inspect(list(weights))
     elements = sum(r.numel() for r in reference)
-    w_mean = weight_mean(weights, config.group_size) if config.duo_scaling else None
+    w_mean = None
+    if config.duo_scaling and len({c.group_size for c in configs}) == 1:
+        w_mean = weight_mean(weights, config.group_size)
+    elif config.duo_scaling:  # each weight normalised by its own groups, averaged over every output row
+        w_mean = sum(weight_mean([w], c.group_size) * len(w) for w, c in zip(weights, configs, strict=True)) / sum(
+            len(w) for w in weights)
     best, losses = None, []
     for step in range(config.n_grid):
         ratio = step / config.n_grid
@@ -152,7 +162,7 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-        outputs = inspect([pseudo_quantize(w * s, config) / s for w in weights])
+        outputs = inspect([pseudo_quantize(w * s, c) / s for w, c in zip(weights, configs, strict=True)])
         loss = float(sum((r - o).float().pow(2).sum() for r, o in zip(reference, outputs, strict=True)) / elements)
         losses.append(loss)
         if best is None or loss < best[0]:

@@ -22,13 +22,14 @@ OPTIONS = {"calib_samples": 4, "calib_ctx": 32}
 
 @pytest.mark.parametrize("spec, canonical", [("w4g128", "w4g128"), ("W8", "w8"), ("w4g64-gptq-asym", "w4g64-asym-gptq"),
                                               ("w4g128-awq", "w4g128-awq"), ("w4g128-asym-awq", "w4g128-awq"),
+                                              ("w8g64-awq", "w8g64-awq"),
                                               ("w8g32-mse-act-gptq", "w8g32-gptq-act-mse")])
 def test_spec_canonical(spec, canonical):
     target = parse_target(f"ct:{spec}")
     assert target.spec == canonical and fmt.FORMAT.file_name("m", target) == f"m-CT-{canonical}"
 
 
-@pytest.mark.parametrize("spec", ["w3g128", "w4g100", "w4-awq", "w8g128-awq", "w4g128-act", "w4g128-gptq-awq",
+@pytest.mark.parametrize("spec", ["w3g128", "w4g100", "w4-awq", "w8-awq", "w4g128-act", "w4g128-gptq-awq",
                                   "w4g128-static-gptq", "q4"])
 def test_spec_invalid_lists_grammar(spec):
     with pytest.raises(QuantkitError, match=r"w\{bits\}\[g\{group\}\]\[-asym\]\[-gptq\|-awq\]"):
@@ -113,7 +114,8 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("spec, overrides", [("w4g32-asym-gptq", []), ("w4g32-awq", [r"layers\.1\.mlp=bf16"]),
+@pytest.mark.parametrize("spec, overrides", [("w4g32-asym-gptq", []),
+                                             ("w4g32-awq", [r"layers\.1\.mlp=bf16", "self_attn=w8g32"]),
                                              ("w4g32-gptq", ["self_attn=w8", r"layers\.1\.mlp=bf16"])])
 def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch, spec, overrides):
     """The quantized forward uses BF16-rounded scales and kept linears, as the resumed run reads them back."""
@@ -177,10 +179,11 @@ def test_gptq_and_awq_folders_refuse_mixes_and_point_to_ct(model_cache):
             convert(model_cache("llama"), [f"{fmt_name}:w4g32"], None, dry_run=True, tensor_types=["mlp=w8"])
 
 
-def test_awq_targets_take_only_keep_overrides(model_cache):
-    plan = _plan(model_cache("llama"), "w4g32-awq", r"down_proj=bf16")
+def test_awq_targets_take_grouped_overrides_with_zero_points(model_cache):
+    plan = _plan(model_cache("llama"), "w4g32-awq", r"down_proj=bf16", r"self_attn=w8g64")
     assert plan["model.layers.0.mlp.down_proj.weight"].scheme == "bf16"
-    with pytest.raises(QuantkitError, match="can only keep a tensor"):
+    assert plan["model.layers.0.self_attn.o_proj.weight"].scheme == "w8g64-awq"
+    with pytest.raises(QuantkitError, match="AWQ quantizes in groups"):
         _plan(model_cache("llama"), "w4g32-awq", r"down_proj=w8")
 
 

@@ -92,7 +92,7 @@ def test_clip_search_matches_the_reference():
 
 
 def test_bad_settings_and_inputs():
-    with pytest.raises(QuantkitError, match="4-bit"):
+    with pytest.raises(QuantkitError, match="4 or 8 bits"):
         awq.AWQConfig(bits=3)
     with pytest.raises(QuantkitError, match="32, 64, 128"):
         awq.AWQConfig(group_size=100)
