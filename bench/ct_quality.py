@@ -1,0 +1,136 @@
+"""Quality vs bits of compressed-tensors outputs (issue 14): uniform W4 g128, the mix (attention W8, MLP W4 g128,
+lm_head BF16 as in every ct output) and uniform W8, each with round-to-nearest, GPTQ and AWQ weights, on the
+bundled models.
+
+    python bench/ct_quality.py [--models tiny-llama,tiny-qwen2,tiny-deepseek] [--samples 32] [--ctx 256]
+                               [--windows 64] [--work /tmp/ct-quality]
+
+Per model: one `quantkit convert` for the uniform variants (one calibration pass for all of them), one per mix
+(`--tensor-type self_attn=w8`; AWQ, which quantizes in groups: `self_attn=w8g128`), then one `quantkit eval` of
+every folder against the bundled source (KLD mean, top-1, PPL on --windows windows of 512 tokens of the bundled
+held-out text). Bits: the decoder-layer linears' stored bits per weight (packed codes, scales, zero points; kept
+linears at 16) from each output's plan, and llama.cpp's BPW over every tensor (embeddings and lm_head BF16
+included, a large share in these tiny models). Results: bench/results/ct_quality.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from peer_common import evaluate, fmt, quantkit_env, report_head, timed  # noqa: E402
+
+from quantkit.bundled import resolve_model  # noqa: E402
+from quantkit.convert import convert  # noqa: E402
+
+METHODS = {"rtn": "", "gptq": "-gptq", "awq": "-awq"}
+# variant -> (spec without the method flag, overrides); AWQ needs grouped schemes
+LAYOUTS = {"W4 g128": ("w4g128", []), "mix: attention W8, MLP W4 g128": ("w4g128", ["self_attn=w8"]),
+           "W8": ("w8", [])}
+AWQ_LAYOUTS = {"W4 g128": ("w4g128", []), "mix: attention W8, MLP W4 g128": ("w4g128", ["self_attn=w8g128"]),
+               "W8": ("w8g128", [])}
+
+
+def variants() -> list[tuple[str, str, str, list[str]]]:
+    """(layout, method, spec, overrides) for every variant."""
+    out = []
+    for method, flag in METHODS.items():
+        for layout, (spec, overrides) in (AWQ_LAYOUTS if method == "awq" else LAYOUTS).items():
+            out.append((layout, method, f"ct:{spec}{flag}", overrides))
+    return out
+
+
+def linear_bpw(src: Path, spec: str, overrides: list[str]) -> float:
+    ((_, plan),) = convert(src, [spec], None, dry_run=True, tensor_types=overrides)
+    linears = [e for e in plan.entries if e.name.startswith("model.layers.") and len(e.shape) == 2
+               and not e.name.endswith("mlp.gate.weight")]
+    return 8 * sum(e.nbytes for e in linears) / sum(e.n_elements for e in linears)
+
+
+def run_model(name: str, args, report: dict) -> None:
+    src = resolve_model(name)
+    work = args.work / name
+    calib = ["--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu"]
+    plain = [v for v in variants() if not v[3]]
+    commands = [([t for _, _, spec, _ in plain for t in ("--to", spec)], work / "uniform", [])]
+    commands += [(["--to", spec, "--name", f"{src.name}-mix"], work / f"mix-{method}", overrides)
+                 for _, method, spec, overrides in variants() if overrides]
+    work.mkdir(parents=True, exist_ok=True)
+    runs = report["runs"].setdefault(name, [])
+    for targets, out, overrides in commands:
+        cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(src), *targets, "-o", str(out), "--force", *calib,
+               *[a for o in overrides for a in ("--tensor-type", o)]]
+        r = timed(cmd, quantkit_env(), out.with_suffix(".log"))
+        runs.append(r)
+        print(f"{name}: {' '.join(targets + overrides)}: {r['wall_s']:.0f} s (rc {r['rc']})", flush=True)
+        if r["rc"]:
+            raise SystemExit(f"convert failed: see {out.with_suffix('.log')}")
+    folders = {}
+    for layout, method, spec, overrides in variants():
+        stem = f"mix-{method}/{src.name}-mix" if overrides else f"uniform/{src.name}"
+        folders[f"{method} | {layout}"] = work / f"{stem}-CT-{spec.removeprefix('ct:')}"
+    quality = report["quality"].setdefault(name, {})
+    settings = evaluate(src, folders, work / "eval", work / "eval.log", args.windows, quality)
+    if settings is None:
+        raise SystemExit(f"eval failed: {quality.get('error')}")
+    report["eval_settings"] = settings
+    eval_report = json.loads((work / "eval" / "report.json").read_text())
+    by_path = {v["path"]: v for v in eval_report["variants"]}
+    for (layout, method, spec, overrides), (key, folder) in zip(variants(), folders.items(), strict=True):
+        quality[key] |= {"layout": layout, "method": method, "spec": spec, "overrides": overrides,
+                         "linear_bpw": linear_bpw(src, spec, overrides), "file_bpw": by_path[str(folder)]["bpw"]}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# compressed-tensors: quality vs bits (uniform W4, the mix, uniform W8; RTN, GPTQ, AWQ weights)", "",
+             f"Date: {report['date']}  ", f"Commit: {report['commit']}  ",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; Python "
+             f"{report['machine']['python']}, torch {report['machine']['torch']}  ", f"Command: `{report['command']}`",
+             "", f"Calibration: {report['samples']} x {report['ctx']} tokens of the bundled calibration split (GPTQ "
+             "and AWQ). Quality: `quantkit eval` against the bundled source on the bundled held-out text "
+             f"({report['eval_settings'].get('windows')} windows of {report['eval_settings'].get('ctx')} tokens). "
+             "Linear bpw: stored bits per weight of the decoder-layer linears (codes, BF16 scales, zero points); "
+             "file bpw: llama.cpp's BPW over every tensor (BF16 embeddings and lm_head included).", ""]
+    for model, quality in report["quality"].items():
+        lines += [f"## {model} (baseline PPL {fmt(quality.get('baseline_ppl'), '{:.3f}')})", "",
+                  "| weights | layout | spec | linear bpw | file bpw | KLD mean | KLD p99 | top-1 % | PPL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = sorted((v for k, v in quality.items() if isinstance(v, dict) and "layout" in v),
+                      key=lambda v: (v["linear_bpw"], v["method"]))
+        for v in rows:
+            spec = v["spec"] + "".join(f" --tensor-type {o}" for o in v["overrides"])
+            lines.append(f"| {v['method']} | {v['layout']} | `{spec}` | {v['linear_bpw']:.2f} | {v['file_bpw']:.2f} | "
+                         f"{v['kld_mean']:.5f} | {v['kld_p99']:.4f} | {v['top1_pct']:.2f} | {v['ppl']:.3f} |")
+        lines.append("")
+    lines += [f"- {note}" for note in report.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-llama,tiny-qwen2,tiny-deepseek")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=64, help="eval windows of 512 tokens per model")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ct-quality"))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ct_quality")
+    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
+    args = parser.parse_args(argv)
+    report = report_head("ct_quality.py", argv) | {"samples": args.samples, "ctx": args.ctx, "runs": {},
+                                                   "quality": {}, "notes": args.note}
+    for name in args.models.split(","):
+        run_model(name, args, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
