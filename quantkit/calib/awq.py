@@ -20,7 +20,7 @@ tokens for its clip and down-projection scales (the GPTQ fallback), listed in th
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from quantkit.arch.base import InputGroup
 from quantkit.calib.engine import CalibrationRun, Observer, Routing
 from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS
-from quantkit.calib.layerwise import LayerJob, overlay
+from quantkit.calib.layerwise import LayerJob
 from quantkit.errors import ConfigError
 from quantkit.quant.awq import (
     AWQConfig,
@@ -207,17 +207,26 @@ class AWQ:
         x = cached.get(whole[0].key)
         if not names or not x:
             return
-        batches = _batches(x, self.config.inspect_tokens)
+        if all(".mlp." in n for n in unit.linears):
+            # a feed-forward block works token by token: all tokens in one batch, so that each candidate weight is
+            # computed once and dropped (a MoE unit's candidates together are a whole layer)
+            batches = [torch.cat([xi.reshape(-1, xi.shape[-1]) for xi in x])[None]]
+        else:
+            batches = _batches(x, self.config.inspect_tokens)
         if len(unit.linears) == 1:
             (name,) = names
             bias = _bias(job, name)
 
-            def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-                return [F.linear(xb, ws[0], bias) for xb in batches]
+            def inspect(ws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                w = ws[0]
+                return [F.linear(xb, w, bias) for xb in batches]
         else:
-            def inspect(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-                replaced = overlay(dict(zip(names, ws, strict=True)), job)
-                return [job.arch.norm_block(job.layer, unit.producer, replaced, xb,
+            index = {n: i for i, n in enumerate(names)}
+
+            def inspect(ws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                def weights(name: str) -> torch.Tensor:
+                    return ws[index[name]] if name in index else job(name)
+                return [job.arch.norm_block(job.layer, unit.producer, weights, xb,
                                             torch.arange(xb.shape[1], device=xb.device)) for xb in batches]
         found = search_scales(activation_mean(x), [job(n) for n in names], inspect,
                               [self._config(n) for n in names])

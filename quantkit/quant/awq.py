@@ -110,12 +110,34 @@ def runtime_weight(result: AWQResult, group_size: int, scale_dtype: torch.dtype 
     return dequantize(result.q, result.scales.to(scale_dtype).float(), result.zeros, group_size)
 
 
-def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+def weight_mean(weights: Sequence[torch.Tensor], group_sizes: int | Sequence[int]) -> torch.Tensor:
     """Per input channel: the mean over every output row of the group's linears of |w| / (max |w| of its
-    quantization group + 1e-6)."""
-    w = torch.cat(list(weights), dim=0)
-    g = _grouped(w.abs(), group_size)
-    return (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    quantization group + 1e-6), each weight grouped by its own group size; one weight at a time (a MoE unit's
+    weights together are a whole layer)."""
+    sizes = [group_sizes] * len(weights) if isinstance(group_sizes, int) else list(group_sizes)
+    total, rows = None, 0
+    for w, size in zip(weights, sizes, strict=True):
+        g = _grouped(w.abs(), size)
+        part = (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).sum(0)
+        total = part if total is None else total + part
+        rows += w.shape[0]
+    return total / rows
+
+
+class Candidates(Sequence):
+    """A scale candidate's weights, pseudo-quantized when indexed (not kept): an inspected forward that reads each
+    once holds one at a time, not a copy of every weight of the unit."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], s: torch.Tensor, configs: Sequence[AWQConfig]):
+        self.weights, self.s, self.configs = weights, s, configs
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return pseudo_quantize(self.weights[i] * self.s, self.configs[i]) / self.s
 
 
 def activation_mean(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -142,19 +164,15 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
                   inspect: Callable[[list[torch.Tensor]], list[torch.Tensor]],
                   config: AWQConfig | Sequence[AWQConfig]) -> ScaleSearch:
     """AutoAWQ's _compute_best_scale. `inspect(ws)` runs the inspected module on the group's cached inputs with
-    the group's weights replaced by `ws` (in order) and returns its outputs; the loss of a ratio is the mean
+    the group's weights replaced by `ws` (in order; computed when indexed, so index each once) and returns its
+    outputs; the loss of a ratio is the mean
     squared difference from the outputs with the unquantized weights, over all their elements. `config`: one for
     every weight, or one per weight (a mixed unit; the grid settings are the first one's)."""
     configs = [config] * len(weights) if isinstance(config, AWQConfig) else list(config)
     config = configs[0]
     reference = inspect(list(weights))
     elements = sum(r.numel() for r in reference)
-    w_mean = None
-    if config.duo_scaling and len({c.group_size for c in configs}) == 1:
-        w_mean = weight_mean(weights, config.group_size)
-    elif config.duo_scaling:  # each weight normalised by its own groups, averaged over every output row
-        w_mean = sum(weight_mean([w], c.group_size) * len(w) for w, c in zip(weights, configs, strict=True)) / sum(
-            len(w) for w in weights)
+    w_mean = weight_mean(weights, [c.group_size for c in configs]) if config.duo_scaling else None
     best, losses = None, []
     for step in range(config.n_grid):
         ratio = step / config.n_grid
@@ -164,7 +182,7 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-        outputs = inspect([pseudo_quantize(w * s, c) / s for w, c in zip(weights, configs, strict=True)])
+        outputs = inspect(Candidates(weights, s, configs))
         loss = float(sum((r - o).float().pow(2).sum() for r, o in zip(reference, outputs, strict=True)) / elements)
         losses.append(loss)
         if best is None or loss < best[0]:
