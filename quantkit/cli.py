@@ -243,6 +243,67 @@ def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backen
     click.echo(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
+@main.command("plan")
+@click.argument("model", required=False)
+@click.option("--vram", default="24GiB", show_default=True, help="Memory per GPU (24GiB, 80GB, 141G: GiB powers "
+                                                                    "of 1024, GB and G of 1000).")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs the model is split over.")
+@click.option("--ctx", type=int, default=32768, show_default=True, help="Context length to hold in the KV cache.")
+@click.option("--kv-type", default=None, help="KV cache type: f16 (default), q8_0, q4_0 for llama.cpp; bf16 "
+                                              "(default) or fp8 for vLLM (gptq, awq, ct).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "gptq", "awq", "ct"]), default="gguf",
+              show_default=True, help="Which variants to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the variants as a JSON list.")
+@click.option("--list", "list_catalog", is_flag=True, help="List the catalog's models and exit.")
+def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
+    """What fits MODEL on --gpus GPUs of --vram at --ctx: every variant of --format with its weights, KV cache,
+    compute buffers and total, the best fitting one marked. MODEL: an HF folder, a GGUF file, a bundled name, or
+    a catalog name (DeepSeek-V3/R1 and the R1-Distill models, configs only: no download needed)."""
+    import json
+
+    from quantkit import catalog
+    from quantkit.bundled import resolve_model
+    from quantkit.model import Model
+    from quantkit.plan.fit import parse_bytes, variants
+    from quantkit.source.gguf_file import GGUFFile
+
+    if list_catalog:
+        click.echo("\n".join(catalog.names()))
+        return
+    if model is None:
+        raise QuantkitError("give a MODEL (a folder, a .gguf, a bundled name or one of `quantkit plan --list`)")
+    kv = kv_type or ("f16" if fmt == "gguf" else "bf16")
+    path = resolve_model(model)
+    if path.is_file() and path.suffix == ".gguf":
+        source = GGUFFile(path)
+    elif path.exists():
+        source = Model(path)
+    else:  # a catalog name, or an error listing the names
+        source = catalog.load(model)
+    try:
+        rows = variants(source, fmt, ctx, kv, parse_bytes(vram), gpus)
+    finally:
+        if isinstance(source, Model):
+            source.close()
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=1))
+        return
+    click.echo(f"{model}: {gpus} x {vram} at ctx {ctx}, KV {kv}")
+    header = ("variant", "bpw", "weights", "KV cache", "compute", "total", "fits")
+    table = [header] + [(r.name + (" <- best" if r.best else ""), f"{r.bpw:.2f}", _bytes(r.weights_bytes),
+                         _bytes(r.kv_bytes), _bytes(r.compute_bytes), _bytes(r.total_bytes), "yes" if r.fits else "no")
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        click.echo("  ".join(cells))
+    if not any(r.fits for r in rows):
+        smallest = min(rows, key=lambda r: r.total_bytes)
+        raise QuantkitError(f"nothing fits {gpus} x {vram} at ctx {ctx}: the smallest variant, {smallest.name}, "
+                            f"needs {_bytes(smallest.total_bytes)}; add GPUs, shorten --ctx or pick a smaller "
+                            "KV type")
+
+
 def _summary_lines(r: dict):
     yield "model", r["path"]
     if r["architecture"] is None:

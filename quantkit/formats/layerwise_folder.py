@@ -157,7 +157,9 @@ class LayerwiseFolderFormat(OutputFormat):
         return config, configs, notes
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
-        model = self._require_model(source)
+        from quantkit.catalog import CatalogModel  # a catalog entry plans like a model (quantkit plan)
+
+        model = source if isinstance(source, CatalogModel) else self._require_model(source)
         config, configs, notes = self.linear_configs(model, target, options)
         self.check_model(model, config)
         # embeddings and lm_head stay BF16: a bf16 override naming them is honoured as it stands

@@ -77,7 +77,10 @@ def llama_cpp_n_ctx(ctx: int, n_ctx_train: int = 0) -> int:
 
 
 def kv_type_row_bytes(kv_type: str, n: int) -> int:
-    """Bytes of one cache row of `n` values in ggml type `kv_type` (f16, bf16, f32, q8_0, q4_0, ...)."""
+    """Bytes of one cache row of `n` values in ggml type `kv_type` (f16, bf16, f32, q8_0, q4_0, ...), or vLLM's
+    fp8 (one byte per value)."""
+    if kv_type.lower() == "fp8":
+        return n
     try:
         qtype = GGMLQuantizationType[kv_type.upper()]
     except KeyError:

@@ -1,0 +1,137 @@
+"""`quantkit plan`: which variant of a model fits a GPU budget at a context length.
+
+For each variant of the chosen format (GGUF: llama.cpp's file types with an importance matrix; ct/gptq/awq: their
+weight schemes; plus the model as shipped) the plan is the one `quantkit convert --dry-run` makes, and its memory
+is quantkit.plan.vram's: llama.cpp's accounting for GGUF (n_ctx padded to 256, MLA caching only the latent and
+rope key), a GPU runtime's (vLLM: KV at exactly ctx) for the others. With several GPUs the weights and the KV
+cache are split, and every GPU holds its own compute buffers: a variant fits when
+weights + kv + gpus x compute <= gpus x vram. The best variant is the one with the most bits per weight that fits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from quantkit.errors import ConfigError
+from quantkit.plan.plan import Plan, PlanEntry
+from quantkit.plan.vram import vram_gguf, vram_plan
+
+GGUF_LADDER = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
+FOLDER_LADDER = {"ct": ("w8", "w4g128"), "gptq": ("w8", "w4g128"), "awq": ("w4g128",)}
+FORMATS = ("gguf", *FOLDER_LADDER)
+LLAMA_CPP_KV = ("f16", "bf16", "q8_0", "q4_0", "f32")
+GPU_RUNTIME_KV = {"f16": "f16", "bf16": "bf16", "fp8": "fp8"}
+UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+         "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """24GiB, 24GB, 80G, 141 GB: GiB/MiB are powers of 1024, GB/MB/G/M powers of 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 80G")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "").lower()])
+
+
+@dataclass
+class Variant:
+    name: str
+    format: str
+    spec: str
+    bpw: float
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    total_bytes: int
+    fits: bool
+    best: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def shipped_plan(arch) -> Plan:
+    """The model as its repo ships it, from the architecture alone: linears of a block-FP8 config one byte per
+    weight plus a float32 scale per block, everything else BF16 (MTP layers left out)."""
+    qc = arch.config.get("quantization_config") or {}
+    block = qc.get("weight_block_size") if qc.get("quant_method") == "fp8" else None
+    linears = {lin.name for spec in arch.layers() for lin in spec.linears}
+    entries = []
+    for name, shape in arch.tensor_shapes().items():
+        if arch.is_skipped(name):
+            continue
+        if block and name in linears and len(shape) == 2:
+            scales = math.ceil(shape[0] / block[0]) * math.ceil(shape[1] / block[1])
+            entries.append(PlanEntry(name, tuple(shape), "fp8", math.prod(shape) + 4 * scales, False))
+        else:
+            entries.append(PlanEntry(name, tuple(shape), "bf16", 2 * math.prod(shape), False))
+    return Plan("hf", "fp8" if block else "bf16", tuple(entries))
+
+
+def _kv_type(fmt: str, kv_type: str) -> str:
+    kv = kv_type.lower()
+    if fmt == "gguf" and kv not in LLAMA_CPP_KV:
+        raise ConfigError(f"llama.cpp's KV cache types are {', '.join(LLAMA_CPP_KV)}; got {kv_type!r}")
+    if fmt != "gguf" and kv not in GPU_RUNTIME_KV:
+        raise ConfigError(f"vLLM's KV cache is {', '.join(GPU_RUNTIME_KV)} (--kv-type); got {kv_type!r}")
+    return kv
+
+
+def variants(source, fmt: str, ctx: int, kv_type: str, vram: int, gpus: int = 1) -> list[Variant]:
+    """Every variant of `source` (a quantkit Model, a catalog model, or a GGUF file) in format `fmt`, with its
+    memory at `ctx` and whether it fits `gpus` GPUs of `vram` bytes each; the best one marked."""
+    from quantkit.source.gguf_file import GGUFFile
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; plan knows {', '.join(FORMATS)}")
+    if gpus < 1 or vram <= 0 or ctx <= 0:
+        raise ConfigError("--vram, --gpus and --ctx must be positive")
+    kv = _kv_type("gguf" if isinstance(source, GGUFFile) else fmt, kv_type)
+    rows: list[tuple[str, str, str, Plan | None, object]] = []
+    if isinstance(source, GGUFFile):
+        estimate = vram_gguf(source, ctx, kv)
+        rows.append((Path(source.path).name, "gguf", "as is", None, estimate))
+    else:
+        shipped = shipped_plan(source.arch)  # served as is by a GPU runtime
+        rows.append((f"as shipped ({shipped.target})", "hf", shipped.target, shipped,
+                     vram_plan(source.arch, shipped, ctx, "fp8" if kv == "fp8" else "bf16")))
+        for plan in _plans(source, fmt):
+            rows.append((f"{fmt}:{plan.target}", fmt, plan.target, plan, vram_plan(source.arch, plan, ctx, kv)))
+    out = []
+    for name, row_fmt, spec, plan, estimate in rows:
+        bpw = plan.bpw if plan is not None else 8 * estimate.weights / max(1, _gguf_elements(source))
+        need = estimate.weights + estimate.kv_cache + gpus * estimate.compute
+        out.append(Variant(name, row_fmt, spec, round(bpw, 3), estimate.weights, estimate.kv_cache, estimate.compute,
+                           need, need <= gpus * vram))
+    fitting = [v for v in out if v.fits]
+    if fitting:
+        max(fitting, key=lambda v: v.bpw).best = True
+    return out
+
+
+def _gguf_elements(gguf) -> int:
+    return sum(math.prod(gguf.shape(n)) for n in gguf.tensors)
+
+
+def _plans(source, fmt: str) -> list[Plan]:
+    from quantkit.formats import ConvertOptions, get_format, parse_target
+
+    if fmt == "gguf":
+        from quantkit.formats.gguf.format import model_facts
+        from quantkit.formats.gguf.mixtures import plan_types
+        from quantkit.formats.gguf.tensors import mapping_for
+
+        shapes = {t.name: t.shape for t in mapping_for(source.arch).tensors()}
+        facts = model_facts(source)
+        return [plan_types(shapes, facts, ft, imatrix=True) for ft in GGUF_LADDER]
+    options, out = ConvertOptions(), []
+    for spec in FOLDER_LADDER[fmt]:
+        target = parse_target(f"{fmt}:{spec}")
+        out.append(get_format(fmt).plan(source, target, options))
+    return out
+
+
+__all__ = ["FORMATS", "Variant", "parse_bytes", "shipped_plan", "variants"]
