@@ -120,13 +120,25 @@ def test_fp8_folder_is_labelled_from_its_quantization_config(model_cache):
     assert report["baseline"]["type"] == "fp8 e4m3 block 128x128"
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["bitsandbytes", "hqq"])
 def test_unreadable_quantization_method_is_refused(copy_model, method):
     folder = copy_model("qwen2")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method, "bits": 4}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(QuantkitError, match=rf"quant_method '{method}', which quantkit cannot read yet"):
+        evaluate(folder, [], **FAST)
+
+
+def test_compressed_tensors_schemes_other_than_pack_quantized_are_refused(copy_model):
+    folder = copy_model("qwen2")
+    config = json.loads((folder / "config.json").read_text())
+    fp8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}, "format": "float-quantized"}
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                     "config_groups": {"group_0": fp8}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantkitError, match="pack-quantized int4/int8 weight-only schemes; this one has format "
+                                            "'float-quantized'"):
         evaluate(folder, [], **FAST)
 
 

