@@ -263,8 +263,8 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
 
     from quantkit import catalog
     from quantkit.bundled import resolve_model
+    from quantkit.fit import parse_bytes, variants
     from quantkit.model import Model
-    from quantkit.plan.fit import parse_bytes, variants
     from quantkit.source.gguf_file import GGUFFile
 
     if list_catalog:

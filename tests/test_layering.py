@@ -37,7 +37,8 @@ def test_quant_does_no_io():
 
 
 def test_the_gguf_format_uses_only_shared_interfaces():
-    shared = ("quantkit.formats.gguf", "quantkit.arch", "quantkit.calib", "quantkit.errors", "quantkit.model",
+    shared = ("quantkit.formats.gguf", "quantkit.formats.overrides", "quantkit.arch", "quantkit.calib",
+              "quantkit.errors", "quantkit.model",
               "quantkit.output", "quantkit.plan", "quantkit.progress", "quantkit.quant", "quantkit.source",
               "quantkit.tokenizer")
     for module, imports in _package_imports("formats/gguf").items():

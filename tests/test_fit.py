@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from quantkit import catalog
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from quantkit.plan.fit import parse_bytes, shipped_plan, variants
+from quantkit.fit import parse_bytes, shipped_plan, variants
 from quantkit.plan.vram import vram_gguf
 
 GIB = 2**30
