@@ -1,4 +1,5 @@
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,35 @@ def bundled_gguf(tmp_path_factory) -> BundledGGUFs:
     """Session cache of bundled-model GGUF files: `bundled_gguf(model, type, imatrix=False)` -> Path,
     `bundled_gguf.many(model, types, imatrix=False)` -> {type: Path}. See BundledGGUFs."""
     return BundledGGUFs(tmp_path_factory.mktemp("bundled-gguf"))
+
+
+class Killed(Exception):
+    """Stands for kill -9 in the middle of a layerwise run."""
+
+
+@pytest.fixture
+def killed_at_layer(monkeypatch):
+    """`with killed_at_layer(k): convert(...)`: quantkit's layerwise runs in the body die as layer k is finished
+    (None: after the last one), after that layer's shard is written; the body must end in Killed. run_layers is the
+    real one again after the block."""
+    import quantkit.calib.layerwise as layerwise
+
+    real = layerwise.run_layers
+
+    @contextmanager
+    def killed(layer: int | None):
+        def dying(*args, **kwargs):
+            for index in real(*args, **kwargs):
+                if index == layer:
+                    raise Killed
+                yield index
+            raise Killed
+
+        monkeypatch.setattr(layerwise, "run_layers", dying)
+        try:
+            with pytest.raises(Killed):
+                yield
+        finally:
+            monkeypatch.setattr(layerwise, "run_layers", real)
+
+    return killed

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import quantkit.calib.layerwise as layerwise
 from quantkit.errors import QuantkitError
 from quantkit.formats import ConvertOptions, Job, get_format, parse_target
 from quantkit.formats import awq as fmt
@@ -92,26 +91,12 @@ def test_plan_bytes_equal_written_bytes_and_output_reads_back(model_cache, tmp_p
         assert not torch.equal(out.source.read(norm), ref.source.read(norm))  # carries the folded scales
 
 
-class Killed(Exception):
-    pass
-
-
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch):
+def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, killed_at_layer):
     src = model_cache("deepseek_v3", fp8=True)
     _, files = _convert(src, "w4g32", tmp_path / "whole")
     whole = _files(files[0].parent)
-    real = layerwise.run_layers
-
-    def dying(*args, **kwargs):
-        for index in real(*args, **kwargs):
-            if index == 2:
-                raise Killed
-            yield index
-
-    monkeypatch.setattr(layerwise, "run_layers", dying)
-    with pytest.raises(Killed):
+    with killed_at_layer(2):
         _convert(src, "w4g32", tmp_path / "resumed")
-    monkeypatch.setattr(layerwise, "run_layers", real)
     _, files = _convert(src, "w4g32", tmp_path / "resumed")
     assert _files(files[0].parent) == whole
 

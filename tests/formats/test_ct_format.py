@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-import quantkit.calib.layerwise as layerwise
 from quantkit.convert import convert
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors as fmt
@@ -110,29 +109,15 @@ def test_plan_bytes_config_and_read_back(model_cache, tmp_path, preset, kwargs, 
         assert (a - b).pow(2).mean() < 0.3 * b.pow(2).mean()  # random tiny weights: quantization error, not garbage
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("spec, overrides", [("w4g32-awq", [r"layers\.1\.mlp=bf16", "self_attn=w8g32"]),
                                              ("w4g32-asym-gptq", ["self_attn=w8", r"layers\.1\.mlp=bf16"])])
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, monkeypatch, spec, overrides):
+def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, killed_at_layer, spec, overrides):
     """The quantized forward uses BF16-rounded scales and kept linears, as the resumed run reads them back."""
     src = model_cache("deepseek_v3", fp8=True)
     options = {**OPTIONS, "tensor_types": overrides}
     ((whole, _),) = convert(src, [f"ct:{spec}"], tmp_path / "whole", **options)
-    real = layerwise.run_layers
-
-    def dying(*args, **kwargs):
-        for index in real(*args, **kwargs):
-            if index == 2:
-                raise Killed
-            yield index
-
-    monkeypatch.setattr(layerwise, "run_layers", dying)
-    with pytest.raises(Killed):
+    with killed_at_layer(2):
         convert(src, [f"ct:{spec}"], tmp_path / "resumed", **options)
-    monkeypatch.setattr(layerwise, "run_layers", real)
     ((resumed, _),) = convert(src, [f"ct:{spec}"], tmp_path / "resumed", **options)
     assert {p.name: p.read_bytes() for p in resumed.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
 

@@ -197,70 +197,39 @@ def test_fused_experts_refused(model_cache, calib):
             FORMAT.plan(model, parse_target("gptq:w4g128"), ConvertOptions())
 
 
-class Killed(Exception):
-    pass
-
-
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeypatch):
+def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeypatch, killed_at_layer):
     src = model_cache("deepseek_v3", fp8=True)
     _, files = _convert(src, "w4g64", tmp_path / "whole")
     whole = _files(files[0].parent)
-
-    real = calib.run_layers
-
-    def dying(*args, **kwargs):
-        for index in real(*args, **kwargs):
-            if index == 2:
-                raise Killed
-            yield index
-
-    monkeypatch.setattr(calib, "run_layers", dying)
-    with pytest.raises(Killed):
+    with killed_at_layer(2):
         _convert(src, "w4g64", tmp_path / "resumed")
     part = tmp_path / "resumed" / "m-GPTQ-w4g64.part"
     state = json.loads((part / "quantkit-state.json").read_text())
     assert sorted(state["shards"]) == ["0", "1", "other"]
-    monkeypatch.setattr(calib, "run_layers", real)
-    starts = []
+    real, starts = calib.run_layers, []
     monkeypatch.setattr(calib, "run_layers", lambda *a, **k: (starts.append(a[1][0].start_layer), real(*a, **k))[1])
     _, files = _convert(src, "w4g64", tmp_path / "resumed")
     assert starts == [2]
     assert _files(files[0].parent) == whole
 
 
-def test_corrupt_shard_is_redone(model_cache, tmp_path, calib, monkeypatch):
+def test_corrupt_shard_is_redone(model_cache, tmp_path, killed_at_layer):
     src = model_cache("llama")  # act-order: resuming restores layers with a permuted g_idx
     _, files = _convert(src, "w4g32-act", tmp_path / "whole")
     whole = _files(files[0].parent)
-    real = calib.run_layers
-
-    def dying(*args, **kwargs):
-        yield from real(*args, **kwargs)
-        raise Killed
-
-    monkeypatch.setattr(calib, "run_layers", dying)
-    with pytest.raises(Killed):
+    with killed_at_layer(None):  # every layer written, the folder not finished
         _convert(src, "w4g32-act", tmp_path / "resumed")
     shard = tmp_path / "resumed" / "m-GPTQ-w4g32-act.part" / "layer-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a kill during the write
-    monkeypatch.setattr(calib, "run_layers", real)
     _, files = _convert(src, "w4g32-act", tmp_path / "resumed")
     assert _files(files[0].parent) == whole
 
 
-def test_other_command_refused_and_existing_output(model_cache, tmp_path, calib, monkeypatch):
+def test_other_command_refused_and_existing_output(model_cache, tmp_path, killed_at_layer):
     src = model_cache("llama")
-    real = calib.run_layers
-
-    def dying(*args, **kwargs):
-        raise Killed
-        yield  # a generator that dies at once
-
-    monkeypatch.setattr(calib, "run_layers", dying)
-    with pytest.raises(Killed):
+    with killed_at_layer(0):
         _convert(src, "w4g32", tmp_path)
     (tmp_path / "m-GPTQ-w4g32.part").rename(tmp_path / "m-GPTQ-w8.part")
-    monkeypatch.setattr(calib, "run_layers", real)
     with pytest.raises(QuantkitError, match="OUT.part holds a run of a different command"):
         _convert(src, "w8", tmp_path)
     with pytest.raises(QuantkitError, match="OUT.part holds a run of a different command"):
