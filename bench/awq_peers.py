@@ -46,8 +46,8 @@ from peer_common import (  # noqa: E402
     PEERS,
     THREADS,
     evaluate,
-    float_copy,
     fmt,
+    model_inputs,
     peer_env,
     quantize_seconds,
     quantkit_env,
@@ -55,10 +55,6 @@ from peer_common import (  # noqa: E402
     timed,
     venv_python,
 )
-
-from quantkit.bundled import resolve_model  # noqa: E402
-from quantkit.calib.data import calibration_samples  # noqa: E402
-from quantkit.model import Model  # noqa: E402
 
 TOOLS = ("quantkit", "autoawq", "gptqmodel", "llmcompressor", "rtn")
 PEER_TOOLS = TOOLS[1:4]
@@ -102,14 +98,8 @@ def autoawq_python(work: Path) -> Path:
 
 
 def run_model(name: str, args, report: dict) -> None:
-    src = resolve_model(name)
     work = args.work / name
-    work.mkdir(parents=True, exist_ok=True)
-    with Model(src, device="cpu") as model:
-        ids = [x.tolist() for x in calibration_samples(model, None, args.samples, args.ctx)]
-        calib = work / "calib.json"
-        calib.write_text(json.dumps(ids))
-        peer_src = float_copy(model, work / "float32") if model.source.is_fp8 else src
+    src, calib, peer_src = model_inputs(name, work, args.samples, args.ctx)
     runs, targets = report["runs"].setdefault(name, {}), {}
     for group in args.groups:
         for tool in args.tools:

@@ -73,7 +73,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peer_common import THREADS, float_copy, fmt, report_head  # noqa: E402
+from peer_common import THREADS, fmt, report_head  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "awq_speed"
 GROUP = 128
@@ -98,11 +98,7 @@ PEER_NOTES = [
 def _peers(args: argparse.Namespace, argv: list[str] | None) -> dict:
     import torch
     from awq_peers import autoawq_python, run_tool
-    from peer_common import venv_python
-
-    from quantkit.bundled import resolve_model
-    from quantkit.calib.data import calibration_samples
-    from quantkit.model import Model
+    from peer_common import model_inputs, venv_python
 
     torch.set_num_threads(THREADS)
     peers = [t for t in args.tools.split(",") if t]
@@ -114,14 +110,8 @@ def _peers(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "samples": args.samples, "ctx": args.ctx, "group": GROUP, "rounds": args.rounds, "tools": peers,
         "models": {}}
     for name in args.models.split(","):
-        src = resolve_model(name)
         work = args.work / name
-        work.mkdir(parents=True, exist_ok=True)
-        with Model(src, device="cpu") as model:
-            ids = [x.tolist() for x in calibration_samples(model, None, args.samples, args.ctx)]
-            calib = work / "calib.json"
-            calib.write_text(json.dumps(ids))
-            peer_src = float_copy(model, work / "float32") if model.source.is_fp8 else src
+        src, calib, peer_src = model_inputs(name, work, args.samples, args.ctx)
         run_args = SimpleNamespace(samples=args.samples, ctx=args.ctx, pythons=pythons)
         runs: dict[str, list[dict]] = {t: [] for t in ["quantkit", *peers]}
         order = ["quantkit", *peers]

@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 from peer_common import (  # noqa: E402
     PEERS,
     THREADS,
-    float_copy,
     float_copy_meta,
+    model_inputs,
     peer_env,
     quantize_seconds,
     quantkit_env,
@@ -56,8 +56,6 @@ from peer_common import (  # noqa: E402
 from peer_common import evaluate as evaluate_outputs  # noqa: E402
 from peer_common import fmt as _f  # noqa: E402
 
-from quantkit.bundled import resolve_model  # noqa: E402
-from quantkit.calib.data import calibration_samples  # noqa: E402
 from quantkit.calib.gptq import runtime_weight  # noqa: E402
 from quantkit.model import Model  # noqa: E402
 from quantkit.quant.gptq import GPTQConfig, rtn_quantize  # noqa: E402
@@ -107,14 +105,8 @@ def rtn_folder(model: Model, gptq_dir: Path, group: int, dst: Path) -> dict:
 
 
 def run_model(name: str, args, pythons: dict, report: dict) -> None:
-    src = resolve_model(name)
     work = args.work / name
-    work.mkdir(parents=True, exist_ok=True)
-    with Model(src, device="cpu") as model:
-        ids = [x.tolist() for x in calibration_samples(model, None, args.samples, args.ctx)]
-        calib = work / "calib.json"
-        calib.write_text(json.dumps(ids))
-        peer_src = float_copy(model, work / "float32") if model.source.is_fp8 else src
+    src, calib, peer_src = model_inputs(name, work, args.samples, args.ctx)
     qk_env = quantkit_env()
     runs, targets = report["runs"].setdefault(name, {}), {}
     for group in args.groups:

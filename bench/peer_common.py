@@ -89,6 +89,22 @@ def float_copy(model: Model, dst: Path) -> Path:
     return dst
 
 
+def model_inputs(name: str, work: Path, samples: int, ctx: int) -> tuple[Path, Path, Path]:
+    """What every tool gets for a bundled model: (its folder; work/calib.json, the calibration token ids quantkit
+    computes from samples x ctx of the bundled split; the folder the peers read, a float32 copy for FP8)."""
+    from quantkit.bundled import resolve_model
+    from quantkit.calib.data import calibration_samples
+    from quantkit.model import Model
+
+    src = resolve_model(name)
+    work.mkdir(parents=True, exist_ok=True)
+    with Model(src, device="cpu") as model:
+        calib = work / "calib.json"
+        calib.write_text(json.dumps([x.tolist() for x in calibration_samples(model, None, samples, ctx)]))
+        peer_src = float_copy(model, work / "float32") if model.source.is_fp8 else src
+    return src, calib, peer_src
+
+
 def float_copy_meta(model: Model, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     config = dict(model.config)
