@@ -28,13 +28,13 @@ def output_paths(model_name: str, targets: list[Target], output: Path | None) ->
 def keep_first_dense(source) -> str:
     """`--keep-first-dense` as the override it stands for (named sets come before --tensor-type overrides): the
     dense layers before the first MoE layer kept BF16, matched by checkpoint and GGUF names alike."""
-    arch = getattr(source, "arch", None)
-    layers = range(arch.num_layers) if arch is not None else range(0)
-    dense = [i for i in layers if not getattr(arch, "is_moe_layer", lambda _: True)(i)]
-    if arch is None or not dense or len(dense) == len(layers) or dense != list(range(len(dense))):
+    arch = getattr(source, "arch", None)  # a GGUF source has none
+    moe = [arch.is_moe_layer(i) for i in range(arch.num_layers)] if hasattr(arch, "is_moe_layer") else []
+    dense = moe.index(True) if True in moe else 0
+    if not dense or any(not m for m in moe[dense:]):
         raise ConfigError("--keep-first-dense needs an HF checkpoint of a MoE model whose first layers are dense "
                           "(DeepSeek-V3/R1: first_k_dense_replace); this source has none")
-    return rf"^(?:model\.layers|blk)\.(?:{'|'.join(map(str, dense))})\.=bf16"
+    return rf"^(?:model\.layers|blk)\.(?:{'|'.join(map(str, range(dense)))})\.=bf16"
 
 
 def _open_source(path: str | Path, device: str):

@@ -133,13 +133,15 @@ def pack_result(result: GPTQResult | AWQResult, scheme: Scheme) -> dict[str, tor
               "weight_shape": torch.tensor([out, columns], dtype=torch.int64)}
     if not scheme.sym:
         stored["weight_zero_point"] = _pack_padded(result.zeros, scheme.bits, 0)
-    if isinstance(result, GPTQResult) and not torch.equal(result.g_idx.long(), _natural_g_idx(columns, scheme)):
+    width = columns if scheme.group_size == -1 else scheme.group_size
+    if isinstance(result, GPTQResult) and not torch.equal(result.g_idx.long(), _natural_g_idx(columns, width)):
         raise RuntimeError("a GPTQ result has permuted groups, which this layout cannot store")
     return stored
 
 
-def _natural_g_idx(columns: int, scheme: Scheme) -> torch.Tensor:
-    return torch.arange(columns) // (columns if scheme.group_size == -1 else scheme.group_size)
+def _natural_g_idx(columns: int, width: int) -> torch.Tensor:
+    """Column -> group when groups are consecutive runs of `width` columns (no act-order permutation)."""
+    return torch.arange(columns) // width
 
 
 def dequantize_stored(stored: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
@@ -155,7 +157,7 @@ def dequantize_stored(stored: dict[str, torch.Tensor], bits: int) -> torch.Tenso
         zeros = torch.full((out, groups), 2 ** (bits - 1), dtype=torch.int32)
     g_idx = stored.get("weight_g_idx")
     if g_idx is None:
-        g_idx = torch.arange(columns) // -(-columns // groups)
+        g_idx = _natural_g_idx(columns, -(-columns // groups))
     return dequantize(q, scales, zeros, g_idx).contiguous()
 
 

@@ -229,7 +229,7 @@ class LayerwiseFolderFormat(OutputFormat):
     def _fingerprint(self, model: Model, job: Job, options: ConvertOptions) -> str:
         settings = {"format": self.name, "spec": job.target.spec, "quantkit": __version__,
                     "files": model.source.file_identity(), "damp": options.damp}
-        if job.plan.entries and any(e.note for e in job.plan.entries):  # overrides and mix fixes
+        if any(e.note for e in job.plan.entries):  # overrides and mix fixes
             settings["mix"] = {e.name: [e.scheme, e.note] for e in job.plan.entries if e.note}
         if not self.is_rtn(job.target):
             calib = options.calib

@@ -134,9 +134,7 @@ class Candidates(Sequence):
     def __len__(self) -> int:
         return len(self.weights)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> torch.Tensor:
         return pseudo_quantize(self.weights[i] * self.s, self.configs[i]) / self.s
 
 
