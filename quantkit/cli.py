@@ -82,7 +82,8 @@ def inspect(model, as_json):
 @click.argument("model", type=click.Path())
 @click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:SPEC",
               help="Output format and spec. gguf:TYPE with a llama.cpp file type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS); "
+                   "Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ4_NL, IQ4_XS), or gguf:auto (a type per "
+                   "tensor from measured costs, to --target-bpw, --target-size or --fit-vram); "
                    "gptq:w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] (bits 2/3/4/8; no g: one group per "
                    "row; act: act-order; asym: zero points; static: static groups; mse: clipping search; rtn: "
                    "round-to-nearest, no calibration), e.g. gptq:w4g128; awq:w4g{group}[-rtn] (group 32/64/128; "
@@ -128,9 +129,23 @@ def inspect(model, as_json):
 @click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--damp", type=float, help="GPTQ Hessian damping, a fraction of its mean diagonal (default 0.01, "
                                          "as AutoGPTQ); raised automatically where a Hessian needs more.")
+@click.option("--target-bpw", type=float, help="Budget of an auto target: bits per weight over every tensor.")
+@click.option("--target-size", metavar="SIZE", help="Budget of an auto target: the written file's size (20GB, 8GiB).")
+@click.option("--fit-vram", metavar="SIZE", help="Budget of an auto target: fit --gpus GPUs of SIZE each at --ctx, "
+                                                 "by the runtime's accounting (KV cache and compute buffers "
+                                                 "included).")
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context length --fit-vram must hold.")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs --fit-vram splits the model over.")
+@click.option("--kv-type", default=None, help="KV cache type --fit-vram counts (llama.cpp: f16, q8_0, q4_0).")
+@click.option("--sensitivity", type=click.Path(path_type=Path),
+              help="Sensitivity file of an auto target: reused when measured on the same model, text and "
+                   "candidates, else measured and written there (default: kept in the statistics cache).")
+@click.option("--sensitivity-samples", type=int, default=8, show_default=True,
+              help="Calibration samples (of --calib-ctx tokens) the sensitivity is measured on.")
 def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, output_tensor_type, token_embedding_type,
             pure, imatrix, dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib,
-            calib_samples, calib_ctx, damp):
+            calib_samples, calib_ctx, damp, target_bpw, target_size, fit_vram, ctx, gpus, kv_type, sensitivity,
+            sensitivity_samples):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -138,6 +153,7 @@ def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, out
     from quantkit import convert as api
     from quantkit.bundled import resolve_model
     from quantkit.formats import get_format
+    from quantkit.plan.allocate import Budget
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with CliProgress() as show:
@@ -147,7 +163,10 @@ def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, out
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix, device=device,
                               threads=threads, force=force, split_max_size=split_max_size,
                               tokenizer_pre=tokenizer_pre, name=name, calib=calib, calib_samples=calib_samples,
-                              calib_ctx=calib_ctx, damp=damp, progress=None if dry_run else show)
+                              calib_ctx=calib_ctx, damp=damp, sensitivity=sensitivity,
+                              sensitivity_samples=sensitivity_samples,
+                              budget=Budget.from_options(target_bpw, target_size, fit_vram, ctx, gpus, kv_type),
+                              progress=show)
     for path, plan in results:
         if dry_run:
             click.echo(f"# {path}")
@@ -263,8 +282,9 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
 
     from quantkit import catalog
     from quantkit.bundled import resolve_model
-    from quantkit.fit import parse_bytes, variants
+    from quantkit.fit import variants
     from quantkit.model import Model
+    from quantkit.plan.vram import parse_bytes
     from quantkit.source.gguf_file import GGUFFile
 
     if list_catalog:

@@ -37,6 +37,20 @@ def keep_first_dense(source) -> str:
     return rf"^(?:model\.layers|blk)\.(?:{'|'.join(map(str, range(dense)))})\.=bf16"
 
 
+def _name_auto_targets(targets: list[Target], budget) -> list[Target]:
+    """An `auto` target is named after its budget (gguf:auto-4.00bpw -> <model>-auto-4.00bpw.gguf); a budget
+    without an auto target would silently do nothing."""
+    auto = [t for t in targets if t.spec == "auto"]
+    if budget is None:
+        if auto:
+            raise ConfigError(f"{auto[0]} needs a budget: --target-bpw 4.0, --target-size 20GB or "
+                              "--fit-vram 24GiB --ctx 32768")
+        return targets
+    if not auto:
+        raise ConfigError(f"{budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto)")
+    return [Target(t.format, f"auto-{budget.label}") if t.spec == "auto" else t for t in targets]
+
+
 def _open_source(path: str | Path, device: str):
     if str(path).endswith(".gguf"):  # requantize an F32/F16/BF16 GGUF, as llama-quantize does
         return GGUFFile(path)
@@ -52,6 +66,7 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:SPEC, e.g. --to gguf:Q4_K_M")
     options = ConvertOptions(**options)
+    parsed = _name_auto_targets(parsed, options.budget)
     if not dry_run:  # before reading anything: an unwritable location is found now, not after the work
         check_writable(output_paths("model", parsed, output)[0].parent)
     source = _open_source(model_path, options.device)

@@ -11,7 +11,6 @@ weights + kv + gpus x compute <= gpus x vram. The best variant is the one with t
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,18 +23,6 @@ FOLDER_LADDER = {"ct": ("w8", "w4g128"), "gptq": ("w8", "w4g128"), "awq": ("w4g1
 FORMATS = ("gguf", *FOLDER_LADDER)
 LLAMA_CPP_KV = ("f16", "bf16", "q8_0", "q4_0", "f32")
 GPU_RUNTIME_KV = {"f16": "f16", "bf16": "bf16", "fp8": "fp8"}
-UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 2**10, "mi": 2**20, "gi": 2**30,
-         "ti": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """24GiB, 24GB, 80G, 141 GB: GiB/MiB are powers of 1024, GB/MB/G/M powers of 1000."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
-    if match is None:
-        raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 80G")
-    return int(float(match.group(1)) * UNITS[(match.group(2) or "").lower()])
-
-
 @dataclass
 class Variant:
     name: str
@@ -134,4 +121,4 @@ def _plans(source, fmt: str) -> list[Plan]:
     return out
 
 
-__all__ = ["FORMATS", "Variant", "parse_bytes", "shipped_plan", "variants"]
+__all__ = ["FORMATS", "Variant", "shipped_plan", "variants"]

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from quantkit import catalog
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from quantkit.fit import parse_bytes, shipped_plan, variants
-from quantkit.plan.vram import vram_gguf
+from quantkit.fit import shipped_plan, variants
+from quantkit.plan.vram import parse_bytes, vram_gguf
 
 GIB = 2**30
 

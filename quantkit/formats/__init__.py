@@ -59,6 +59,11 @@ class ConvertOptions:
     fix_mix: bool = False
     # keep the decoder layers before a MoE model's first MoE layer unquantized (DeepSeek's dense layers)
     keep_first_dense: bool = False
+    # automatic mixes (`auto` specs): the budget (quantkit.plan.allocate.Budget), the sensitivity file to reuse or
+    # write (None: the statistics cache), and the calibration samples it is measured on
+    budget: object | None = None
+    sensitivity: Path | None = None
+    sensitivity_samples: int = 8
 
 
 @dataclass(frozen=True)

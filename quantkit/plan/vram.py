@@ -27,6 +27,7 @@ key per layer (as vLLM caches it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -37,6 +38,18 @@ from quantkit.plan.plan import Plan, PlanEntry
 F32 = 4
 CTX_PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
 DEFAULT_UBATCH = 512  # llama.cpp's default n_ubatch (and n_batch); the chunk a prefill step processes
+
+
+UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+         "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """24GiB, 24GB, 80G, 141 GB: GiB/MiB are powers of 1024, GB/MB/G/M powers of 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 80G")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "").lower()])
 
 
 @dataclass(frozen=True)
@@ -227,5 +240,5 @@ def _compute_bytes(d: _Dims, n_kv: int, n_ub: int) -> int:
     return F32 * max(attention, feed_forward, output)
 
 
-__all__ = ["VramEstimate", "vram_gguf", "vram_plan", "vram_checkpoint", "stored_plan", "llama_cpp_n_ctx",
+__all__ = ["VramEstimate", "parse_bytes", "vram_gguf", "vram_plan", "vram_checkpoint", "stored_plan", "llama_cpp_n_ctx",
            "kv_type_row_bytes"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.calib.imatrix import Imatrix
+from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.gguf import writer
+from quantkit.formats.gguf.auto import auto_file_type, auto_metadata, plan_auto
 from quantkit.formats.gguf.file import Value, string, u32
 from quantkit.formats.gguf.mixtures import ModelFacts, file_type, is_ggml_type, plan_types
 from quantkit.formats.gguf.tensors import mapping_for
@@ -53,14 +55,22 @@ class GGUFFormat(OutputFormat):
 
     def __init__(self):
         self._imatrix: tuple[Path, Imatrix] | None = None
+        self._auto: dict[str, dict[str, Value]] = {}  # auto plan target -> its quantize.auto.* metadata
 
     def parse_spec(self, spec: str) -> Target:
+        if spec.strip().lower() == "auto":  # convert names it after its budget (auto-4.00bpw)
+            return Target(self.name, "auto")
         return Target(self.name, file_type(spec).name)
 
     def file_name(self, model_name: str, target: Target) -> str:
         return f"{model_name}-{target.spec}.gguf"
 
     def describe(self, plan: Plan) -> str:
+        if plan.target.startswith("auto"):
+            meta = self._auto.get(plan.target, {})
+            predicted = meta["quantize.auto.predicted_kld"].value if meta else float("nan")
+            return format_plan(plan, heading=f"gguf:auto ({meta['quantize.auto.budget'].value if meta else ''}), "
+                                             f"predicted KLD {predicted:.5f}")
         ft = file_type(plan.target)
         return format_plan(plan, heading=f"file type {ft.name} (general.file_type = {ft.ftype})")
 
@@ -71,6 +81,8 @@ class GGUFFormat(OutputFormat):
         return is_ggml_type(scheme)
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
+        if target.spec.startswith("auto"):
+            return self._plan_auto(source, target, options)
         if isinstance(source, GGUFFile):
             shapes, facts = {n: source.shape(n) for n in source.tensors}, gguf_facts(source)
         else:
@@ -80,20 +92,52 @@ class GGUFFormat(OutputFormat):
                           output_tensor_type=options.output_tensor_type,
                           token_embedding_type=options.token_embedding_type, pure=options.pure)
 
+    def _plan_auto(self, source, target: Target, options: ConvertOptions) -> Plan:
+        if not isinstance(source, Model):
+            raise ConfigError("gguf:auto measures the model's forward: give the HF checkpoint, not a GGUF file")
+        if options.budget is None:
+            raise ConfigError("gguf:auto needs a budget: --target-bpw 4.0, --target-size 20GB or "
+                              "--fit-vram 24GiB --ctx 32768")
+        overrides = [t for t in options.tensor_types if self.reads_scheme(parse_override(t).scheme)]
+        shapes = {t.name: t.shape for t in mapping_for(source.arch).tensors()}
+        base = plan_types(shapes, model_facts(source), "Q8_0", imatrix=self._imatrix is not None,
+                          tensor_types=overrides, output_tensor_type=options.output_tensor_type,
+                          token_embedding_type=options.token_embedding_type, pure=True)
+        importance = self._imatrix[1].importances() if self._imatrix is not None else None
+        metadata = writer.model_metadata(source, 0, options.name or source.source.path.name, options.tokenizer_pre)
+        if self._imatrix is not None:
+            metadata.update(imatrix_metadata(*self._imatrix))
+        plan, predicted, sensitivity = plan_auto(source, base, options.budget, options, importance, metadata)
+        self._auto[plan.target] = auto_metadata(options.budget, predicted, sensitivity.key)
+        return plan
+
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
         importance, extra = None, {}
         if self._imatrix is not None:
             importance = self._imatrix[1].importances()
             extra = imatrix_metadata(*self._imatrix)
-        outputs = [writer.GGUFOutput(job.path, file_type(job.plan.target).ftype, job.plan.schemes, extra)
-                   for job in jobs]
+        outputs = [writer.GGUFOutput(job.path, self._file_type(job.plan), job.plan.schemes,
+                                     {**extra, **self._auto.get(job.plan.target, {})}) for job in jobs]
         split = writer.parse_size(options.split_max_size) if options.split_max_size else None
         common = dict(importance=importance, split_max_bytes=split, force=options.force, threads=options.threads,
                       progress=options.progress)
         if isinstance(source, GGUFFile):
             return writer.requantize(source, outputs, device=options.device, **common)
-        return writer.convert(source, outputs, name=options.name or source.source.path.name,
-                              tokenizer_pre=options.tokenizer_pre, **common)
+        written = writer.convert(source, outputs, name=options.name or source.source.path.name,
+                                 tokenizer_pre=options.tokenizer_pre, **common)
+        for job in jobs:
+            if job.plan.target in self._auto:  # the chosen mix, reviewable and reusable beside the file
+                job.plan.save(plan_file(job.path))
+        return written
+
+    @staticmethod
+    def _file_type(plan: Plan) -> int:
+        return auto_file_type(plan) if plan.target.startswith("auto") else file_type(plan.target).ftype
+
+
+def plan_file(path: Path) -> Path:
+    """Where an automatic mix's plan is stored: beside its GGUF, <name>.plan.json."""
+    return path.with_name(path.name.removesuffix(".gguf") + ".plan.json")
 
 
 FORMAT = GGUFFormat()

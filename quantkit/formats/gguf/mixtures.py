@@ -387,7 +387,7 @@ _FALLBACK = {
 }
 
 
-def _fallback(name: str, ne0: int, target: str) -> str:
+def row_fallback(name: str, ne0: int, target: str) -> str:
     """tensor_type_fallback: a type whose block does not divide the row length is replaced."""
     blck = block_size(target)
     if ne0 % blck == 0:
@@ -466,7 +466,7 @@ def plan_types(
             elif not pure:
                 new_type = _mixture_type(qs, name, shape, cat, ft.name, default, out_type)
             chosen = new_type
-            new_type = _fallback(name, shape[-1], chosen)
+            new_type = row_fallback(name, shape[-1], chosen)
             if new_type != chosen:
                 note = (note + ", " if note else "") + f"fallback from {chosen}"
         if new_type in _NEED_IMATRIX and not imatrix and cat not in (_OUTPUT, _TOKEN_EMBD):

@@ -74,7 +74,7 @@ def check_outputs(outputs: list[GGUFOutput], force: bool) -> None:
                                 "once the new file is complete)")
 
 
-def _importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int, name: str):
+def importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int, name: str):
     """Per-piece importance vectors: one row per expert / head, or one vector for a 2-D tensor."""
     if importance is None:
         return [None] * n_pieces
@@ -244,7 +244,7 @@ def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writer
                   importance: torch.Tensor | None, encoder: ChunkEncoder) -> None:
     width = tensor.shape[-1]
     n_pieces = tensor.shape[0] if len(tensor.shape) == 3 else 1
-    vectors = _importance_rows(importance, n_pieces, width, tensor.name)
+    vectors = importance_rows(importance, n_pieces, width, tensor.name)
     codecs = [get_codec(out.tensor_types[tensor.name]) for out in outputs]
     for index, piece in enumerate(tensor.pieces(weights)):
         piece = piece.to(torch.float32)

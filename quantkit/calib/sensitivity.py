@@ -1,0 +1,220 @@
+"""Sensitivity: what each tensor group costs the model's output at each candidate scheme, measured once.
+
+A group is what a format quantizes with one scheme (a GGUF tensor; a compressed-tensors fused input group). For
+every group and candidate scheme the group alone is replaced by its quantized-and-decoded weights, and the
+model's next-token distribution is compared with the float model's on the calibration samples: the cost is the
+mean KL divergence per token, measured at the model's output (not a per-tensor proxy). quantkit.plan.allocate
+then adds the costs of a mix, which assumes the groups' errors add up; bench/auto_quality.py measures how well
+that sum predicts the KLD of the written files.
+
+Layer-major, like the calibration engine: the float hidden states of every sample are advanced one layer at a
+time; the candidates of layer i start from layer i's float inputs, and their hidden states then go through the
+remaining layers together, in batches bounded by `batch_bytes`, each later layer read once per batch. Cost: one
+float pass for the reference outputs plus, per candidate, one forward of its own layer and of every layer after it
+(about candidates x layers / 2 layer-forwards over the calibration tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit import __version__
+from quantkit.arch.base import Architecture, Weights
+from quantkit.calib.engine import LayerWeights
+from quantkit.errors import ConfigError
+from quantkit.progress import Progress, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_VERSION = 1
+EMBEDDING = -1  # stage of a group read by the embedding (and, when tied, by the head too)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One unit of the allocation: quantized with one scheme, measured alone."""
+
+    name: str  # the format's name for it (a GGUF tensor name, ...)
+    stage: int  # the first place it acts: EMBEDDING, a decoder layer 0..L-1, or L for the output head
+    schemes: tuple[str, ...]  # candidate schemes
+    nbytes: tuple[int, ...]  # stored bytes at each candidate scheme
+
+
+# degrade(group, scheme) -> the checkpoint tensors (float32) the group changes, quantized with `scheme` and decoded
+Degrade = Callable[[Group, str], "dict[str, torch.Tensor]"]
+
+
+@dataclass
+class Sensitivity:
+    """Measured cost (mean KLD per token vs the float model) of every group at every candidate scheme."""
+
+    format: str
+    key: str  # digest of what it was measured on: model files, config, calibration ids, groups and schemes
+    tokens: int
+    seconds: float
+    groups: list[Group]
+    costs: dict[str, dict[str, float]]  # group name -> scheme -> mean KLD
+
+    def to_json(self) -> dict:
+        return {"version": SENSITIVITY_VERSION, "format": self.format, "key": self.key, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3), "metric": "mean KL divergence per token vs the float model",
+                "groups": [{"name": g.name, "stage": g.stage, "candidates": [
+                    {"scheme": s, "bytes": b, "kld": self.costs[g.name][s]}
+                    for s, b in zip(g.schemes, g.nbytes, strict=True)]} for g in self.groups]}
+
+    @classmethod
+    def from_json(cls, data: dict, origin: str) -> Sensitivity:
+        if data.get("version") != SENSITIVITY_VERSION:
+            raise ConfigError(f"{origin}: sensitivity file version {data.get('version')!r} is not "
+                              f"{SENSITIVITY_VERSION}; measure it again with this quantkit")
+        try:
+            groups, costs = [], {}
+            for g in data["groups"]:
+                cands = g["candidates"]
+                groups.append(Group(g["name"], int(g["stage"]), tuple(c["scheme"] for c in cands),
+                                    tuple(int(c["bytes"]) for c in cands)))
+                costs[g["name"]] = {c["scheme"]: float(c["kld"]) for c in cands}
+            return cls(data["format"], data["key"], int(data["tokens"]), float(data["seconds"]), groups, costs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{origin}: not a quantkit sensitivity file ({exc!r} is missing or malformed); "
+                              "delete it to measure again") from None
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        os.replace(part, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Sensitivity:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not JSON ({exc}); delete it to measure again") from None
+        return cls.from_json(data, str(path))
+
+
+def sensitivity_key(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], **settings) -> str:
+    """What a measurement depends on; a stored file is reused only when its key matches."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([__version__, fmt, model.source.file_identity(), model.config, settings,
+                              [(g.name, g.schemes) for g in groups]], sort_keys=True, default=str).encode())
+    for s in samples:
+        digest.update(s.to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _overlay(base: Weights, replaced: dict[str, torch.Tensor]) -> Weights:
+    if not replaced:
+        return base
+    return lambda name: replaced[name] if name in replaced else base(name)
+
+
+@torch.no_grad()
+def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor], groups: Sequence[Group],
+            degrade: Degrade, *, device: torch.device | str = "cpu", batch_bytes: int = 1 << 30,
+            progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
+    """Mean KLD per token of the model with one group at one scheme, for every group and candidate scheme.
+    Samples must have one length: they run as one batch (the statistics need no per-sample bit-exactness)."""
+    device = torch.device(device)
+    if len({len(s) for s in samples}) != 1:
+        raise ConfigError("sensitivity samples must all have the same number of tokens")
+    ids = torch.stack(list(samples)).to(device)
+    positions = torch.arange(ids.shape[1], device=device)
+    n_layers, tokens = arch.num_layers, ids.numel()
+    by_stage: dict[int, list[tuple[Group, str]]] = {}
+    for g in groups:
+        if not EMBEDDING <= g.stage <= n_layers:
+            raise ConfigError(f"group {g.name}: stage {g.stage} is outside the model")
+        by_stage.setdefault(g.stage, []).extend((g, s) for s in g.schemes)
+    total = 2 * n_layers + sum((n_layers - stage + 1) * len(c) for stage, c in by_stage.items())
+    done = 0
+
+    def step(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(Progress("sensitivity", done, total, "layer-forwards"))
+
+    def layer_forward(index: int, layer: Weights, hidden: torch.Tensor) -> torch.Tensor:
+        return arch.layer_forward(index, layer, hidden, positions)
+
+    # The float model's final hidden states: the reference every candidate is compared with.
+    embedded = arch.embed(weights, ids)
+    final = embedded
+    for index in range(n_layers):
+        layer = LayerWeights(weights)
+        final = layer_forward(index, layer, final)
+        layer.clear()
+        step()
+    head = LayerWeights(weights)  # norm and lm_head, read once
+    batch = max(1, batch_bytes // (4 * tokens * arch.hidden_size))
+    costs: dict[str, dict[str, float]] = {g.name: {} for g in groups}
+
+    def finish(states: list[tuple[Group, str, dict, torch.Tensor]], start: int) -> None:
+        """Candidates' hidden states entering layer `start` through the rest of the model, then scored."""
+        for index in range(start, n_layers):
+            layer = LayerWeights(weights)
+            for c, (g, s, replaced, hidden) in enumerate(states):
+                states[c] = (g, s, replaced, layer_forward(index, _overlay(layer, replaced), hidden))
+                step()
+            layer.clear()
+        sums = [0.0] * len(states)
+        for k in range(ids.shape[0]):  # one sample's logits at a time: vocab x tokens can be large
+            reference = torch.log_softmax(arch.head(head, final[k:k + 1]).float(), dim=-1)
+            p = reference.exp()
+            for c, (_, _, replaced, hidden) in enumerate(states):
+                logp = torch.log_softmax(arch.head(_overlay(head, replaced), hidden[k:k + 1]).float(), dim=-1)
+                sums[c] += float((p * (reference - logp)).sum(-1).clamp_min(0).sum())
+        for c, (group, scheme, _, _) in enumerate(states):
+            costs[group.name][scheme] = sums[c] / tokens
+        step(len(states))
+
+    def batches(stage: int):
+        cands = by_stage.get(stage, [])
+        for i in range(0, len(cands), batch):
+            yield [(g, s, degrade(g, s)) for g, s in cands[i:i + batch]]
+
+    for chunk in batches(EMBEDDING):
+        finish([(g, s, r, arch.embed(_overlay(weights, r), ids)) for g, s, r in chunk], 0)
+    hidden = embedded
+    for index in range(n_layers):
+        layer = LayerWeights(weights)
+        for chunk in batches(index):
+            finish([(g, s, r, layer_forward(index, _overlay(layer, r), hidden)) for g, s, r in chunk], index + 1)
+        hidden = layer_forward(index, layer, hidden)
+        layer.clear()
+        step()
+    for chunk in batches(n_layers):
+        finish([(g, s, r, final) for g, s, r in chunk], n_layers)
+    return costs
+
+
+def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], degrade: Degrade,
+                        *, path: Path | None = None, progress: ProgressCallback | None = None,
+                        **settings) -> Sensitivity:
+    """The stored measurement at `path` when it was made on the same model, samples, groups and settings;
+    otherwise measured now (and saved to `path` when given)."""
+    key = sensitivity_key(model, fmt, samples, groups, **settings)
+    if path is not None and path.is_file():
+        stored = Sensitivity.load(path)
+        if stored.key == key:
+            log.info("sensitivity reused from %s", path)
+            return stored
+        log.warning("%s was measured on another model, text or candidate set; measuring again", path)
+    started = time.monotonic()
+    costs = measure(model.arch, model.weights(), samples, groups, degrade, device=model.device, progress=progress)
+    result = Sensitivity(fmt, key, sum(len(s) for s in samples), time.monotonic() - started, list(groups), costs)
+    if path is not None:
+        result.save(path)
+    return result

@@ -1,0 +1,160 @@
+"""gguf:auto: per-tensor llama.cpp types chosen from measured costs to a budget, written as a plain GGUF."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit import convert as api
+from quantkit.bundled import model_path
+from quantkit.cli import main
+from quantkit.errors import ConfigError
+from quantkit.formats.gguf.auto import CANDIDATES, Candidates
+from quantkit.formats.gguf.file import read_header
+from quantkit.model import Model
+from quantkit.plan import Plan
+from quantkit.plan.allocate import Budget, BudgetError
+from quantkit.plan.vram import vram_gguf
+from quantkit.source.gguf_file import GGUFFile
+
+MEASURE = dict(sensitivity_samples=2, calib_ctx=128)  # the code path of a real measurement, on fewer tokens
+
+
+@pytest.fixture(scope="module")
+def sensitivity(tmp_path_factory):
+    """tiny-llama's measurement with the bundled imatrix, made once for the module (the dry run makes it)."""
+    from tests.conftest import bundled_imatrix_file
+
+    path = tmp_path_factory.mktemp("sens") / "tiny-llama.sensitivity.json"
+    imatrix = bundled_imatrix_file("tiny-llama")
+    api.convert(model_path("tiny-llama"), ["gguf:auto"], dry_run=True, imatrix=imatrix, sensitivity=path,
+                budget=Budget.from_options(target_bpw=4.5), **MEASURE)
+    return path, imatrix
+
+
+def _auto(tmp_path, sensitivity, budget: Budget, **kwargs):
+    path, imatrix = sensitivity
+    [(file, plan)] = api.convert(model_path("tiny-llama"), ["gguf:auto"], tmp_path, imatrix=imatrix,
+                                 sensitivity=path, budget=budget, **MEASURE, **kwargs)
+    return file, plan
+
+
+def _never_measure(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the stored sensitivity was not reused")
+
+    monkeypatch.setattr("quantkit.calib.sensitivity.measure", fail)
+
+
+@pytest.mark.parametrize("bpw", [3.2, 4.0, 5.5])
+def test_bpw_budgets_are_met_and_recorded(tmp_path, sensitivity, monkeypatch, bpw):
+    _never_measure(monkeypatch)
+    file, plan = _auto(tmp_path, sensitivity, Budget.from_options(target_bpw=bpw))
+    assert file.name == f"tiny-llama-auto-{bpw:.2f}bpw.gguf"
+    gguf = GGUFFile(file)
+    stored = sum(gguf.data(n).nbytes for n in gguf.tensors)
+    n_elements = plan.n_elements
+    assert 8 * stored / n_elements <= bpw
+    assert 8 * stored / n_elements > bpw - 0.35  # the budget is used, not just respected
+    types = {n: gguf.type_name(n) for n in gguf.tensors}
+    saved = Plan.load(file.with_name(f"tiny-llama-auto-{bpw:.2f}bpw.plan.json"))
+    assert saved.schemes == types == plan.schemes
+    assert {t for e in saved.entries if e.note == "auto" for t in [e.scheme]} <= set(CANDIDATES)
+    meta = read_header(file).metadata
+    assert meta["quantize.auto.budget"].value == f"--target-bpw {bpw:g}"
+    assert meta["quantize.auto.predicted_kld"].value > 0
+    assert meta["quantize.auto.sensitivity_key"].value == json.loads(sensitivity[0].read_text())["key"]
+
+
+def test_bigger_budgets_buy_lower_predicted_kld(tmp_path, sensitivity, monkeypatch):
+    _never_measure(monkeypatch)
+    predicted = []
+    for bpw in (3.0, 4.0, 6.0):
+        file, _ = _auto(tmp_path / str(bpw), sensitivity, Budget.from_options(target_bpw=bpw))
+        predicted.append(read_header(file).metadata["quantize.auto.predicted_kld"].value)
+    assert predicted[0] > predicted[1] > predicted[2]
+
+
+def test_size_budget_bounds_the_file(tmp_path, sensitivity, monkeypatch):
+    _never_measure(monkeypatch)
+    size = 2_100_000
+    file, _ = _auto(tmp_path, sensitivity, Budget.from_options(target_size=str(size)))
+    assert size - 60_000 < file.stat().st_size <= size
+
+
+def test_fit_vram_fits_by_llama_cpp_accounting(tmp_path, sensitivity, monkeypatch, bundled_gguf):
+    _never_measure(monkeypatch)
+    q4 = vram_gguf(GGUFFile(bundled_gguf("tiny-llama", "Q4_K_M", imatrix=True)), 1024, "f16").total
+    vram = q4 - (300 << 10)  # what Q4_K_M needs at this context, less 300 KiB
+    file, _ = _auto(tmp_path, sensitivity, Budget.from_options(fit_vram=str(vram), ctx=1024))
+    estimate = vram_gguf(GGUFFile(file), 1024, "f16")
+    assert vram - (100 << 10) < estimate.total <= vram
+
+
+@pytest.mark.parametrize("budget, least", [(dict(target_bpw=1.0), r"\d\.\d\d bpw"),
+                                           (dict(fit_vram="1MiB", ctx=4096), r"[\d.]+ MiB per GPU at ctx 4096"),
+                                           (dict(target_size="100KB"), r"[\d,]+ bytes")])
+def test_impossible_budget_names_the_smallest_mix(tmp_path, sensitivity, monkeypatch, budget, least):
+    _never_measure(monkeypatch)
+    with pytest.raises(BudgetError, match=f"below the smallest mix gguf:auto can make of this model \\({least}"):
+        _auto(tmp_path, sensitivity, Budget.from_options(**budget))
+    assert not list(tmp_path.iterdir())
+
+
+def test_budget_and_auto_come_together(tmp_path):
+    with pytest.raises(ConfigError, match="gguf:auto needs a budget"):
+        api.convert(model_path("tiny-llama"), ["gguf:auto"], tmp_path)
+    with pytest.raises(ConfigError, match="applies to automatic mixes only"):
+        api.convert(model_path("tiny-llama"), ["gguf:Q4_K_M"], tmp_path, budget=Budget.from_options(target_bpw=4))
+
+
+def test_overrides_stay_fixed(tmp_path, sensitivity):
+    [(_, plan)] = api.convert(model_path("tiny-llama"), ["gguf:auto"], tmp_path, dry_run=True,
+                              imatrix=sensitivity[1], sensitivity=sensitivity[0], tensor_types=["attn_v=q8_0"],
+                              budget=Budget.from_options(target_bpw=4.0), **MEASURE)
+    assert all(plan.schemes[f"blk.{i}.attn_v.weight"] == "Q8_0" for i in range(4))
+    assert plan.bpw <= 4.0
+
+
+def test_mla_split_tensors_map_back_to_kv_b():
+    """DeepSeek's attn_k_b / attn_v_b both come from kv_b_proj: a candidate for either rebuilds kv_b_proj."""
+    with Model(model_path("tiny-deepseek")) as model:
+        candidates = Candidates(model, None)
+        group = candidates.group("blk.0.attn_k_b.weight")
+        replaced = candidates.degrade(group, group.schemes[0])
+        assert list(replaced) == ["model.layers.0.self_attn.kv_b_proj.weight"]
+        original = model.weights()("model.layers.0.self_attn.kv_b_proj.weight")
+        changed = (replaced["model.layers.0.self_attn.kv_b_proj.weight"] != original).view(
+            model.arch.num_heads, -1, original.shape[1])
+        nope = model.arch.qk_nope_head_dim
+        assert changed[:, :nope].any() and not changed[:, nope:].any()  # only the k rows are requantized
+
+
+def test_dry_run_prints_the_chosen_plan(tmp_path, sensitivity):
+    result = CliRunner().invoke(main, ["convert", "tiny-llama", "--to", "gguf:auto", "--target-bpw", "4",
+                                       "--imatrix", str(sensitivity[1]), "--sensitivity", str(sensitivity[0]),
+                                       "--sensitivity-samples", "2", "--calib-ctx", "128", "--dry-run",
+                                       "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "gguf:auto (--target-bpw 4), predicted KLD" in result.output
+    assert "tiny-llama-auto-4.00bpw.gguf" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.interop
+def test_llama_cpp_loads_auto_files_and_agrees(tmp_path, sensitivity):
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+    import torch
+
+    from quantkit.evaluation.llama_cpp_guard import open_llama
+    from quantkit.formats.gguf.tensors import mapping_for
+
+    file, _ = _auto(tmp_path, sensitivity, Budget.from_options(target_bpw=3.5))
+    ids = torch.randint(3, 3072, (64,), generator=torch.Generator().manual_seed(2))
+    llm = open_llama(file, n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids.tolist())
+    theirs = torch.from_numpy(np.array(llm.scores[:64], dtype=np.float32))
+    with Model(model_path("tiny-llama")) as model:
+        ours = model.arch.forward(mapping_for(model.arch).weights_from_gguf(GGUFFile(file).read), ids)[0]
+    assert ((theirs - ours).abs().max(-1).values / ours.abs().max()).max() < 4e-2
