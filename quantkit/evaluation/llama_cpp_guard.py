@@ -27,14 +27,19 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
                for line in text.splitlines() if line.startswith("flags"))
 
 
-def open_llama(path: str | Path, **kwargs):
-    """llama_cpp.Llama(path, **kwargs), with the AMX extra buffer type kept out where the CPU has AMX."""
+def open_llama(path: str | Path, extra_bufts: bool | None = None, **kwargs):
+    """llama_cpp.Llama(path, **kwargs), with the AMX extra buffer type kept out where the CPU has AMX.
+    `extra_bufts=False` keeps the extra buffer types out on any CPU (no CPU_REPACK copy of Q4_0/Q4_K/IQ4_NL
+    weights: every tensor stays in the mapped model buffer, as quantkit.plan.vram counts it)."""
     import llama_cpp
 
-    if not cpu_has_amx():
+    if extra_bufts is None:
+        extra_bufts = not cpu_has_amx()
+        if not extra_bufts:
+            _log.warning("%s: loaded without llama.cpp's extra buffer types: this CPU has AMX, and llama.cpp's AMX "
+                         "matmul crashes on quantized GGUFs (llama.cpp issue 20824)", path)
+    if extra_bufts:
         return llama_cpp.Llama(str(path), **kwargs)
-    _log.warning("%s: loaded without llama.cpp's extra buffer types: this CPU has AMX, and llama.cpp's AMX matmul "
-                 "crashes on quantized GGUFs (llama.cpp issue 20824)", path)
     with _no_extra_bufts(llama_cpp.llama_cpp):
         return llama_cpp.Llama(str(path), **kwargs)
 

@@ -17,7 +17,9 @@ GGUF files follow llama.cpp's own accounting (the vendored llama.cpp of llama-cp
   DeepSeek2 with MLA (`key_length_mla` / `value_length_mla` present, the attn_k_b / attn_v_b layout) runs as
   MQA over the compressed latent: one K row of kv_lora_rank + rope dims (`key_length`) per token and layer,
   and no V tensor at all (V is a view of the first kv_lora_rank values of K).
-* compute: see `_compute_bytes`; an estimate, not llama.cpp's exact allocator result.
+* compute: see `_compute_bytes`: llama.cpp's CPU compute buffer (its graph reservation) modelled phase by phase;
+  equal to it for most catalog models and contexts, but not its allocator: where freed tensors leave holes
+  moves the peak (bench/results/plan_fullscale.md).
 
 HF checkpoints are counted as a GPU runtime (vLLM, transformers) holds them: weights at their stored dtype
 (FP8 weights one byte each plus their float32 block scales, BF16 two bytes), multi-token-prediction layers
@@ -72,11 +74,23 @@ class _Dims:
 
     n_embd: int
     n_head: int
-    q_width: int  # query values per token as the attention consumes them (all heads)
-    k_width: int  # key values per token (all kv heads)
-    v_width: int
+    attn_width: int  # values per token live beside the attention scores (see _attention_width)
     ffn_width: int  # widest feed-forward intermediate per token (MoE: the experts a token uses, + shared)
     n_vocab: int
+
+
+def _attention_width(n_embd: int, n_head: int, q_width: int, k_width: int, v_width: int,
+                     mla: tuple[int, int, int] | None = None) -> int:
+    """Values per token that sit below the attention scores in llama.cpp's compute buffer (without flash
+    attention): the residual and normed input, the query before and after rope, the new K and V rows. With MLA
+    (`mla` = (qk_head_dim, kv_lora_rank, rope_dim)) the query is absorbed: the q_b projection (qk_head_dim per
+    head), its nope part multiplied into the latent (kv_lora_rank per head), the rope part (twice: viewed and
+    roped) and the concatenated query (kv_lora_rank + rope per head, `q_width`). Fitted to llama.cpp's
+    reservations of the catalog models (tests/plan/test_plan_llama_cpp.py, bench/plan_fullscale.py)."""
+    if mla is None:
+        return 3 * n_embd + 2 * q_width + k_width + v_width
+    qk_head_dim, kv_lora_rank, rope_dim = mla
+    return 4 * n_embd + n_head * (qk_head_dim + kv_lora_rank + 2 * rope_dim) + q_width
 
 
 # ---- GGUF (llama.cpp) ---------------------------------------------------------------------------------------
@@ -147,8 +161,11 @@ def vram_gguf(gguf, ctx: int, kv_type: str = "f16", n_ubatch: int = DEFAULT_UBAT
         ff_exp = int(key("expert_feed_forward_length", 0))
         shared_ff = ff_exp * int(key("expert_shared_count", 0))
         n_ff = max(n_ff, n_expert_used * ff_exp + shared_ff + int(key("expert_count", 0)))
-    dims = _Dims(n_embd=n_embd, n_head=head_max, q_width=head_max * k_len, k_width=max(n_head_kv) * k_len,
-                 v_width=max(n_head_kv) * v_len, ffn_width=n_ff, n_vocab=int(n_vocab))
+    mla = (int(key("attention.key_length_mla")), int(key("attention.kv_lora_rank", v_len)),
+           int(key("rope.dimension_count", k_len - v_len))) if is_mla else None
+    width = _attention_width(n_embd, head_max, head_max * k_len, max(n_head_kv) * k_len,
+                             0 if is_mla else max(n_head_kv) * v_len, mla)
+    dims = _Dims(n_embd=n_embd, n_head=head_max, attn_width=width, ffn_width=n_ff, n_vocab=int(n_vocab))
     # llama.cpp caps the batch (and so the ubatch) at the context size for causal models
     compute = _compute_bytes(dims, n_kv, min(n_ubatch, n_kv))
     return VramEstimate(weights=weights, kv_cache=k_bytes + v_bytes, compute=compute)
@@ -169,16 +186,16 @@ def _arch_dims(arch) -> _Dims:
     n_head = getattr(arch, "num_heads", 0)
     k_width, v_width = max(layout.k_per_token), max(layout.v_per_token)
     if layout.latent:  # MLA runs as MQA over the latent: every head's query is latent-wide, V is the latent
-        q_width, v_width = n_head * k_width, arch.kv_lora_rank
+        width = _attention_width(arch.hidden_size, n_head, n_head * k_width, k_width, 0,
+                                 (arch.qk_head_dim, arch.kv_lora_rank, arch.qk_rope_head_dim))
     else:
-        q_width = n_head * arch.head_dim
+        width = _attention_width(arch.hidden_size, n_head, n_head * arch.head_dim, k_width, v_width)
     ffn = getattr(arch, "intermediate_size", 0)
     used = getattr(arch, "experts_per_token", 0) if getattr(arch, "n_routed_experts", 0) else 0
     if used:
         ff_exp = arch.moe_intermediate_size
         ffn = max(ffn, used * ff_exp + ff_exp * arch.n_shared_experts + arch.n_routed_experts)
-    return _Dims(n_embd=arch.hidden_size, n_head=n_head, q_width=q_width, k_width=k_width, v_width=v_width,
-                 ffn_width=ffn, n_vocab=arch.vocab_size)
+    return _Dims(n_embd=arch.hidden_size, n_head=n_head, attn_width=width, ffn_width=ffn, n_vocab=arch.vocab_size)
 
 
 def vram_plan(arch, plan, ctx: int, kv_type: str = "f16", n_ubatch: int = DEFAULT_UBATCH) -> VramEstimate:
@@ -221,22 +238,28 @@ def vram_checkpoint(model, ctx: int, kv_type: str = "bf16") -> VramEstimate:
 
 
 # ---- compute buffers ----------------------------------------------------------------------------------------
-def _compute_bytes(d: _Dims, n_kv: int, n_ub: int) -> int:
-    """Peak activation memory of one step of `n_ub` tokens against `n_kv` cached positions, all in float32.
+_SMALL_INPUTS = 5  # i32 values per token of the graph's small inputs live during attention (ids, positions, ...)
 
-    The graph allocator reuses memory once a tensor is dead, so the buffer is the largest of three phases
-    (checked against llama.cpp's CPU `compute buffer size` for the bundled models: within 12% from n_ctx 256 to
-    4096, within 3% from 512):
-    * attention, without flash attention: the scores of every head, n_head x n_kv x n_ub, plus the f32
-      mask n_kv x n_ub, with the residual and the q, k, v projections (twice each: before and after rope);
+
+def _compute_bytes(d: _Dims, n_kv: int, n_ub: int) -> int:
+    """llama.cpp's CPU compute buffer for one step of `n_ub` tokens against `n_kv` cells, without flash attention
+    (its graph reservation: every token an output), all in 4-byte values.
+
+    ggml's allocator reuses a tensor's memory once it is dead, so the buffer is the largest of three phases:
+    * attention: the scores of every head, n_head x n_kv x n_ub (softmax runs in place), the f32 mask
+      n_kv x n_ub, and the tensors of `_Dims.attn_width` below them, plus the small inputs;
     * feed-forward: the residual twice and gate, up and their product;
-    * output: the logits of every token (llama.cpp reserves the graph with all n_ub tokens as outputs) and
-      the final hidden state.
-    With flash attention the score term goes away; other runtimes (vLLM) size their buffers differently, so
-    this is an estimate of the order of magnitude beside the exact weights and KV cache."""
-    attention = n_ub * n_kv * (d.n_head + 1) + n_ub * 2 * (d.n_embd + d.q_width + d.k_width + d.v_width)
+    * output: the logits of every token and the final hidden state twice, plus the output ids.
+    Checked against llama.cpp's reservation for every catalog model at 512 to 32768 cells
+    (bench/plan_fullscale.py, bench/results/plan_fullscale.md): equal to its printed figure in most cases. The
+    allocator's placement is not modelled (a large tensor goes into a freed hole when it fits, else above
+    everything live), which is the remaining difference: the logits placed above a leftover tensor (-10.7% on
+    R1-Distill-Qwen-14B at 2048 cells, -1% on R1-Distill-Qwen-1.5B), and DeepSeek's scores fitting the hole the
+    absorbed query left at 512 cells (+37%: an overestimate). With flash attention the score term goes away;
+    other runtimes (vLLM) size their buffers differently, so for them this is an order of magnitude."""
+    attention = n_ub * n_kv * (d.n_head + 1) + n_ub * (d.attn_width + _SMALL_INPUTS)
     feed_forward = n_ub * (2 * d.n_embd + 3 * d.ffn_width)
-    output = n_ub * (d.n_vocab + d.n_embd)
+    output = n_ub * (d.n_vocab + 2 * d.n_embd + 1)
     return F32 * max(attention, feed_forward, output)
 
 

@@ -133,6 +133,19 @@ def header_bytes(metadata: dict[str, Value], tensors: list[TensorEntry]) -> byte
     return raw + b"\0" * (_pad(len(raw)) - len(raw))
 
 
+def write_sparse(path: Path, metadata: dict[str, Value], tensors: list[TensorEntry]) -> int:
+    """A complete GGUF file whose data section is a hole: the header and tensor table written, then the file
+    extended to its full size without writing (a sparse file: no disk blocks, reads give zeros). A loader sees
+    the real file (every offset and size valid) at no cost in disk, for checks of its bookkeeping that never
+    read a weight (bench/plan_fullscale.py: llama.cpp's buffers for a 671B model's table). Returns the size."""
+    header = header_bytes(metadata, tensors)
+    size = len(header) + sum(_pad(t.nbytes) for t in tensors)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(size)
+    return size
+
+
 @dataclass(frozen=True)
 class StoredTensor(TensorEntry):
     """A tensor of a file being read: where its bytes start (absolute file offset)."""

@@ -107,6 +107,33 @@ def tokenizer_metadata(folder: Path, vocab_size: int, config: dict, pre: str | N
     return meta
 
 
+def placeholder_tokenizer_metadata(vocab_size: int, pre: str, config: dict) -> dict[str, Value]:
+    """A byte-level BPE ("gpt2") vocabulary of `vocab_size` entries with no real tokens: the 256 byte symbols,
+    the config's BOS/EOS as control tokens, every other id a padding token, no merges. For files made to be
+    loaded, not run (quantkit.formats.gguf.writer.write_skeleton): llama.cpp checks the vocabulary's size
+    against token_embd and needs a tokenizer model and pre-tokenizer it knows (`pre`: a KNOWN_PRE name)."""
+    vocab = _Vocab("gpt2", pre)
+    for byte, symbol in enumerate(_byte_symbols()):
+        vocab.set(byte, symbol, NORMAL)
+    meta_ids = {}
+    for kind in ("bos", "eos"):
+        token_id = config.get(f"{kind}_token_id")
+        if isinstance(token_id, int) and 256 <= token_id < vocab_size:
+            vocab.set(token_id, f"<|placeholder_{kind}|>", CONTROL)
+            meta_ids[f"tokenizer.ggml.{kind}_token_id"] = u32(token_id)
+    meta = vocab.metadata(vocab_size)
+    meta.update(meta_ids)
+    return meta
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 class _Vocab:
     """Token texts, types and (SentencePiece) scores by id, before padding to the model's vocabulary size."""
 

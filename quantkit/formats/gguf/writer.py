@@ -26,9 +26,9 @@ from gguf.constants import GGMLQuantizationType
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, Value, read_header, string, u32
+from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, Value, read_header, string, u32, write_sparse
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
-from quantkit.formats.gguf.tokenizer import tokenizer_metadata
+from quantkit.formats.gguf.tokenizer import placeholder_tokenizer_metadata, tokenizer_metadata
 from quantkit.model import Model
 from quantkit.progress import Progress, ProgressCallback
 from quantkit.quant import get_codec
@@ -50,18 +50,46 @@ class GGUFOutput:
     extra_metadata: dict[str, Value] = field(default_factory=dict)
 
 
-def model_metadata(model: Model, file_type: int, name: str | None = None,
-                   tokenizer_pre: str | None = None) -> dict[str, Value]:
-    arch, mapping = model.arch, mapping_for(model.arch)
+def architecture_metadata(arch, file_type: int, name: str) -> dict[str, Value]:
+    """general.* and the mapping's `{arch}.*` hyperparameters: every key of the file but the tokenizer's."""
+    mapping = mapping_for(arch)
     meta: dict[str, Value] = {"general.architecture": string(mapping.gguf_arch), "general.type": string("model"),
-                              "general.name": string(name or model.source.path.name)}
+                              "general.name": string(name)}
     meta["general.quantization_version"] = u32(GGML_QUANTIZATION_VERSION)
     meta["general.file_type"] = u32(file_type)
     meta["general.quantized_by"] = string(f"quantkit {__version__}")
     meta.update(mapping.hparams())
+    return meta
+
+
+def model_metadata(model: Model, file_type: int, name: str | None = None,
+                   tokenizer_pre: str | None = None) -> dict[str, Value]:
+    arch = model.arch
+    meta = architecture_metadata(arch, file_type, name or model.source.path.name)
     folder = model.source.path if model.source.path.is_dir() else model.source.path.parent
     meta.update(tokenizer_metadata(folder, arch.vocab_size, arch.config, tokenizer_pre))
     return meta
+
+
+# llama.cpp's pre-tokenizer of each GGUF architecture's catalog models (tokenizer.KNOWN_PRE)
+_CATALOG_PRE = {"qwen2": "qwen2", "llama": "llama-bpe", "deepseek2": "deepseek-v3"}
+
+
+def write_skeleton(path: Path, arch, plan, name: str = "skeleton") -> int:
+    """The GGUF file `plan` (a GGUF Plan for `arch`, e.g. a catalog model's) would produce, with the data section
+    a sparse hole: the real tensor table (the mapping's names and shapes at the plan's types, in convert's order)
+    and metadata (general.*, the mapping's hyperparameters), with a placeholder tokenizer of vocab_size entries
+    since a catalog model has no tokenizer files. llama.cpp loads it with mmap and allocates its KV cache and
+    compute buffers as for the real file, without a weight on disk (bench/plan_fullscale.py,
+    tests/plan/test_plan_llama_cpp.py). Returns the file's apparent size."""
+    from quantkit.formats.gguf.mixtures import file_type
+
+    mapping = mapping_for(arch)
+    entries = [TensorEntry(t.name, t.shape, GGMLQuantizationType[plan.schemes[t.name]]) for t in mapping.tensors()]
+    meta = architecture_metadata(arch, file_type(plan.target).ftype, name)
+    meta.update(placeholder_tokenizer_metadata(arch.vocab_size, _CATALOG_PRE.get(mapping.gguf_arch, "default"),
+                                               arch.config))
+    return write_sparse(path, meta, entries)
 
 
 def check_outputs(outputs: list[GGUFOutput], force: bool) -> None:
