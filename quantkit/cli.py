@@ -102,7 +102,7 @@ def inspect(model, as_json):
               help="Keep a MoE model's leading dense layers (DeepSeek's first_k_dense_replace) in BF16, in every "
                    "target; applied before --tensor-type overrides.")
 @click.option("--fix-mix", is_flag=True,
-              help="A ct: mix that breaks a runtime rule (q/k/v, gate/up or a layer's routed experts with "
+              help="A ct: mix that breaks a runtime rule (q/k/v, gate/up or the routed experts with "
                    "different schemes) is promoted to each set's most precise scheme instead of refused.")
 @click.option("--output-tensor-type", metavar="TYPE", help="ggml type of output.weight.")
 @click.option("--token-embedding-type", metavar="TYPE", help="ggml type of token_embd.weight.")

@@ -38,9 +38,10 @@ def keep_first_dense(source) -> str:
 
 
 def _name_auto_targets(targets: list[Target], budget) -> list[Target]:
-    """An `auto` target is named after its budget (gguf:auto-4.00bpw -> <model>-auto-4.00bpw.gguf); a budget
-    without an auto target would silently do nothing."""
-    auto = [t for t in targets if t.spec == "auto"]
+    """An `auto` target is named after its budget (gguf:auto -> gguf:auto-4.00bpw, written as
+    <model>-auto-4.00bpw.gguf; ct:auto-gptq -> ct:auto-gptq-4.00bpw); a budget without an auto target would silently
+    do nothing."""
+    auto = [t for t in targets if t.spec.split("-")[0] == "auto"]
     if budget is None:
         if auto:
             raise ConfigError(f"{auto[0]} needs a budget: --target-bpw 4.0, --target-size 20GB or "
@@ -48,7 +49,7 @@ def _name_auto_targets(targets: list[Target], budget) -> list[Target]:
         return targets
     if not auto:
         raise ConfigError(f"{budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto)")
-    return [Target(t.format, f"auto-{budget.label}") if t.spec == "auto" else t for t in targets]
+    return [Target(t.format, f"{t.spec}-{budget.label}") if t in auto else t for t in targets]
 
 
 def _open_source(path: str | Path, device: str):

@@ -30,6 +30,7 @@ from quantkit.calib.gptq import GPTQ
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
 from quantkit.formats.awq import FORMAT as AWQ_FORMAT
+from quantkit.formats.ct_auto import auto_method, plan_auto_configs
 from quantkit.formats.layerwise_folder import (
     KEPT,
     KEPT_DTYPE,
@@ -53,6 +54,7 @@ GRAMMAR = ("w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] with bits 4 or 8, g
 # The compressed-tensors release whose checkpoint layout this follows (llm-compressor 0.14's)
 CT_VERSION = "0.19.0"
 LINEAR_TARGET = "Linear"
+AUTO_SPECS = ("auto", "auto-gptq")
 
 
 @dataclass(frozen=True)
@@ -178,14 +180,44 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
     example = "w4g128"
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
+    def __init__(self):
+        self._auto: dict[str, tuple] = {}  # auto target spec -> (configs, notes, auto report)
+
     def parse_spec(self, spec: str) -> Target:
+        if spec.strip().lower() in AUTO_SPECS:  # convert names it after its budget (auto-gptq-4.00bpw)
+            return Target(self.name, spec.strip().lower())
         return Target(self.name, canonical_spec(parse_scheme(spec)))
 
     def config(self, target: Target, options: ConvertOptions) -> Scheme:
+        if target.spec.startswith("auto"):  # the method and sign of every scheme it picks
+            return Scheme(4, 128, True, auto_method(target.spec), damp=options.damp)
         return replace(parse_scheme(target.spec), damp=options.damp)
 
     def is_rtn(self, target: Target) -> bool:
-        return parse_scheme(target.spec).method == "rtn"
+        return self.config(target, ConvertOptions()).method == "rtn"
+
+    def linear_configs(self, model: Model, target: Target, options: ConvertOptions) -> tuple[Scheme, dict, dict]:
+        config, configs, notes = super().linear_configs(model, target, options)
+        if not target.spec.startswith("auto"):
+            return config, configs, notes
+        if options.budget is None:
+            raise ConfigError("ct:auto needs a budget: --target-bpw 4.0, --target-size 20GB or "
+                              "--fit-vram 24GiB --ctx 32768")
+        if target.spec not in self._auto:  # measured and chosen once, for the plan and the write alike
+            configs, notes, predicted, key = plan_auto_configs(self, model, config, options.budget, options,
+                                                               configs, notes)
+            self.check_mix(model, configs, fix=False)
+            self._auto[target.spec] = (configs, notes, {"budget": options.budget.option,
+                                                        "predicted_kld": predicted, "sensitivity_key": key})
+        configs, notes, _ = self._auto[target.spec]
+        return config, dict(configs), dict(notes)
+
+    def report(self, out, options: ConvertOptions) -> dict:
+        report = super().report(out, options)
+        if out.job.target.spec in self._auto:
+            report["auto"] = {**self._auto[out.job.target.spec][2],
+                              "schemes": {e.name: e.scheme for e in out.job.plan.entries if e.note == "auto"}}
+        return report
 
     def method(self, scheme: Scheme, rtn: bool, configs: dict[str, Scheme | None]) -> GPTQ | AWQ:
         if scheme.method == "awq":
@@ -264,6 +296,9 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
         for name, scheme in configs.items():
             if scheme is not None:
                 by_scheme.setdefault(scheme, []).append(module_name(name))
+        # transformers (5.17) decompresses the fused routed experts with the first group whose `re:` targets
+        # mention "experts" (shared_experts too): the routed experts' group goes first
+        by_scheme = dict(sorted(by_scheme.items(), key=lambda item: not any(EXPERT.search(m) for m in item[1])))
         every = [module_name(n) for n in configs]
         groups = {}
         for i, (scheme, modules) in enumerate(by_scheme.items()):
@@ -300,8 +335,11 @@ def module_targets(modules: list[str], every: list[str]) -> list[str]:
 
 
 def runtime_sets(model: Model) -> list[tuple[str, list[str]]]:
-    """The linears vLLM runs as one: (rule, names) per fused input group and per layer's routed experts."""
-    sets = []
+    """The linears the runtimes run as one: (rule, names) per fused input group, and every routed expert of the
+    model. vLLM's fused MoE needs one scheme per layer; transformers (5.17, compressed-tensors 0.20) fuses experts
+    into 3-D parameters and mis-loads experts whose scheme differs across layers (measured: layer 2's experts at w8
+    among w4g128 ones gave logits 53% off; w4g32 ones failed conversion), so one scheme for all of them."""
+    sets, experts = [], []
     for spec in model.arch.layers():
         linears = {lin.name for lin in spec.linears}
         for group in spec.input_groups:
@@ -310,10 +348,10 @@ def runtime_sets(model: Model) -> list[tuple[str, list[str]]]:
                 sets.append(("fused linears: vLLM runs linears reading one input (q/k/v as qkv_proj, gate/up as "
                              "gate_up_proj, DeepSeek's q_a/kv_a as fused_qkv_a_proj) as one matmul with one scheme",
                              names))
-        experts = [lin.name for lin in spec.linears if lin.expert is not None]
-        if experts:
-            sets.append(("MoE experts: vLLM's fused MoE runs every routed expert of a layer (gate, up and down) "
-                         "with one scheme", experts))
+        experts += [lin.name for lin in spec.linears if lin.expert is not None]
+    if experts:
+        sets.append(("MoE experts: the runtimes' fused MoE runs the routed experts (gate, up and down) with one "
+                     "scheme, in every layer for transformers' fused expert parameters", experts))
     return sets
 
 

@@ -40,10 +40,6 @@ def pareto_front(options: Sequence[Option]) -> list[Option]:
     return front
 
 
-def smallest(groups: Mapping[str, Sequence[Option]]) -> int:
-    return sum(min(o.nbytes for o in options) for options in groups.values())
-
-
 def allocate(groups: Mapping[str, Sequence[Option]], budget: int, resolution: int = 1 << 14) -> dict[str, Option]:
     """group -> chosen option, minimising the summed cost with the summed bytes <= budget."""
     if any(not options for options in groups.values()):

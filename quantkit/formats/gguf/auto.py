@@ -24,7 +24,7 @@ from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.writer import importance_rows
 from quantkit.model import Model
 from quantkit.plan import Plan
-from quantkit.plan.allocate import Budget, BudgetError, Option, allocate, smallest
+from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.plan import bits_per_weight
 from quantkit.plan.vram import vram_plan
 from quantkit.quant import get_codec
@@ -135,21 +135,20 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     candidates = Candidates(model, importance)
     # every quantizable tensor is measured, overridden or not, so one measurement serves any set of overrides
     groups = [candidates.group(e.name) for e in base.entries if e.quantized and allows_quantization(e.name, e.shape)]
-    free = {e.name for e in base.entries if e.quantized and not e.note.startswith("--")}
-    if not free & {g.name for g in groups}:
+    free = {e.name for e in base.entries if e.quantized and not e.note.startswith("--")} & {g.name for g in groups}
+    if not free:
         raise ConfigError("gguf:auto has no tensor left to choose a type for: the overrides decide them all")
+    fixed = sum(e.nbytes for e in base.entries if e.name not in free)
+    floor = fixed + sum(min(g.nbytes) for g in groups if g.name in free)
+    limit = _tensor_budget(model, base, budget, metadata)
+    if floor > limit:  # before measuring anything
+        raise BudgetError(_too_small(model, base, budget, floor, metadata))
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
-    path = options.sensitivity
-    sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=path,
+    sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
                                       progress=options.progress, importance=sorted(importance or {}),
                                       calib=str(options.calib) if options.calib else None)
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
-    fixed = sum(e.nbytes for e in base.entries if e.name not in options_by_group)
-    floor = fixed + smallest(options_by_group)
-    limit = _tensor_budget(model, base, budget, metadata)
-    if floor > limit:
-        raise BudgetError(_too_small(model, base, budget, floor, metadata))
     chosen = allocate(options_by_group, limit - fixed)
     entries = tuple(replace(e, scheme=chosen[e.name].scheme, nbytes=chosen[e.name].nbytes, note="auto")
                     if e.name in chosen else e for e in base.entries)
