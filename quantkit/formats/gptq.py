@@ -99,6 +99,10 @@ class GPTQFormat(LayerwiseFolderFormat):
     suffixes = SUFFIXES
 
     def parse_spec(self, spec: str) -> Target:
+        if spec.strip().lower().startswith("auto"):
+            raise ConfigError("gptq: folders hold one scheme for every linear (AutoGPTQ's quantize_config), so there "
+                              "is no automatic mix to write there; --to ct:auto-gptq writes GPTQ-calibrated weights "
+                              "with a scheme per layer group, which vLLM and transformers load")
         bits, group, flags = _parse(spec)
         return Target(self.name, f"w{bits}" + (f"g{group}" if group != -1 else "") + "".join(f"-{f}" for f in flags))
 

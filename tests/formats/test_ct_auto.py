@@ -6,6 +6,7 @@ import pytest
 
 from quantkit import convert as api
 from quantkit.bundled import model_path
+from quantkit.errors import ConfigError
 from quantkit.formats.compressed_tensors import runtime_sets
 from quantkit.model import Model
 from quantkit.plan.allocate import Budget, BudgetError
@@ -51,3 +52,9 @@ def test_impossible_budget_is_refused_before_measuring(tmp_path, monkeypatch):
     monkeypatch.setattr("quantkit.calib.sensitivity.measure", lambda *a, **k: pytest.fail("measured"))
     with pytest.raises(BudgetError, match=r"smallest mix ct:auto can make of this model \(8\.84 bpw"):
         api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, budget=Budget.from_options(target_bpw=4.0))
+
+
+def test_gptq_auto_points_to_ct_auto_gptq():
+    with pytest.raises(ConfigError, match="--to ct:auto-gptq"):
+        api.convert(model_path("tiny-llama"), ["gptq:auto"], None, dry_run=True,
+                    budget=Budget.from_options(target_bpw=9))
