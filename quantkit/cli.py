@@ -274,7 +274,10 @@ def evaluate(targets, baseline, text_file, tasks, mc_items, ctx, windows, backen
               show_default=True, help="Which variants to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the variants as a JSON list.")
 @click.option("--list", "list_catalog", is_flag=True, help="List the catalog's models and exit.")
-def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
+@click.option("--report", "reports", multiple=True, type=click.Path(exists=True, dir_okay=True, path_type=Path),
+              help="A `quantkit eval` report (report.json or its folder) of this model's variants: their measured "
+                   "KLD and perplexity are shown beside them (repeatable).")
+def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog, reports):
     """What fits MODEL on --gpus GPUs of --vram at --ctx: every variant of --format with its weights, KV cache,
     compute buffers and total, the best fitting one marked. MODEL: an HF folder, a GGUF file, a bundled name, or
     a catalog name (DeepSeek-V3/R1 and the R1-Distill models, configs only: no download needed)."""
@@ -282,7 +285,7 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
 
     from quantkit import catalog
     from quantkit.bundled import resolve_model
-    from quantkit.fit import variants
+    from quantkit.fit import add_measured, variants
     from quantkit.model import Model
     from quantkit.plan.vram import parse_bytes
     from quantkit.source.gguf_file import GGUFFile
@@ -305,6 +308,7 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
     finally:
         if isinstance(source, Model):
             source.close()
+    add_measured(rows, [_read_report(p) for p in reports])
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=1))
         return
@@ -313,6 +317,12 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog):
     table = [header] + [(r.name + (" <- best" if r.best else ""), f"{r.bpw:.2f}", _bytes(r.weights_bytes),
                          _bytes(r.kv_bytes), _bytes(r.compute_bytes), _bytes(r.total_bytes), "yes" if r.fits else "no")
                         for r in rows]
+    if reports:
+        header += ("KLD mean", "KLD p99", "PPL")
+        table = [table[0] + header[-3:]] + [
+            row + tuple("-" if v is None else f"{v:.4f}" if i < 2 else f"{v:.3f}"
+                        for i, v in enumerate((r.kld_mean, r.kld_p99, r.ppl)))
+            for row, r in zip(table[1:], rows, strict=True)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
@@ -361,6 +371,17 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def _read_report(path: Path) -> dict:
+    import json
+
+    file = path / "report.json" if path.is_dir() else path
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QuantkitError(f"{file}: not a quantkit eval report.json ({exc}); give the report.json `quantkit "
+                            "eval` wrote, or its folder") from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class Variant:
     total_bytes: int
     fits: bool
     best: bool = False
+    # measured quality from an eval report (quantkit eval) of this very variant; None when not measured
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    ppl: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +103,28 @@ def variants(source, fmt: str, ctx: int, kv_type: str, vram: int, gpus: int = 1)
     return out
 
 
+# how `quantkit eval` names a folder's storage (its input decoder's label) per output format
+_EVAL_LABELS = {"ct": "compressed-tensors ", "gptq": "GPTQ ", "awq": "AWQ "}
+
+
+def add_measured(rows: list[Variant], reports: list[dict]) -> None:
+    """Fill each variant's measured quality from eval reports (report.json of `quantkit eval`): a GGUF row by its
+    file type, a folder row by its scheme, the last report naming it winning."""
+    for report in reports:
+        for measured in report.get("variants", []):
+            for row in rows:
+                if _same_variant(row, measured):
+                    kld = measured.get("kld") or {}
+                    row.kld_mean, row.kld_p99, row.ppl = kld.get("mean"), kld.get("p99"), measured.get("ppl")
+
+
+def _same_variant(row: Variant, measured: dict) -> bool:
+    if row.format == "gguf":
+        return measured.get("format") == "gguf" and measured.get("type") == row.spec
+    label = _EVAL_LABELS.get(row.format)
+    return label is not None and measured.get("format") == "hf" and measured.get("type") == label + row.spec
+
+
 def _gguf_elements(gguf) -> int:
     return sum(math.prod(gguf.shape(n)) for n in gguf.tensors)
 
@@ -121,4 +147,4 @@ def _plans(source, fmt: str) -> list[Plan]:
     return out
 
 
-__all__ = ["FORMATS", "Variant", "shipped_plan", "variants"]
+__all__ = ["FORMATS", "Variant", "add_measured", "shipped_plan", "variants"]

@@ -98,3 +98,24 @@ def test_a_local_folder_and_a_gguf_file(model_cache, tmp_path):
     gguf = GGUFFile(path)
     (row,) = variants(gguf, "gguf", 512, "f16", GIB)
     assert row.weights_bytes == vram_gguf(gguf, 512).weights and row.fits
+
+
+def test_measured_quality_from_an_eval_report(tmp_path):
+    report = {"variants": [{"format": "gguf", "type": "Q4_K_M", "kld": {"mean": 0.0068, "p99": 0.031}, "ppl": 37.9},
+                           {"format": "gguf", "type": "auto (--target-bpw 4.5)", "kld": {"mean": 0.001}},
+                           {"format": "hf", "type": "compressed-tensors w4g128", "kld": {"mean": 0.02}, "ppl": 40.0}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    result = CliRunner().invoke(main, ["plan", "tiny-llama", "--vram", "10MiB", "--ctx", "256", "--json",
+                                       "--report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert (rows["gguf:Q4_K_M"]["kld_mean"], rows["gguf:Q4_K_M"]["kld_p99"], rows["gguf:Q4_K_M"]["ppl"]) == \
+        (0.0068, 0.031, 37.9)
+    assert rows["gguf:Q6_K"]["kld_mean"] is None
+    result = CliRunner().invoke(main, ["plan", "tiny-llama", "--format", "ct", "--json", "--report",
+                                       str(tmp_path / "report.json")])
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["ct:w4g128"]["ppl"] == 40.0 and rows["ct:w8"]["ppl"] is None
+    (tmp_path / "bad.json").write_text("{")
+    result = CliRunner().invoke(main, ["plan", "tiny-llama", "--report", str(tmp_path / "bad.json")])
+    assert result.exit_code == 2 and "not a quantkit eval report.json" in result.output

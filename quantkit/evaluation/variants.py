@@ -207,6 +207,9 @@ class _GGUFVariant(Variant):
 def _file_type_name(gguf: GGUFFile) -> str:
     from quantkit.formats.gguf.mixtures import FILE_TYPES
 
+    budget = gguf.metadata("quantize.auto.budget")  # gguf:auto: general.file_type only names its main type
+    if budget is not None:
+        return f"auto ({budget})"
     ftype = gguf.metadata("general.file_type")
     names = [ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype]
     return names[0] if names else f"ftype {ftype}"
