@@ -1,9 +1,11 @@
 """Quality vs bits of compressed-tensors outputs (issue 14): uniform W4 g128, the mix (attention W8, MLP W4 g128,
 lm_head BF16 as in every ct output) and uniform W8, each with round-to-nearest, GPTQ and AWQ weights, on the
-bundled models.
+bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 g128 and of the mix.
 
     python bench/ct_quality.py [--models tiny-llama,tiny-qwen2,tiny-deepseek] [--samples 32] [--ctx 256]
-                               [--windows 64] [--work /tmp/ct-quality]
+                               [--windows 64] [--work /tmp/ct-quality] [--auto-only]
+
+--auto-only adds the automatic variants to the stored results (same eval settings) instead of redoing the rest.
 
 Per model: one `quantkit convert` for the uniform variants (one calibration pass for all of them), one per mix
 (`--tensor-type self_attn=w8`; AWQ, which quantizes in groups: `self_attn=w8g128`), then one `quantkit eval` of
@@ -36,6 +38,11 @@ AWQ_LAYOUTS = {"W4 g128": ("w4g128", []), "mix: attention W8, MLP W4 g128": ("w4
                "W8": ("w8g128", [])}
 
 
+# automatic mixes at the size of a layout above: (layout name, the layout it is sized as, method -> spec)
+AUTO = {"auto at W4 g128's size": "W4 g128", "auto at the mix's size": "mix: attention W8, MLP W4 g128"}
+AUTO_SPECS = {"rtn": "ct:auto", "gptq": "ct:auto-gptq"}
+
+
 def variants() -> list[tuple[str, str, str, list[str]]]:
     """(layout, method, spec, overrides) for every variant."""
     out = []
@@ -50,6 +57,68 @@ def linear_bpw(src: Path, spec: str, overrides: list[str]) -> float:
     linears = [e for e in plan.entries if e.name.startswith("model.layers.") and len(e.shape) == 2
                and not e.name.endswith("mlp.gate.weight")]
     return 8 * sum(e.nbytes for e in linears) / sum(e.n_elements for e in linears)
+
+
+def auto_variants(src: Path) -> list[tuple[str, str, str, list[str]]]:
+    """(layout, method, spec, budget options): each AUTO layout's budget is its reference's bpw over every tensor."""
+    out = []
+    for layout, reference in AUTO.items():
+        spec, overrides = LAYOUTS[reference]
+        ((_, plan),) = convert(src, [f"ct:{spec}"], None, dry_run=True, tensor_types=overrides)
+        out += [(layout, method, auto, ["--target-bpw", f"{plan.bpw:.4f}"]) for method, auto in AUTO_SPECS.items()]
+    return out
+
+
+def run_auto(name: str, args, report: dict) -> None:
+    """The automatic variants: one convert per budget and method (one sensitivity measurement per model, reused),
+    then one eval of them all."""
+    src = resolve_model(name)
+    work = args.work / name / "auto"
+    work.mkdir(parents=True, exist_ok=True)
+    calib = ["--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu",
+             "--sensitivity", str(work / "sensitivity.json")]
+    folders, runs = {}, report["runs"].setdefault(name, [])
+    for index, (layout, method, spec, budget) in enumerate(auto_variants(src)):
+        out = work / f"{index}-{method}"
+        cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", spec, *budget, "-o", str(out),
+               "--force", *calib]
+        r = timed(cmd, quantkit_env(), out.with_suffix(".log"))
+        runs.append(r)
+        print(f"{name}: {spec} {' '.join(budget)}: {r['wall_s']:.0f} s (rc {r['rc']})", flush=True)
+        if r["rc"]:
+            raise SystemExit(f"convert failed: see {out.with_suffix('.log')}")
+        [folder] = list(out.iterdir())
+        folders[f"{method} | {layout}"] = (folder, layout, method, spec, budget)
+    quality = report["quality"].setdefault(name, {})
+    measured: dict = {}
+    if evaluate(src, {k: v[0] for k, v in folders.items()}, work / "eval", work / "eval.log", args.windows,
+                measured) is None:
+        raise SystemExit(f"eval failed: {measured.get('error')}")
+    eval_report = json.loads((work / "eval" / "report.json").read_text())
+    by_path = {v["path"]: v for v in eval_report["variants"]}
+    for key, (folder, layout, method, spec, budget) in folders.items():
+        plan = json.loads((folder / "quantkit_report.json").read_text())["auto"]
+        shapes = _linear_shapes(src)
+        bits = sum(_scheme_bits(plan["schemes"].get(n), shape) for n, shape in shapes.items())
+        quality[key] = measured[key] | {"layout": layout, "method": method, "spec": spec, "overrides": budget,
+                                        "linear_bpw": bits / sum(a * b for a, b in shapes.values()),
+                                        "file_bpw": by_path[str(folder)]["bpw"],
+                                        "predicted_kld": plan["predicted_kld"]}
+
+
+def _linear_shapes(src: Path) -> dict[str, tuple[int, int]]:
+    ((_, plan),) = convert(src, ["ct:w8"], None, dry_run=True)
+    return {e.name: e.shape for e in plan.entries if e.name.startswith("model.layers.") and len(e.shape) == 2
+            and not e.name.endswith("mlp.gate.weight")}
+
+
+def _scheme_bits(scheme: str | None, shape: tuple[int, int]) -> float:
+    """Stored bits of one linear at a ct scheme (bf16 or absent: kept)."""
+    from quantkit.formats.compressed_tensors import packed_bytes, parse_scheme
+
+    if scheme is None or scheme == "bf16":
+        return 16 * shape[0] * shape[1]
+    return 8 * packed_bytes(shape, parse_scheme(scheme))
 
 
 def run_model(name: str, args, report: dict) -> None:
@@ -103,7 +172,8 @@ def markdown(report: dict) -> str:
         rows = sorted((v for k, v in quality.items() if isinstance(v, dict) and "layout" in v),
                       key=lambda v: (v["linear_bpw"], v["method"]))
         for v in rows:
-            spec = v["spec"] + "".join(f" --tensor-type {o}" for o in v["overrides"])
+            spec = v["spec"] + ("".join(f" --tensor-type {o}" for o in v["overrides"]) if "auto" not in v["spec"]
+                                else " " + " ".join(v["overrides"]) + f" (predicted KLD {v['predicted_kld']:.5f})")
             lines.append(f"| {v['method']} | {v['layout']} | `{spec}` | {v['linear_bpw']:.2f} | {v['file_bpw']:.2f} | "
                          f"{v['kld_mean']:.5f} | {v['kld_p99']:.4f} | {v['top1_pct']:.2f} | {v['ppl']:.3f} |")
         lines.append("")
@@ -120,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ct-quality"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ct_quality")
     parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
+    parser.add_argument("--auto-only", action="store_true", help="add ct:auto variants to the stored results")
     args = parser.parse_args(argv)
-    report = report_head("ct_quality.py", argv) | {"samples": args.samples, "ctx": args.ctx, "runs": {},
-                                                   "quality": {}, "notes": args.note}
+    if args.auto_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        report["auto"] = report_head("ct_quality.py", argv)
+        report["notes"] += args.note
+    else:
+        report = report_head("ct_quality.py", argv) | {"samples": args.samples, "ctx": args.ctx, "runs": {},
+                                                       "quality": {}, "notes": args.note}
     for name in args.models.split(","):
-        run_model(name, args, report)
+        if not args.auto_only:
+            run_model(name, args, report)
+        run_auto(name, args, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
