@@ -158,3 +158,16 @@ def test_llama_cpp_loads_auto_files_and_agrees(tmp_path, sensitivity):
     with Model(model_path("tiny-llama")) as model:
         ours = model.arch.forward(mapping_for(model.arch).weights_from_gguf(GGUFFile(file).read), ids)[0]
     assert ((theirs - ours).abs().max(-1).values / ours.abs().max()).max() < 4e-2
+
+
+@pytest.mark.interop
+def test_fit_vram_output_fits_by_llama_cpps_own_buffers(tmp_path, sensitivity, bundled_gguf):
+    pytest.importorskip("llama_cpp")
+    from quantkit.testing.llama_cpp_memory import measure_in_subprocess
+
+    ctx = 1024
+    vram = vram_gguf(GGUFFile(bundled_gguf("tiny-llama", "Q4_K_M", imatrix=True)), ctx, "f16").total - (300 << 10)
+    file, _ = _auto(tmp_path, sensitivity, Budget.from_options(fit_vram=str(vram), ctx=ctx))
+    [measured] = measure_in_subprocess(file, [ctx], "f16", timeout=300)
+    total = measured["model_size"] + sum(measured["kv_buffers"].values()) + sum(measured["compute_buffers"].values())
+    assert total <= vram, (total, vram, measured)
