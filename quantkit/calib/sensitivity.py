@@ -137,7 +137,7 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
         if not EMBEDDING <= g.stage <= n_layers:
             raise ConfigError(f"group {g.name}: stage {g.stage} is outside the model")
         by_stage.setdefault(g.stage, []).extend((g, s) for s in g.schemes)
-    total = 2 * n_layers + sum((n_layers - stage + 1) * len(c) for stage, c in by_stage.items())
+    total = 2 * n_layers + sum(max(n_layers - stage, 1) * len(c) for stage, c in by_stage.items())  # as step() counts
     done = 0
 
     def step(n: int = 1) -> None:

@@ -84,3 +84,13 @@ def test_stored_measurement_is_reused_only_for_the_same_inputs(model_cache, tmp_
     with pytest.raises(ConfigError, match="not JSON"):
         Sensitivity.load(path)
     model.close()
+
+
+def test_progress_counts_to_its_total(model_cache):
+    model = Model(model_cache("llama"))
+    groups = _groups(model)
+    seen = []
+    measure(model.arch, model.weights(), [torch.arange(3, 19)], [g for g, _ in groups.values()],
+            _degrade(model, groups), progress=seen.append)
+    assert seen[-1].done == seen[-1].total and all(a.done < b.done for a, b in zip(seen, seen[1:], strict=False))
+    model.close()
