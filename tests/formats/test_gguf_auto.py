@@ -171,3 +171,16 @@ def test_fit_vram_output_fits_by_llama_cpps_own_buffers(tmp_path, sensitivity, b
     [measured] = measure_in_subprocess(file, [ctx], "f16", timeout=300)
     total = measured["model_size"] + sum(measured["kv_buffers"].values()) + sum(measured["compute_buffers"].values())
     assert total <= vram, (total, vram, measured)
+
+
+def test_another_imatrix_is_measured_again(tmp_path, sensitivity, monkeypatch):
+    from quantkit.calib.imatrix import Imatrix
+
+    other = Imatrix.load(sensitivity[1])
+    for name in other.sums:
+        other.sums[name] = other.sums[name] * 2 + 1  # same entries, other values
+    other.save(tmp_path / "other.imatrix.gguf")
+    _never_measure(monkeypatch)
+    with pytest.raises(AssertionError, match="not reused"):
+        api.convert(model_path("tiny-llama"), ["gguf:auto"], dry_run=True, imatrix=tmp_path / "other.imatrix.gguf",
+                    sensitivity=sensitivity[0], budget=Budget.from_options(target_bpw=4.5), **MEASURE)

@@ -9,6 +9,7 @@ nothing llama.cpp does not already load. Tensors an override decides (--tensor-t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import replace
 
@@ -145,7 +146,7 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
         raise BudgetError(_too_small(model, base, budget, floor, metadata))
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
-                                      progress=options.progress, importance=sorted(importance or {}),
+                                      progress=options.progress, importance=_digest(importance),
                                       calib=str(options.calib) if options.calib else None)
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
@@ -156,6 +157,16 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     predicted = sum(o.cost for o in chosen.values())
     log.info("gguf:auto %s: %.4f bpw, predicted KLD %.5f", budget.option, plan.bpw, predicted)
     return plan, predicted, sensitivity
+
+
+def _digest(importance: dict[str, torch.Tensor] | None) -> str | None:
+    """The importance vectors' identity for the sensitivity key: another imatrix gives other costs."""
+    if not importance:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(importance):
+        digest.update(name.encode() + importance[name].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _overhead(model: Model, base: Plan, budget: Budget) -> int:
