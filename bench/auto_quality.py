@@ -323,6 +323,11 @@ def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens
         by_stage[st] = by_stage.get(st, 0) + len(s)
     n_batches = {st: math.ceil(n / batch) for st, n in by_stage.items()}
     layer_reads = sum(nb * (L if st == EMBEDDING else L - st) for st, nb in n_batches.items())
+    # a batch also holds each candidate's decoded weights (float32) until its KLD is known
+    per_stage: dict[int, list[int]] = {}
+    for _, st, s, n in groups:
+        per_stage.setdefault(st, []).extend([n] * len(s))
+    batch_f32 = max(4 * sum(c[i:i + batch]) for c in per_stage.values() for i in range(0, len(c), batch))
     flops = tokens * (2 * after[0] + cand_layer_flops + head * (candidates + sum(n_batches.values())))
     elements = {}
     for _, _, s, n in groups:
@@ -342,7 +347,8 @@ def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens
             "unmeasured_types": missing, "cpu_forward_h": flops / cpu_flops / 3600, "cpu_encode_h": encode_s / 3600,
             "gpu_forward_h": flops / GPU_FLOPS / 3600, "batch": batch, "batches": sum(n_batches.values()),
             "layer_reads": layer_reads, "params_per_layer_avg": layer_params,
-            "largest_tensor_f32_gb": 4 * largest / 1e9, "batch_replaced_f32_gb": 4 * largest * batch / 1e9}
+            "layer_reads_f32_tb": 4 * layer_reads * layer_params / 1e12,
+            "largest_tensor_f32_gb": 4 * largest / 1e9, "batch_replaced_f32_gb": batch_f32 / 1e9}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -466,21 +472,27 @@ def markdown(report: dict) -> str:
               "(`layer reads` below: each batch of candidates re-reads every later layer).", "",
               "| model | layers | GGUF tensors | candidates | layer-forwards | forward PFLOP | encoded elements | "
               "CPU forward h | CPU encode h | CPU total h | GPU forward h (arithmetic) | batch / batches | "
-              "layer reads | largest tensor f32 GB (x batch) |", "|---" * 14 + "|"]
+              "layer reads | largest tensor f32 GB (largest batch's decoded weights) |", "|---" * 14 + "|"]
     for r in x["models"]:
         lines.append(f"| {r['repo'].split('/')[1]} | {r['layers']} | {r['gguf_tensors_measured']} | "
                      f"{r['candidates']:,} | {r['layer_forwards']:,} | {r['forward_flops'] / 1e15:.1f} | "
                      f"{r['elements_encoded'] / 1e9:,.0f} G | {r['cpu_forward_h']:,.1f} | {r['cpu_encode_h']:,.1f} | "
                      f"{r['cpu_forward_h'] + r['cpu_encode_h']:,.1f} | {r['gpu_forward_h']:.2f} | "
-                     f"{r['batch']} / {r['batches']} | {r['layer_reads']:,} | {r['largest_tensor_f32_gb']:.1f} "
-                     f"({r['batch_replaced_f32_gb']:.0f}) |")
+                     f"{r['batch']} / {r['batches']} | {r['layer_reads']:,} ({r['layer_reads_f32_tb']:,.0f} TB f32) | "
+                     f"{r['largest_tensor_f32_gb']:.1f} ({r['batch_replaced_f32_gb']:.0f}) |")
     for r in x["models"]:
         if r["unmeasured_types"]:
             lines += ["", f"{r['repo'].split('/')[1]}: the row fallbacks {', '.join(r['unmeasured_types'])} (narrow "
                       "tensors) were not measured on the bundled models; costed at the pooled rate of all types."]
     lines += ["", f"GPU column: the forward FLOPs at {GPU_FLOPS / 1e12:.1f} TFLOP/s (half of an H100 SXM's 67 TFLOP/s "
               "FP32, the measurement runs float32): arithmetic, no GPU was used. The encode part on a GPU was not "
-              "measured; at the CPU rates above it dominates, so a GPU figure needs the codecs' CUDA throughput.", ""]
+              "measured (the codecs run on CUDA, but at an unknown rate); on this CPU it is "
+              + " and ".join(f"{100 * r['cpu_encode_h'] / (r['cpu_forward_h'] + r['cpu_encode_h']):.0f}% "
+                             f"({r['repo'].split('/')[1]})" for r in x["models"]) + " of the total.", "",
+              "Layer reads: each batch of candidates reads (and for FP8 sources dequantizes) every later layer in "
+              "float32 once; `largest batch's decoded weights`: the float32 weights of the candidates one batch "
+              "holds at once (the batch size bounds only their hidden states, 1 GiB), besides one float32 layer.",
+              ""]
     lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
