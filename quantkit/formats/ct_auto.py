@@ -61,11 +61,9 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
     """Each linear's Scheme (None: kept) and plan note, the predicted KLD and the sensitivity key. `base`: the
     method's Scheme; `configs`/`notes`: after --tensor-type overrides, which stay fixed (with the rest of their
     group)."""
-    from quantkit.formats.compressed_tensors import EXPERT, parse_scheme
+    from quantkit.formats.compressed_tensors import EXPERT, parse_scheme, runtime_sets
 
     schemes = {s: parse_scheme(s) for s in CANDIDATES}
-    from quantkit.formats.compressed_tensors import runtime_sets
-
     shapes = model.arch.tensor_shapes()
     weights = model.weights()
     groups, free, fixed_bytes = [], {}, 0
@@ -83,7 +81,6 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
         free[label] = members
     if not groups:
         raise ConfigError("ct:auto has no linear left to choose a scheme for: the overrides decide them all")
-
     kept = {g.name: sum(2 * math.prod(shapes[n]) for n in free[g.name]) for g in groups}
     others = _others(model)
     plan_fixed = fixed_bytes + sum(2 * math.prod(s) for s in others.values())
