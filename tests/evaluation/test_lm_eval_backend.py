@@ -47,21 +47,27 @@ def lm():
     return QuantkitLM.create_from_arg_string(f"pretrained={MODEL}", {"device": "cpu"})
 
 
-def _evaluate(workdir, model_args: str, tasks=(MC, PPL)) -> dict:
+@pytest.fixture(scope="module")
+def task_manager():
+    """lm-eval's index of its own tasks plus ours: built once (about 10 s each) for every run of the module."""
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def _evaluate(workdir, task_manager, model_args: str, tasks=(MC, PPL)) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)  # the YAMLs' data_files resolve from the working directory
         return lm_eval.simple_evaluate(model="quantkit", model_args=model_args, tasks=list(tasks), device="cpu",
-                                       limit=LIMIT, task_manager=TaskManager(include_path=str(TASKS_DIR)))
+                                       limit=LIMIT, task_manager=task_manager)
 
 
 @pytest.fixture(scope="module")
-def folder_results(workdir):
-    return _evaluate(workdir, f"pretrained={model_path(MODEL)}")
+def folder_results(workdir, task_manager):
+    return _evaluate(workdir, task_manager, f"pretrained={model_path(MODEL)}")
 
 
-def test_tasks_score_the_hf_folder_and_its_q8_gguf(workdir, q8, folder_results):
+def test_tasks_score_the_hf_folder_and_its_q8_gguf(workdir, task_manager, q8, folder_results):
     folder = folder_results
-    gguf = _evaluate(workdir, f"pretrained={q8},baseline={model_path(MODEL)},backend=torch")
+    gguf = _evaluate(workdir, task_manager, f"pretrained={q8},baseline={model_path(MODEL)},backend=torch")
     for out, fmt in ((folder, "hf"), (gguf, "gguf")):
         assert out["config"]["quantkit"]["format"] == fmt
         mc, ppl = out["results"][MC], out["results"][PPL]
@@ -137,9 +143,10 @@ def test_a_gguf_needs_the_baseline_for_its_tokenizer(q8):
 
 
 @pytest.mark.interop
-def test_llama_cpp_backend(q8, workdir, folder_results):
+def test_llama_cpp_backend(q8, workdir, task_manager, folder_results):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
-    gguf = _evaluate(workdir, f"pretrained={q8},baseline={model_path(MODEL)},backend=llama.cpp", tasks=[PPL])
+    gguf = _evaluate(workdir, task_manager, f"pretrained={q8},baseline={model_path(MODEL)},backend=llama.cpp",
+                     tasks=[PPL])
     folder = folder_results
     assert gguf["config"]["quantkit"]["backend"] == "llama.cpp"
     ratio = gguf["results"][PPL]["word_perplexity,none"] / folder["results"][PPL]["word_perplexity,none"]

@@ -61,10 +61,25 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.fixture(scope="module")
+def converted(model_cache, tmp_path_factory):
+    """converted(preset, spec, **kwargs) -> (plan, files): `_convert` of a model_cache model, made once per module
+    for the tests that only read the output (a plan check and a kill-and-resume reference share one)."""
+    made = {}
+
+    def get(preset, spec, **kwargs):
+        key = (preset, spec, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = _convert(model_cache(preset, **kwargs), spec, tmp_path_factory.mktemp("awq"))
+        return made[key]
+
+    return get
+
+
 @pytest.mark.parametrize("preset, kwargs", [("qwen2", {}), ("deepseek_v3", {"fp8": True})])
-def test_plan_bytes_equal_written_bytes_and_output_reads_back(model_cache, tmp_path, preset, kwargs):
+def test_plan_bytes_equal_written_bytes_and_output_reads_back(model_cache, converted, preset, kwargs):
     src = model_cache(preset, **kwargs)
-    plan, files = _convert(src, "w4g32", tmp_path)
+    plan, files = converted(preset, "w4g32", **kwargs)
     folder = files[0].parent
     stored = {}
     for f in files:
@@ -91,10 +106,9 @@ def test_plan_bytes_equal_written_bytes_and_output_reads_back(model_cache, tmp_p
         assert not torch.equal(out.source.read(norm), ref.source.read(norm))  # carries the folded scales
 
 
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, killed_at_layer):
+def test_kill_and_resume_is_byte_identical(model_cache, converted, tmp_path, killed_at_layer):
     src = model_cache("deepseek_v3", fp8=True)
-    _, files = _convert(src, "w4g32", tmp_path / "whole")
-    whole = _files(files[0].parent)
+    whole = _files(converted("deepseek_v3", "w4g32", fp8=True)[1][0].parent)
     with killed_at_layer(2):
         _convert(src, "w4g32", tmp_path / "resumed")
     _, files = _convert(src, "w4g32", tmp_path / "resumed")

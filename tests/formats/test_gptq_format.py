@@ -104,10 +104,26 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.fixture(scope="module")
+def converted(model_cache, tmp_path_factory):
+    """converted(preset, spec, **kwargs) -> (plan, files): `_convert` of a model_cache model, made once per module
+    for the tests that only read the output (the same folder is a plan check, a shared-pass reference and a
+    kill-and-resume reference)."""
+    made = {}
+
+    def get(preset, spec, **kwargs):
+        key = (preset, spec, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = _convert(model_cache(preset, **kwargs), spec, tmp_path_factory.mktemp("gptq"))
+        return made[key]
+
+    return get
+
+
 @pytest.mark.parametrize("preset, kwargs, spec", [("qwen2", {}, "w4g64-act"), ("deepseek_v3", {"fp8": True}, "w4g64"),
                                                   ("qwen2-tied", {}, "w4g64")])
-def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kwargs, spec):
-    plan, files = _convert(model_cache(preset, **kwargs), spec, tmp_path)
+def test_plan_bytes_equal_written_bytes(converted, calib, preset, kwargs, spec):
+    plan, files = converted(preset, spec, **kwargs)
     folder = files[0].parent
     stored = {}
     for f in files:
@@ -125,16 +141,16 @@ def test_plan_bytes_equal_written_bytes(model_cache, tmp_path, calib, preset, kw
     assert config["quantization_config"]["checkpoint_format"] == "gptq"
     assert config["quantization_config"]["desc_act"] is spec.endswith("-act")
     assert json.loads((folder / "quantize_config.json").read_text())["group_size"] == 64
-    assert (folder / "tokenizer.json").is_file() and not list(tmp_path.glob("*.part"))
+    assert (folder / "tokenizer.json").is_file() and not list(folder.parent.glob("*.part"))
     with Model(folder) as out:  # a tied head is stored too (AutoGPTQ's loader needs it), as the embedding
         if out.arch.tie_word_embeddings:
             assert torch.equal(out.source.read("lm_head.weight"), out.source.read("model.embed_tokens.weight"))
 
 
-def test_several_targets_share_one_pass_and_equal_separate_runs(model_cache, tmp_path, calib, monkeypatch):
+def test_several_targets_share_one_pass_and_equal_separate_runs(model_cache, converted, tmp_path, calib, monkeypatch):
     src = model_cache("deepseek_v3", fp8=True)
     specs = ["w4g64", "w4g32-act", "w4g64-rtn"]
-    alone = {spec: _files(_convert(src, spec, tmp_path / spec)[1][0].parent) for spec in specs}
+    alone = {spec: _files(converted("deepseek_v3", spec, fp8=True)[1][0].parent) for spec in specs}
     with Model(src) as model:
         reads, read = {}, model.source.read
         monkeypatch.setattr(model.source, "read", lambda n, *a, **k: (reads.__setitem__(n, reads.get(n, 0) + 1),
@@ -197,10 +213,9 @@ def test_fused_experts_refused(model_cache, calib):
             FORMAT.plan(model, parse_target("gptq:w4g128"), ConvertOptions())
 
 
-def test_kill_and_resume_is_byte_identical(model_cache, tmp_path, calib, monkeypatch, killed_at_layer):
+def test_kill_and_resume_is_byte_identical(model_cache, converted, tmp_path, calib, monkeypatch, killed_at_layer):
     src = model_cache("deepseek_v3", fp8=True)
-    _, files = _convert(src, "w4g64", tmp_path / "whole")
-    whole = _files(files[0].parent)
+    whole = _files(converted("deepseek_v3", "w4g64", fp8=True)[1][0].parent)
     with killed_at_layer(2):
         _convert(src, "w4g64", tmp_path / "resumed")
     part = tmp_path / "resumed" / "m-GPTQ-w4g64.part"

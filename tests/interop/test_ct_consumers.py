@@ -110,9 +110,11 @@ def _group_of(module: str, groups: dict) -> dict:
 
 def test_compressed_tensors_packs_what_quantkit_stored(written, ct_env, tmp_path):
     """Per folder, layer 0's linears and one routed expert's: compressed-tensors' compressor on quantkit's
-    dequantized weight with quantkit's scale and (signed) zero point gives the stored tensors bit for bit."""
+    dequantized weight with quantkit's scale and (signed) zero point gives the stored tensors bit for bit.
+    Every folder's job goes to one driver run (one interpreter start, not one per folder)."""
     folders, _, _ = written
-    for key, folder in folders.items():
+    args, checks = [], {}
+    for i, (key, folder) in enumerate(folders.items()):
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         stored = _stored(folder)
         modules = sorted({n.rsplit(".", 1)[0] for n in stored if n.endswith(".weight_packed")
@@ -129,9 +131,12 @@ def test_compressed_tensors_packs_what_quantkit_stored(written, ct_env, tmp_path
                     tensors["weight_zero_point"] = (zeros - 2 ** (bits - 1)).to(torch.int8)
                 job = jobs.setdefault(json.dumps(group, sort_keys=True), {"scheme": group, "modules": {}})
                 job["modules"][module] = tensors
-        torch.save(list(jobs.values()), tmp_path / "job.pt")
-        ct_env("ct_check.py", "compress", tmp_path / "job.pt", tmp_path / "packed.pt")
-        theirs = torch.load(tmp_path / "packed.pt")
+        torch.save(list(jobs.values()), tmp_path / f"job{i}.pt")
+        args += [tmp_path / f"job{i}.pt", tmp_path / f"packed{i}.pt"]
+        checks[key] = (tmp_path / f"packed{i}.pt", modules, stored)
+    ct_env("ct_check.py", "compress", *args)
+    for key, (packed, modules, stored) in checks.items():
+        theirs = torch.load(packed)
         assert modules and set(theirs) == set(modules), key
         for module, compressed in theirs.items():
             for suffix in ("weight_packed", "weight_shape", "weight_zero_point"):

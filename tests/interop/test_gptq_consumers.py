@@ -1,8 +1,10 @@
 """Real consumers of quantkit's GPTQ folders: transformers (with optimum and GPTQModel's CPU kernels) and
 GPTQModel itself, run in their own venv (conftest.gptqmodel_env), must load what `quantkit convert --to gptq:...`
 writes and compute the logits quantkit's forward computes on the same dequantized weights (quantkit's GPTQ input
-decoder). Quantization goes through the real FORMAT.write and quantkit.calib.layerwise.run_layers, calibrated on 16 x
-128 tokens of the bundled calibration text.
+decoder). Quantization goes through the real FORMAT.write and quantkit.calib.layerwise.run_layers, calibrated on
+CALIBRATION's tokens of the bundled calibration text (the consumers check packing and config, not the calibration's
+quality: 4 x 64 tokens write the same layout as the 16 x 128 the measurements below were made with, and measure
+the same: 1.1e-4 to 2.0e-4 dense, 5.7e-3 DeepSeek-V3 in GPTQModel).
 
 What loads where (GPTQModel 7.7.0, transformers 5.23.0, PEERS.md §8): llama and qwen2 load in transformers,
 sym and asym, with and without act-order, and match quantkit's forward. DeepSeek-V3 with per-expert GPTQ linears
@@ -37,6 +39,7 @@ TOLERANCE = 1e-3
 DEEPSEEK_GPTQMODEL_BOUND = 0.02
 # transformers on tiny-deepseek: routed experts left unfilled (randomly initialised), measured 0.70-0.74.
 DEEPSEEK_TRANSFORMERS_WRONG = 0.2
+CALIBRATION = {"calib_samples": 4, "calib_ctx": 64}
 
 
 def _windows(model: Model) -> list[list[int]]:
@@ -48,7 +51,7 @@ def _windows(model: Model) -> list[list[int]]:
 def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[list[int]], dict]:
     """GPTQ folders of the bundled model, its held-out windows, and quantkit's logits on each folder."""
     written = {plan.target: path for path, plan in
-               api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, calib_samples=16, calib_ctx=128)}
+               api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, **CALIBRATION)}
     with Model(MODELS_DIR / name) as source:
         windows = _windows(source)
     ours = {}
@@ -58,13 +61,32 @@ def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[
     return written, windows, ours
 
 
-def _consumer(run, loader: str, folders: dict, windows, tmp) -> dict[str, dict]:
-    (tmp / "windows.json").write_text(json.dumps(windows))
-    args = []
-    for scheme, folder in folders.items():
-        args += [folder, tmp / f"{loader}-{scheme}.pt"]
-    run("gptq_logits.py", loader, tmp / "windows.json", *args)
-    return {scheme: torch.load(tmp / f"{loader}-{scheme}.pt") for scheme in folders}
+# (model, schemes, loaders): every folder and loader of the module, converted and run once for all its tests
+RUNS = [("tiny-qwen2", SCHEMES, ["transformers"]), ("tiny-llama", SCHEMES, ["transformers"]),
+        ("tiny-deepseek", ["w4g128"], ["transformers", "gptqmodel"])]
+
+
+@pytest.fixture(scope="module")
+def consumed(gptqmodel_env, tmp_path_factory):
+    """{model: (folders, windows, quantkit's logits, {loader: {scheme: the consumer's result}})}: quantkit's GPTQ
+    folders of every model in RUNS and each loader's result on them, all in one driver run (one interpreter start
+    of the consumer env instead of one per model and loader)."""
+    tmp = tmp_path_factory.mktemp("gptq-consumers")
+    written, args, outs = {}, [], []
+    for name, schemes, loaders in RUNS:
+        written[name] = _write(name, tmp / name, schemes)
+        folders, windows, _ = written[name]
+        (tmp / f"windows-{name}.json").write_text(json.dumps(windows))
+        for loader in loaders:
+            for scheme, folder in folders.items():
+                out = tmp / f"{loader}-{name}-{scheme}.pt"
+                args += [loader, tmp / f"windows-{name}.json", folder, out]
+                outs.append((name, loader, scheme, out))
+    gptqmodel_env("gptq_logits.py", *args)
+    theirs = {name: {} for name in written}
+    for name, loader, scheme, out in outs:
+        theirs[name].setdefault(loader, {})[scheme] = torch.load(out)
+    return {name: (*written[name], theirs[name]) for name in written}
 
 
 def _relative_error(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> tuple[float, float]:
@@ -75,9 +97,9 @@ def _relative_error(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> tup
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
-def test_transformers_logits_match_quantkit(name, gptqmodel_env, tmp_path, record_property):
-    folders, windows, ours = _write(name, tmp_path, SCHEMES)
-    theirs = _consumer(gptqmodel_env, "transformers", folders, windows, tmp_path)
+def test_transformers_logits_match_quantkit(name, consumed, record_property):
+    _, _, ours, results = consumed[name]
+    theirs = results["transformers"]
     failures = []
     for scheme in SCHEMES:
         result = theirs[scheme]
@@ -94,15 +116,15 @@ def test_transformers_logits_match_quantkit(name, gptqmodel_env, tmp_path, recor
     assert not failures, failures
 
 
-def test_deepseek_loads_in_gptqmodel_not_transformers(gptqmodel_env, tmp_path, record_property):
-    folders, windows, ours = _write("tiny-deepseek", tmp_path, ["w4g128"])
+def test_deepseek_loads_in_gptqmodel_not_transformers(consumed, record_property):
+    _, windows, ours, results = consumed["tiny-deepseek"]
     with Model(MODELS_DIR / "tiny-deepseek") as source:
         reference = [source.forward(torch.tensor(w))[0] for w in windows]
     delta, relative = _relative_error(ours["w4g128"], reference)  # measured 5.6 (0.25): MoE routing moves
     print(f"tiny-deepseek gptq:w4g128 vs FP8 source (quantkit forward): max |dlogit| {delta:.3e} ({relative:.2e})")
     outcome = {}
     for loader in ("transformers", "gptqmodel"):
-        result = _consumer(gptqmodel_env, loader, folders, windows, tmp_path)["w4g128"]
+        result = results[loader]["w4g128"]
         outcome[loader] = result.get("error") or _relative_error(result["logits"], ours["w4g128"])
         print(f"tiny-deepseek gptq:w4g128 in {loader}: {outcome[loader]} {result.get('kernels')}")
     record_property("tiny-deepseek", outcome)

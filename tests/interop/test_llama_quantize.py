@@ -23,12 +23,15 @@ TRAINED = [n for n in MODEL_NAMES if (MODELS_DIR / n / "config.json").is_file()]
 @pytest.fixture(scope="module", params=TRAINED or [pytest.param(None, marks=pytest.mark.skip("no bundled models"))])
 def model_files(request, tmp_path_factory, bundled_gguf):
     """The model's name, a scratch folder with quantkit's own importance matrix of it (collected here: the
-    llama-imatrix files are tests/calib's), and its F32 GGUF (the session's shared file)."""
+    llama-imatrix files are tests/calib's), and its F32 GGUF (the session's shared file). quantkit's files of every
+    type are converted here in one pass over the checkpoint each (plain and with that imatrix), not one per test."""
     name = request.param
     out = tmp_path_factory.mktemp(name)
     with Model(MODELS_DIR / name) as model:
         tokens = torch.randint(3, model.arch.vocab_size, (4 * 128,), generator=torch.Generator().manual_seed(0))
         collect_imatrix(model, tokens, ctx=128, dataset="random").save(out / "imatrix.gguf")
+    bundled_gguf.many(name, TYPES)
+    bundled_gguf.many(name, TYPES, imatrix=out / "imatrix.gguf")
     return name, out, bundled_gguf(name, "F32")
 
 

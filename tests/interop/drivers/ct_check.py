@@ -1,7 +1,7 @@
 """Runs inside the compressed-tensors consumer venv (tests/interop/envs/compressed_tensors.txt), not with quantkit.
 
     python ct_check.py logits MODEL_DIR WINDOWS.json OUT.pt [MODEL_DIR WINDOWS.json OUT.pt ...]
-    python ct_check.py compress IN.pt OUT.pt
+    python ct_check.py compress IN.pt OUT.pt [IN.pt OUT.pt ...]
 
 logits: transformers' AutoModelForCausalLM.from_pretrained (its compressed-tensors integration, float32) on each
 folder; OUT.pt = {"logits": [float32 [T, vocab]] per window, "quantized": sorted names of the modules it set up
@@ -9,7 +9,7 @@ as quantized, "versions": {...}} or {"error": the loader's exception}.
 compress: IN.pt = [{"scheme": a config group (targets, weights, ...), "modules": {name: {"weight": float32 [out,
 in], "weight_scale", "weight_zero_point" (signed, asymmetric only)}}}, ...]; compressed-tensors' own
 PackedQuantizationCompressor.compress (what ModelCompressor.compress_model runs per module) on each module with
-its group's scheme; OUT.pt = {name: its compressed state dict}.
+its group's scheme; OUT.pt = {name: its compressed state dict}. Several job files share one interpreter start.
 """
 
 import json
@@ -58,7 +58,8 @@ def main() -> None:
             with open(windows) as f:
                 torch.save(logits(folder, json.load(f)), out)
     elif mode == "compress":
-        torch.save(compress(torch.load(args[0])), args[1])
+        for job, out in zip(args[::2], args[1::2], strict=True):
+            torch.save(compress(torch.load(job)), out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

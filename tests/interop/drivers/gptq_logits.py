@@ -1,12 +1,13 @@
 """Runs inside the GPTQModel consumer venv (tests/interop/envs/gptqmodel.txt), not with quantkit:
 load a GPTQ folder with a real consumer and write its logits on given token windows.
 
-    python gptq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [MODEL_DIR OUT.pt ...]
+    python gptq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [LOADER WINDOWS.json MODEL_DIR OUT.pt ...]
 
 LOADER: "transformers" (AutoModelForCausalLM.from_pretrained; optimum + gptqmodel's CPU kernels) or "gptqmodel"
 (GPTQModel.load(device="cpu")). WINDOWS.json: a list of token-id lists. Each OUT.pt: {"logits": [float32
 [T, vocab]], "kernels": sorted names of the quantized linear classes the consumer chose, "versions": {...}}, or
-{"error": the loader's exception} when that folder does not load. Several folders share one interpreter start.
+{"error": the loader's exception} when that folder does not load. Several folders (and loaders) share one
+interpreter start.
 """
 
 import json
@@ -44,11 +45,11 @@ def main() -> None:
     import gptqmodel
     import transformers
 
-    loader, windows_path, *pairs = sys.argv[1:]
-    windows = json.loads(open(windows_path).read())
+    args = sys.argv[1:]
     versions = {"torch": str(torch.__version__), "transformers": transformers.__version__,
                 "gptqmodel": gptqmodel.__version__}
-    for folder, out in zip(pairs[::2], pairs[1::2], strict=True):
+    for loader, windows_path, folder, out in zip(args[::4], args[1::4], args[2::4], args[3::4], strict=True):
+        windows = json.loads(open(windows_path).read())
         torch.save({**run(loader, folder, windows), "versions": versions}, out)
 
 
