@@ -21,10 +21,16 @@ def model(tmp_path_factory):
                                              "num_attention_heads": 8, "num_key_value_heads": 4})
 
 
+def _default_sigint() -> None:
+    """A suite started as a background job hands its children SIGINT ignored, and Python then installs no Ctrl-C
+    handler: the convert under test must see SIGINT as a terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(model, out, sig, to_group, delay):
     proc = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "convert", str(model), "--to", "gguf:Q4_K_M",
                              "--threads", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     part = out.with_name(out.name + ".part")
     workers = []
     deadline = time.monotonic() + 120
