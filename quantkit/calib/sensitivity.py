@@ -31,6 +31,7 @@ from quantkit import __version__
 from quantkit.arch.base import Architecture, Weights
 from quantkit.calib.engine import LayerWeights
 from quantkit.errors import ConfigError
+from quantkit.output import write_error
 from quantkit.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,6 @@ class Sensitivity:
             raise ConfigError(f"{origin}: not a quantkit sensitivity file ({exc!r} is missing or malformed); "
                               "delete it to measure again") from None
 
-    def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + ".part")
-        part.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(part, path)
-        return path
-
     @classmethod
     def load(cls, path: Path) -> Sensitivity:
         try:
@@ -123,9 +117,13 @@ def _overlay(base: Weights, replaced: dict[str, torch.Tensor]) -> Weights:
 @torch.no_grad()
 def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor], groups: Sequence[Group],
             degrade: Degrade, *, device: torch.device | str = "cpu", batch_bytes: int = 1 << 30,
-            progress: ProgressCallback | None = None) -> dict[str, dict[str, float]]:
+            progress: ProgressCallback | None = None, done: dict[str, dict[str, float]] | None = None,
+            checkpoint: Callable[[dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
     """Mean KLD per token of the model with one group at one scheme, for every group and candidate scheme.
-    Samples must have one length: they run as one batch (the statistics need no per-sample bit-exactness)."""
+    Samples must have one length: they run as one batch (the statistics need no per-sample bit-exactness).
+    `done`: costs already measured (a resumed run), not measured again; `checkpoint(costs)` is called with every
+    cost so far after each stage (the embedding, each layer, the head). A candidate's cost does not depend on
+    which others share its batch, so a resumed measurement equals an uninterrupted one."""
     device = torch.device(device)
     if len({len(s) for s in samples}) != 1:
         raise ConfigError("sensitivity samples must all have the same number of tokens")
@@ -136,15 +134,15 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
     for g in groups:
         if not EMBEDDING <= g.stage <= n_layers:
             raise ConfigError(f"group {g.name}: stage {g.stage} is outside the model")
-        by_stage.setdefault(g.stage, []).extend((g, s) for s in g.schemes)
+        by_stage.setdefault(g.stage, []).extend((g, s) for s in g.schemes if s not in (done or {}).get(g.name, {}))
     total = 2 * n_layers + sum(max(n_layers - stage, 1) * len(c) for stage, c in by_stage.items())  # as step() counts
-    done = 0
+    steps = 0
 
     def step(n: int = 1) -> None:
-        nonlocal done
-        done += n
+        nonlocal steps
+        steps += n
         if progress is not None:
-            progress(Progress("sensitivity", done, total, "layer-forwards"))
+            progress(Progress("sensitivity", steps, total, "layer-forwards"))
 
     def layer_forward(index: int, layer: Weights, hidden: torch.Tensor) -> torch.Tensor:
         return arch.layer_forward(index, layer, hidden, positions)
@@ -159,7 +157,7 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
         step()
     head = LayerWeights(weights)  # norm and lm_head, read once
     batch = max(1, batch_bytes // (4 * tokens * arch.hidden_size))
-    costs: dict[str, dict[str, float]] = {g.name: {} for g in groups}
+    costs: dict[str, dict[str, float]] = {g.name: dict((done or {}).get(g.name, {})) for g in groups}
 
     def finish(states: list[tuple[Group, str, dict, torch.Tensor]], start: int) -> None:
         """Candidates' hidden states entering layer `start` through the rest of the model, then scored."""
@@ -185,36 +183,80 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
         for i in range(0, len(cands), batch):
             yield [(g, s, degrade(g, s)) for g, s in cands[i:i + batch]]
 
+    def stage_done(stage: int) -> None:
+        if checkpoint is not None and by_stage.get(stage):
+            checkpoint(costs)
+
     for chunk in batches(EMBEDDING):
         finish([(g, s, r, arch.embed(_overlay(weights, r), ids)) for g, s, r in chunk], 0)
+    stage_done(EMBEDDING)
     hidden = embedded
     for index in range(n_layers):
         layer = LayerWeights(weights)
         for chunk in batches(index):
             finish([(g, s, r, layer_forward(index, _overlay(layer, r), hidden)) for g, s, r in chunk], index + 1)
+        stage_done(index)
         hidden = layer_forward(index, layer, hidden)
         layer.clear()
         step()
     for chunk in batches(n_layers):
         finish([(g, s, r, final) for g, s, r in chunk], n_layers)
+    stage_done(n_layers)
     return costs
 
 
 def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], degrade: Degrade,
                         *, path: Path | None = None, progress: ProgressCallback | None = None,
                         **settings) -> Sensitivity:
-    """The stored measurement at `path` when it was made on the same model, samples, groups and settings;
-    otherwise measured now (and saved to `path` when given)."""
+    """The stored measurement at `path` (default: the statistics cache, under a name holding the key) when it was
+    made on the same model, samples, groups and settings; otherwise measured now and saved there. While measuring,
+    `<path>.part` holds every cost so far: a killed run resumes from it (an unwritable cache only costs reuse)."""
     key = sensitivity_key(model, fmt, samples, groups, **settings)
-    if path is not None and path.is_file():
+    cached = path is None
+    if cached:
+        from quantkit.calib.cache import default_cache_dir
+
+        path = default_cache_dir() / f"{fmt}-sensitivity-{key}.json"
+    if path.is_file():
         stored = Sensitivity.load(path)
         if stored.key == key:
             log.info("sensitivity reused from %s", path)
             return stored
         log.warning("%s was measured on another model, text or candidate set; measuring again", path)
+    part = path.with_name(path.name + ".part")
+    done = _partial(part, key)
+    if done:
+        log.info("sensitivity resumed from %s: %d of %d candidates measured", part,
+                 sum(map(len, done.values())), sum(len(g.schemes) for g in groups))
+
+    def checkpoint(costs: dict[str, dict[str, float]]) -> None:
+        _write_json(part, {"version": SENSITIVITY_VERSION, "key": key, "costs": costs}, cached)
+
     started = time.monotonic()
-    costs = measure(model.arch, model.weights(), samples, groups, degrade, device=model.device, progress=progress)
+    costs = measure(model.arch, model.weights(), samples, groups, degrade, device=model.device, progress=progress,
+                    done=done, checkpoint=checkpoint)
     result = Sensitivity(fmt, key, sum(len(s) for s in samples), time.monotonic() - started, list(groups), costs)
-    if path is not None:
-        result.save(path)
+    _write_json(path, result.to_json(), cached)
+    part.unlink(missing_ok=True)
     return result
+
+
+def _partial(part: Path, key: str) -> dict[str, dict[str, float]]:
+    """The costs a killed measurement of the same key left; anything else there is ignored (and replaced)."""
+    try:
+        data = json.loads(part.read_text())
+        return data["costs"] if data.get("version") == SENSITIVITY_VERSION and data.get("key") == key else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_json(path: Path, data: dict, cached: bool) -> None:
+    """Written whole or not at all (tmp + rename); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        if not cached:
+            raise write_error(path, exc) from None

@@ -94,3 +94,51 @@ def test_progress_counts_to_its_total(model_cache):
             _degrade(model, groups), progress=seen.append)
     assert seen[-1].done == seen[-1].total and all(a.done < b.done for a, b in zip(seen, seen[1:], strict=False))
     model.close()
+
+
+def test_killed_measurement_resumes_with_identical_costs(model_cache, tmp_path):
+    model = Model(model_cache("llama"))
+    groups = _groups(model)
+    degrade = _degrade(model, groups)
+    samples = [torch.arange(3, 19), torch.arange(5, 21)]
+    listed = [g for g, _ in groups.values()]
+    whole = measure_sensitivity(model, "test", samples, listed, degrade, path=tmp_path / "whole.json")
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def dying(group, scheme):
+        if group.name == "last":  # layer 1's stage, after attn1's candidates; the embedding's stage is checkpointed
+            raise Killed
+        calls.append((group.name, scheme))
+        return degrade(group, scheme)
+
+    path = tmp_path / "resumed.json"
+    with pytest.raises(Killed):
+        measure_sensitivity(model, "test", samples, listed, dying, path=path)
+    assert not path.exists() and path.with_name("resumed.json.part").exists()
+    calls.clear()
+
+    def counting(group, scheme):
+        calls.append((group.name, scheme))
+        return degrade(group, scheme)
+
+    resumed = measure_sensitivity(model, "test", samples, listed, counting, path=path)
+    # the embedding's stage is not measured again; layer 1's unfinished stage and the head are
+    assert model.arch.num_layers == 2 and groups["attn1"][0].stage == groups["last"][0].stage == 1
+    assert sorted(calls) == [("attn1", "coarse"), ("attn1", "fine"), ("head", "coarse"), ("last", "coarse")]
+    assert resumed.costs == whole.costs and resumed.key == whole.key
+    assert not path.with_name("resumed.json.part").exists()
+    model.close()
+
+
+def test_default_location_is_the_statistics_cache(model_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    model = Model(model_cache("llama"))
+    groups = _groups(model)
+    result = measure_sensitivity(model, "test", [torch.arange(3, 19)], [g for g, _ in groups.values()],
+                                 _degrade(model, groups))
+    assert (tmp_path / "calib" / f"test-sensitivity-{result.key}.json").is_file()
+    model.close()
