@@ -100,7 +100,35 @@ def variants(source, fmt: str, ctx: int, kv_type: str, vram: int, gpus: int = 1)
     fitting = [v for v in out if v.fits]
     if fitting:
         max(fitting, key=lambda v: v.bpw).best = True
+    if fmt == "gguf" and not isinstance(source, GGUFFile):
+        out.append(_auto_fit(source, ctx, kv, vram, gpus))
     return out
+
+
+def _auto_fit(source, ctx: int, kv: str, vram: int, gpus: int) -> Variant:
+    """What `convert --to gguf:auto --fit-vram` would make: the largest automatic mix that fits (its size; its
+    quality needs the sensitivity measurement, so it is never marked best). Between every quantizable tensor at
+    its smallest candidate and at its largest."""
+    from quantkit.formats.gguf.auto import CANDIDATES
+    from quantkit.formats.gguf.format import model_facts
+    from quantkit.formats.gguf.mixtures import plan_types, row_fallback, tensor_nbytes
+    from quantkit.formats.gguf.tensors import mapping_for
+
+    base = plan_types({t.name: t.shape for t in mapping_for(source.arch).tensors()}, model_facts(source), "Q8_0",
+                      imatrix=True, pure=True)
+    fixed = least = most = 0
+    for e in base.entries:
+        if not e.quantized:
+            fixed += e.nbytes
+            continue
+        sizes = [tensor_nbytes(row_fallback(e.name, e.shape[-1], c), e.shape) for c in CANDIDATES]
+        least, most = least + min(sizes), most + max(sizes)
+    estimate = vram_plan(source.arch, base, ctx, kv)
+    room = gpus * vram - estimate.kv_cache - gpus * estimate.compute - fixed
+    weights = fixed + max(least, min(most, room))
+    need = weights + estimate.kv_cache + gpus * estimate.compute
+    return Variant("gguf:auto --fit-vram", "gguf", "auto", round(8 * weights / base.n_elements, 3), weights,
+                   estimate.kv_cache, estimate.compute, need, room >= least)
 
 
 # how `quantkit eval` names a folder's storage (its input decoder's label) per output format

@@ -46,8 +46,13 @@ def test_qwen_7b_kv_cache_and_the_best_fitting_variant():
     assert rows["gguf:Q4_K_M"].bpw == pytest.approx(4.91, abs=0.01)
     best = [r for r in rows.values() if r.best]
     assert len(best) == 1 and best[0].fits
-    assert all(not r.fits or r.bpw <= best[0].bpw for r in rows.values())
+    fixed = [r for r in rows.values() if r.spec != "auto"]
+    assert all(not r.fits or r.bpw <= best[0].bpw for r in fixed)
     assert not rows["gguf:BF16"].fits and rows["gguf:Q2_K"].fits
+    # what gguf:auto --fit-vram would fill: more bits than the best fixed type, never over the budget
+    auto = rows["gguf:auto --fit-vram"]
+    assert auto.fits and not auto.best and best[0].bpw < auto.bpw and auto.total_bytes <= 8 * GIB
+    assert 8 * GIB - auto.total_bytes < 64 << 10
 
 
 def test_r1_mla_cache_and_gpus():
