@@ -24,7 +24,6 @@ from quantkit.errors import ConfigError
 from quantkit.formats.layerwise_folder import KEPT, KEPT_DTYPE, quantized_linears
 from quantkit.model import Model
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
-from quantkit.plan.plan import bits_per_weight
 from quantkit.plan.vram import vram_plan
 from quantkit.quant.gptq import rtn_quantize
 
@@ -89,7 +88,7 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
     floor = plan_fixed + sum(min(g.nbytes) for g in groups)  # bf16 is never the smallest
     limit = _limit(model, budget, n_elements)
     if floor > limit:  # before measuring anything
-        raise BudgetError(_too_small(model, budget, floor, n_elements))
+        raise BudgetError(budget.refusal("ct:auto", "linear", floor, limit, n_elements))
 
     def degrade(group: Group, scheme: str) -> dict[str, torch.Tensor]:
         config = schemes[scheme].gptq()
@@ -151,17 +150,3 @@ def _limit(model: Model, budget: Budget, n_elements: int) -> int:
     if budget.size is not None:
         return budget.size - SAFETENSORS_ENTRY_BYTES * n_tensors
     return budget.gpus * budget.vram - _overhead(model, budget)
-
-
-def _too_small(model: Model, budget: Budget, floor: int, n_elements: int) -> str:
-    if budget.bpw is not None:
-        least = f"{bits_per_weight(floor, n_elements):.2f} bpw"
-    elif budget.size is not None:
-        least = f"{floor + budget.size - _limit(model, budget, n_elements):,} bytes"
-    else:
-        per_gpu = (floor + _overhead(model, budget)) / budget.gpus
-        least = (f"{per_gpu / (1 << 30):.2f} GiB" if per_gpu >= 1 << 30 else f"{per_gpu / (1 << 20):.1f} MiB") + \
-            f" per GPU at ctx {budget.ctx}"
-    return (f"{budget.option} is below the smallest mix ct:auto can make of this model ({least}, every free "
-            "linear at its smallest candidate scheme); raise the budget" +
-            (" or shorten --ctx" if budget.vram is not None else ""))

@@ -119,6 +119,21 @@ class Budget:
             return self.given
         return self.given + (f"x{self.gpus}" if self.gpus > 1 else "") + f"-ctx{self.ctx}"
 
+    def refusal(self, target: str, unit: str, floor: int, limit: int, n_elements: int) -> str:
+        """The error for a budget whose `limit` (tensor bytes it leaves) is below `floor` (the smallest mix's), with
+        the smallest achievable figure in the budget's own terms: what the budget spends besides tensors (a file's
+        header, the KV cache and compute buffers) is its total less `limit`."""
+        if self.bpw is not None:
+            least = f"{8 * floor / n_elements:.2f} bpw"
+        elif self.size is not None:
+            least = f"{floor + self.size - limit:,} bytes"
+        else:
+            per_gpu = (floor + self.gpus * self.vram - limit) / self.gpus
+            least = (f"{per_gpu / (1 << 30):.2f} GiB" if per_gpu >= 1 << 30 else f"{per_gpu / (1 << 20):.1f} MiB") + \
+                f" per GPU at ctx {self.ctx}"
+        return (f"{self.option} is below the smallest mix {target} can make of this model ({least}, every free {unit} "
+                "at its smallest candidate); raise the budget" + (" or shorten --ctx" if self.vram is not None else ""))
+
     @property
     def option(self) -> str:
         """The command-line options it came from, for messages."""

@@ -26,7 +26,6 @@ from quantkit.formats.gguf.writer import importance_rows
 from quantkit.model import Model
 from quantkit.plan import Plan
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
-from quantkit.plan.plan import bits_per_weight
 from quantkit.plan.vram import vram_plan
 from quantkit.quant import get_codec
 
@@ -143,7 +142,7 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     floor = fixed + sum(min(g.nbytes) for g in groups if g.name in free)
     limit = _tensor_budget(model, base, budget, metadata)
     if floor > limit:  # before measuring anything
-        raise BudgetError(_too_small(model, base, budget, floor, metadata))
+        raise BudgetError(budget.refusal("gguf:auto", "tensor", floor, limit, base.n_elements))
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
                                       progress=options.progress, importance=_digest(importance),
@@ -182,21 +181,6 @@ def _tensor_budget(model: Model, base: Plan, budget: Budget, metadata: dict[str,
     if budget.size is not None:
         return budget.size - _header_bytes(metadata, base, [e.name for e in base.entries])
     return budget.gpus * budget.vram - _overhead(model, base, budget)
-
-
-def _too_small(model: Model, base: Plan, budget: Budget, floor: int, metadata: dict[str, Value]) -> str:
-    if budget.bpw is not None:
-        least = f"{bits_per_weight(floor, base.n_elements):.2f} bpw"
-    elif budget.size is not None:
-        least = f"{floor + _header_bytes(metadata, base, [e.name for e in base.entries]):,} bytes"
-    else:
-        need = floor + _overhead(model, base, budget)
-        per_gpu = need / budget.gpus
-        least = (f"{per_gpu / (1 << 30):.2f} GiB" if per_gpu >= 1 << 30 else f"{per_gpu / (1 << 20):.1f} MiB") + \
-            f" per GPU at ctx {budget.ctx}"
-    return (f"{budget.option} is below the smallest mix gguf:auto can make of this model ({least}, every free "
-            f"tensor at its smallest candidate type); raise the budget" +
-            (" or shorten --ctx" if budget.vram is not None else ""))
 
 
 __all__ = ["CANDIDATES", "Candidates", "auto_file_type", "auto_metadata", "plan_auto", "stage_of"]
