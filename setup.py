@@ -19,6 +19,7 @@ setup(
         "tokenizers>=0.19",
         "matplotlib>=3.7",  # quantkit eval's quality-vs-VRAM plot
         "tqdm>=4.60",  # the CLI's progress bars
+        "pyyaml>=6",  # recipes; the model card's front matter
     ],
     # llama-cpp-python is pinned: quantkit's llama.cpp mixture rules follow the llama.cpp it vendors, and the
     # interop tests compare our bytes with that ggml. It builds from source (about 8 minutes on 2 cores).
@@ -27,9 +28,10 @@ setup(
     extras_require={
         # sentencepiece trains and checks the SentencePiece test tokenizers; quantkit reads tokenizer.model itself
         "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "sentencepiece>=0.2", "llama-cpp-python==0.3.36",
-                 "lm-eval==0.4.13"],
+                 "lm-eval==0.4.13", "huggingface_hub>=0.24"],
         "interop": ["transformers>=4.57", "llama-cpp-python==0.3.36"],
         "lm-eval": ["lm-eval==0.4.13"],
+        "publish": ["huggingface_hub>=0.24", "pyyaml>=6"],  # quantkit publish (the upload; staging needs neither)
     },
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
 )

@@ -19,3 +19,8 @@ class UnsupportedArchitectureError(QuantkitError):
 
 class OutputError(QuantkitError):
     """An output location cannot be written: missing permission, a read-only file system, a full disk."""
+
+
+class PublishError(QuantkitError):
+    """A variant directory cannot be published as it is: missing files or eval results, a bad repo id, a staging
+    folder holding something else, no hub token."""
