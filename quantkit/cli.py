@@ -334,6 +334,42 @@ def plan(model, vram, gpus, ctx, kv_type, fmt, as_json, list_catalog, reports):
                             "KV type")
 
 
+@main.command()
+@click.argument("variant_dir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, metavar="USER/NAME", help="Hugging Face model repo to publish to.")
+@click.option("-o", "--output", "staging_dir", type=click.Path(path_type=Path),
+              help="Staging folder: the repo's files, checksummed (default: <RUN_DIR>/publish/<model>-<variant>).")
+@click.option("--dry-run", is_flag=True, help="Stage and list what would be uploaded (path, bytes, sha256); "
+                                              "upload nothing. The staging folder is kept for inspection.")
+@click.option("--max-shard-size", default="48GB", show_default=True, metavar="SIZE",
+              help="A GGUF larger than this is re-split into gguf-split shards of at most SIZE of tensor data "
+                   "(the Hub refuses files over 50GB).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--token", help="Hugging Face token (default: HF_TOKEN, or the login `hf auth login` stored).")
+def publish(variant_dir, repo_id, staging_dir, dry_run, max_shard_size, private, token):
+    """Publish VARIANT_DIR (one variant of a `quantkit run`: RUN_DIR/<model>/<variant>) to the Hugging Face Hub:
+    model card with its measured quality and VRAM, SHA256SUMS and the artifact, uploaded in one commit."""
+    from quantkit import publish as api
+    from quantkit.plan.vram import parse_bytes
+
+    api.check_repo_id(repo_id)
+    max_bytes = parse_bytes(max_shard_size)
+    if not dry_run:  # before staging, which may copy or re-split hundreds of GB
+        token = api.resolve_token(token)
+    staging_dir = staging_dir or api.default_staging_dir(variant_dir)
+    staged = api.stage(variant_dir, staging_dir, repo_id, max_shard_bytes=max_bytes)
+    total = sum(f.size for f in staged)
+    if dry_run:
+        click.echo(f"would upload {len(staged)} files ({total} bytes) to https://huggingface.co/{repo_id}:")
+        width = max(len(f.path) for f in staged)
+        for f in staged:
+            click.echo(f"{f.path.ljust(width)}  {f.size:>14}  {f.sha256}")
+        click.echo(f"staged in {staging_dir} (dry run: nothing uploaded)")
+        return
+    url = api.upload(staging_dir, repo_id, token=token, private=private)
+    click.echo(f"uploaded {len(staged)} files ({_bytes(total)}) to {url}")
+
+
 def _summary_lines(r: dict):
     yield "model", r["path"]
     if r["architecture"] is None:
