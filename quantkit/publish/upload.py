@@ -44,7 +44,8 @@ def upload(staging_dir: str | Path, repo_id: str, token: str | None = None, priv
     operations = [hf.CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(staging_dir / f.path))
                   for f in files]
     try:
-        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        # Only an explicit --private is passed: without it the Hub's default (the owner's setting) applies.
+        api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True, **({"private": True} if private else {}))
         api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
                           commit_message=f"quantkit publish: {manifest.get('label', repo_id)}")
     except HfHubHTTPError as exc:

@@ -128,3 +128,33 @@ def test_resplit_of_shards_joins_and_resplits(run, tmp_path):
     with pytest.raises(PublishError, match="cannot be split"):
         resplit_gguf([source], tmp_path / "d" / "m.gguf", 1000)
     assert not list((tmp_path / "d").glob("*"))
+
+
+def test_gguf_split_artifact_is_staged_as_is(run, tmp_path):
+    """A variant written as gguf-split shards (convert --split-max-size) keeps them when each is under the limit;
+    the card's VRAM counts the tensors of every shard."""
+    from quantkit.publish import render_card
+
+    model = tmp_path / "run" / "tiny-qwen2"
+    variant = model / "Q8_0"
+    variant.mkdir(parents=True)
+    shutil.copytree(run.root / "tiny-qwen2" / "eval", model / "eval")
+    whole = run.variant("Q8_0") / "tiny-qwen2-Q8_0.gguf"
+    shards = resplit_gguf([whole], variant / "tiny-qwen2-Q8_0.gguf", whole.stat().st_size // 2)
+    info = json.loads((run.variant("Q8_0") / "variant.json").read_text())
+    info.update(artifact=shards[0].name, files=[p.name for p in shards])
+    (variant / "variant.json").write_text(json.dumps(info))
+    report = json.loads((model / "eval" / "report.json").read_text())
+    for row in report["variants"]:
+        if row["name"] == "tiny-qwen2-Q8_0":
+            row["name"] = shards[0].stem  # what `quantkit eval` names a set of shards: its first file
+    (model / "eval" / "report.json").write_text(json.dumps(report))
+
+    staged = stage(variant, tmp_path / "s", REPO)
+    names = [f.path for f in staged if f.path.endswith(".gguf")]
+    assert names == [p.name for p in shards]
+    assert all((tmp_path / "s" / n).stat().st_ino == (variant / n).stat().st_ino for n in names)
+    def vram(card: str) -> str:
+        return card.split("## VRAM")[1].split("## Usage")[0]
+
+    assert vram(render_card(variant, REPO)) == vram(render_card(run.variant("Q8_0"), REPO))

@@ -1,6 +1,8 @@
 """Upload: one repo creation, one commit holding every staged file; the token and package problems said in one line.
 huggingface_hub's HfApi is replaced by a recorder: nothing here touches the network."""
 
+import inspect
+
 import pytest
 
 from quantkit.errors import PublishError
@@ -10,15 +12,21 @@ REPO = "alice/tiny-qwen2-Q4_K_M-GGUF"
 
 
 class FakeHfApi:
-    calls: list = []
+    """Records calls, each checked against the installed HfApi's own signature."""
 
-    def __init__(self, token=None, **kwargs):
-        self.calls.append(("init", {"token": token}))
+    calls: list = []
+    real = None
+
+    def __init__(self, **kwargs):
+        inspect.signature(self.real.__init__).bind(self, **kwargs)
+        self.calls.append(("init", kwargs))
 
     def create_repo(self, **kwargs):
+        inspect.signature(self.real.create_repo).bind(self, **kwargs)
         self.calls.append(("create_repo", kwargs))
 
     def create_commit(self, **kwargs):
+        inspect.signature(self.real.create_commit).bind(self, **kwargs)
         self.calls.append(("create_commit", kwargs))
 
 
@@ -26,6 +34,7 @@ class FakeHfApi:
 def hub(monkeypatch, tmp_path):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     FakeHfApi.calls = []
+    FakeHfApi.real = huggingface_hub.HfApi
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     # no stored login or token from the machine running the tests
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -44,6 +53,7 @@ def test_upload_is_one_commit_of_every_staged_file(run, tmp_path, hub):
     assert FakeHfApi.calls[0][1]["token"] == "hf_test"
     repo = FakeHfApi.calls[1][1]
     assert repo["repo_id"] == REPO and repo["exist_ok"] is True and repo["private"] is True
+    assert repo["repo_type"] == "model"
     commit = FakeHfApi.calls[2][1]
     assert commit["repo_id"] == REPO
     ops = commit["operations"]
@@ -60,6 +70,7 @@ def test_token_from_the_environment(run, tmp_path, hub, monkeypatch):
     monkeypatch.setattr(hub, "get_token", lambda: "hf_from_env")
     upload(out, REPO)
     assert FakeHfApi.calls[0][1]["token"] == "hf_from_env"
+    assert "private" not in FakeHfApi.calls[1][1]  # the owner's default visibility applies
 
 
 def test_missing_token_is_one_clear_error(run, tmp_path, hub):
