@@ -369,6 +369,41 @@ def publish(variant_dir, repo_id, staging_dir, dry_run, max_shard_size, private,
     url = api.upload(staging_dir, repo_id, token=token, private=private)
     click.echo(f"uploaded {len(staged)} files ({_bytes(total)}) to {url}")
 
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path),
+              help="Run directory (default: runs/<recipe name>). Rerunning on it resumes: finished work is skipped.")
+@click.option("--only", metavar="NAME", help="Only this model, variant, or MODEL/VARIANT (and what it needs).")
+@click.option("--dry-run", is_flag=True, help="Print what the run will compute (passes, variants, planned sizes, "
+                                              "what is finished already); compute nothing.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: tasks on a Ray cluster (--address).")
+@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance).")
+@click.option("--jobs", type=int, help="Local tasks at once (default: one per 4 cores); one calibration at a time.")
+@click.option("--threads", type=int, help="Threads per task (default: cores / jobs). Give the same number to "
+                                          "reproduce a run's bytes on another machine or executor.")
+@click.option("--device", default=None, help="Device for calibration and quantization (default: cuda if "
+                                              "available, else cpu).")
+def run(recipe, run_dir, only, dry_run, executor, address, jobs, threads, device):
+    """Run RECIPE (YAML: models x variants, shared calibration and evaluation): every variant of every model,
+    one read and one calibration pass per model for its variants, evaluated into one report per model and an
+    index; resumable after a kill, locally or on a Ray cluster."""
+    from quantkit.recipe import RunSettings, describe_run, load_recipe, run_recipe
+
+    loaded = load_recipe(recipe)
+    run_dir = run_dir or Path("runs") / loaded.name
+    if dry_run:
+        click.echo(describe_run(loaded, run_dir, only))
+        return
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for value, name in ((jobs, "--jobs"), (threads, "--threads")):
+        if value is not None and value < 1:
+            raise QuantkitError(f"{name} must be at least 1")
+    run_recipe(loaded, RunSettings(run_dir, executor, address, jobs, threads, device), only)
+    click.echo(f"finished: {run_dir / 'index.md'}")
 
 def _summary_lines(r: dict):
     yield "model", r["path"]

@@ -59,22 +59,26 @@ def _open_source(path: str | Path, device: str):
 
 
 def convert(model_path: str | Path, targets: list[str], output: Path | None = None, *, dry_run: bool = False,
-            **options) -> list[tuple[Path, Plan]]:
+            paths: list[Path] | None = None, **options) -> list[tuple[Path, Plan]]:
     """Plan (and unless dry_run, write) every target; `options` are ConvertOptions fields (imatrix=...,
-    force=..., threads=...). Returns (path, plan) per target in the order given: a folder output's folder, or
-    a file output's file (with sharded output, the first shard)."""
+    force=..., threads=...). `paths` (one per target, instead of `output`) places each output itself, as a recipe
+    run does. Returns (path, plan) per target in the order given: a folder output's folder, or a file output's
+    file (with sharded output, the first shard)."""
     parsed = [parse_target(t) for t in targets]
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:SPEC, e.g. --to gguf:Q4_K_M")
     options = ConvertOptions(**options)
     parsed = _name_auto_targets(parsed, options.budget)
+    if paths is not None and len(paths) != len(parsed):
+        raise ValueError(f"{len(paths)} paths for {len(parsed)} targets")
     if not dry_run:  # before reading anything: an unwritable location is found now, not after the work
-        check_writable(output_paths("model", parsed, output)[0].parent)
+        for folder in {p.parent for p in paths} if paths else {output_paths("model", parsed, output)[0].parent}:
+            check_writable(folder)
     source = _open_source(model_path, options.device)
     try:
         model_name = options.name or (Path(model_path).stem if isinstance(source, GGUFFile)
                                       else source.source.path.name)
-        paths = output_paths(model_name, parsed, output)
+        paths = list(paths) if paths is not None else output_paths(model_name, parsed, output)
         if options.keep_first_dense:
             options.tensor_types = [keep_first_dense(source), *options.tensor_types]
         by_format: dict[str, list[int]] = {}

@@ -183,6 +183,9 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
     def __init__(self):
         self._auto: dict[str, tuple] = {}  # auto target spec -> (configs, notes, auto report)
 
+    def prepare(self, source, options: ConvertOptions) -> None:
+        self._auto = {}  # the format is a module-level object: a choice made for another model must not be reused
+
     def parse_spec(self, spec: str) -> Target:
         if spec.strip().lower() in AUTO_SPECS:  # convert names it after its budget (auto-gptq-4.00bpw)
             return Target(self.name, spec.strip().lower())

@@ -96,7 +96,8 @@ def bits_per_weight(total_bytes: int, n_elements: int) -> float:
     return 8 * total_bytes / n_elements if n_elements else 0.0
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """Bytes for people: 1.25 GiB."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -123,5 +124,5 @@ def format_plan(plan: Plan, heading: str = "") -> str:
     out.append(f"{heading or plan.format + ' ' + plan.target}; tensors by {head[2]}: "
                + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())))
     out.append(f"total: {len(plan.entries)} tensors, {plan.n_elements:,} weights, {plan.total_bytes:,} bytes "
-               f"({_size(plan.total_bytes)}), {plan.bpw:.4f} bpw")
+               f"({format_size(plan.total_bytes)}), {plan.bpw:.4f} bpw")
     return "\n".join(out) + "\n"

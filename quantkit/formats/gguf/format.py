@@ -76,6 +76,7 @@ class GGUFFormat(OutputFormat):
 
     def prepare(self, source, options: ConvertOptions) -> None:
         self._imatrix = (options.imatrix, Imatrix.load(options.imatrix)) if options.imatrix is not None else None
+        self._auto = {}  # one run's choices (the format object outlives a convert call)
 
     def reads_scheme(self, scheme: str) -> bool:
         return is_ggml_type(scheme)
@@ -87,7 +88,8 @@ class GGUFFormat(OutputFormat):
             shapes, facts = {n: source.shape(n) for n in source.tensors}, gguf_facts(source)
         else:
             shapes, facts = {t.name: t.shape for t in mapping_for(source.arch).tensors()}, model_facts(source)
-        return plan_types(shapes, facts, target.spec, imatrix=self._imatrix is not None,
+        # options.imatrix, not the loaded file: a recipe's dry run plans variants before their imatrix exists
+        return plan_types(shapes, facts, target.spec, imatrix=options.imatrix is not None,
                           tensor_types=[t for t in options.tensor_types if self.reads_scheme(parse_override(t).scheme)],
                           output_tensor_type=options.output_tensor_type,
                           token_embedding_type=options.token_embedding_type, pure=options.pure)
