@@ -3,6 +3,7 @@ each group of formats sharing a pass: GPTQ and AWQ) writing all of its outputs f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from quantkit.errors import ConfigError
@@ -37,19 +38,29 @@ def keep_first_dense(source) -> str:
     return rf"^(?:model\.layers|blk)\.(?:{'|'.join(map(str, range(dense)))})\.=bf16"
 
 
-def _name_auto_targets(targets: list[Target], budget) -> list[Target]:
+def name_auto_targets(targets: list[Target], budgets: list) -> list[Target]:
     """An `auto` target is named after its budget (gguf:auto -> gguf:auto-4.00bpw, written as
-    <model>-auto-4.00bpw.gguf; ct:auto-gptq -> ct:auto-gptq-4.00bpw); a budget without an auto target would silently
-    do nothing."""
-    auto = [t for t in targets if t.spec.split("-")[0] == "auto"]
-    if budget is None:
-        if auto:
-            raise ConfigError(f"{auto[0]} needs a budget: --target-bpw 4.0, --target-size 20GB or "
+    <model>-auto-4.00bpw.gguf; ct:auto-gptq -> ct:auto-gptq-4.00bpw)."""
+    named = []
+    for target, budget in zip(targets, budgets, strict=True):
+        if target.spec.split("-")[0] != "auto":
+            named.append(target)
+        elif budget is None:
+            raise ConfigError(f"{target} needs a budget: --target-bpw 4.0, --target-size 20GB or "
                               "--fit-vram 24GiB --ctx 32768")
-        return targets
-    if not auto:
-        raise ConfigError(f"{budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto)")
-    return [Target(t.format, f"{t.spec}-{budget.label}") if t in auto else t for t in targets]
+        else:
+            named.append(Target(target.format, f"{target.spec}-{budget.label}"))
+    return named
+
+
+def check_overrides_used(parsed: list[Target], plans: list[Plan], options: list[ConvertOptions]) -> None:
+    """Every --tensor-type override decides some tensor of the targets it was given for."""
+    by_overrides: dict[tuple[str, ...], list[int]] = {}
+    for i, own in enumerate(options):
+        by_overrides.setdefault(tuple(own.tensor_types), []).append(i)
+    for overrides, indices in by_overrides.items():
+        check_all_used(parse_overrides(overrides), (e.note for i in indices for e in plans[i].entries),
+                       lambda o, ix=indices: any(get_format(parsed[i].format).reads_scheme(o.scheme) for i in ix))
 
 
 def _open_source(path: str | Path, device: str):
@@ -59,18 +70,25 @@ def _open_source(path: str | Path, device: str):
 
 
 def convert(model_path: str | Path, targets: list[str], output: Path | None = None, *, dry_run: bool = False,
-            paths: list[Path] | None = None, **options) -> list[tuple[Path, Plan]]:
+            paths: list[Path] | None = None, target_options: list[dict] | None = None,
+            **options) -> list[tuple[Path, Plan]]:
     """Plan (and unless dry_run, write) every target; `options` are ConvertOptions fields (imatrix=...,
-    force=..., threads=...). `paths` (one per target, instead of `output`) places each output itself, as a recipe
-    run does. Returns (path, plan) per target in the order given: a folder output's folder, or a file output's
-    file (with sharded output, the first shard)."""
+    force=..., threads=...). A recipe run passes, per target, its output path (`paths`, instead of `output`) and
+    the options only its plan reads (`target_options`: overrides, keep_first_dense, fix_mix, budget, damp), so
+    targets that differ only in those still share one read of the source and one calibration pass. Returns
+    (path, plan) per target in the order given: a folder output's folder, or a file output's file (with sharded
+    output, the first shard)."""
     parsed = [parse_target(t) for t in targets]
     if not parsed:
         raise ConfigError("nothing to do: give at least one --to FORMAT:SPEC, e.g. --to gguf:Q4_K_M")
     options = ConvertOptions(**options)
-    parsed = _name_auto_targets(parsed, options.budget)
-    if paths is not None and len(paths) != len(parsed):
-        raise ValueError(f"{len(paths)} paths for {len(parsed)} targets")
+    for given in (paths, target_options):
+        if given is not None and len(given) != len(parsed):
+            raise ValueError(f"{len(given)} paths or option sets for {len(parsed)} targets")
+    own = [replace(options, **(target_options[i] if target_options else {})) for i in range(len(parsed))]
+    if options.budget is not None and not any(t.spec.split("-")[0] == "auto" for t in parsed):
+        raise ConfigError(f"{options.budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto)")
+    parsed = name_auto_targets(parsed, [o.budget for o in own])
     if not dry_run:  # before reading anything: an unwritable location is found now, not after the work
         for folder in {p.parent for p in paths} if paths else {output_paths("model", parsed, output)[0].parent}:
             check_writable(folder)
@@ -79,8 +97,9 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
         model_name = options.name or (Path(model_path).stem if isinstance(source, GGUFFile)
                                       else source.source.path.name)
         paths = list(paths) if paths is not None else output_paths(model_name, parsed, output)
-        if options.keep_first_dense:
-            options.tensor_types = [keep_first_dense(source), *options.tensor_types]
+        for o in own:
+            if o.keep_first_dense:
+                o.tensor_types = [keep_first_dense(source), *o.tensor_types]
         by_format: dict[str, list[int]] = {}
         for index, target in enumerate(parsed):
             by_format.setdefault(target.format, []).append(index)
@@ -89,9 +108,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
             fmt = get_format(name)
             fmt.prepare(source, options)
             for i in indices:
-                plans[i] = fmt.plan(source, parsed[i], options)
-        check_all_used(parse_overrides(options.tensor_types), (e.note for p in plans for e in p.entries),
-                       lambda o: any(get_format(t.format).reads_scheme(o.scheme) for t in parsed))
+                plans[i] = fmt.plan(source, parsed[i], own[i])
+        check_overrides_used(parsed, plans, own)
         if dry_run:
             return list(zip(paths, plans, strict=True))
         by_pass: dict[str, list[int]] = {}
@@ -99,7 +117,7 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
             by_pass.setdefault(get_format(name).shared_pass or name, []).extend(indices)
         written: list[Path | None] = [None] * len(parsed)
         for indices in by_pass.values():
-            jobs = [Job(parsed[i], plans[i], paths[i]) for i in indices]
+            jobs = [Job(parsed[i], plans[i], paths[i], own[i]) for i in indices]
             writer = get_format(parsed[indices[0]].format)
             for i, files in zip(indices, writer.write(source, jobs, options), strict=True):
                 written[i] = paths[i] if paths[i].is_dir() else files[0]  # a folder format: the folder

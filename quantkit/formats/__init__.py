@@ -68,11 +68,13 @@ class ConvertOptions:
 
 @dataclass(frozen=True)
 class Job:
-    """One output to write: what was asked, the plan for it, and where it goes."""
+    """One output to write: what was asked, the plan for it, and where it goes. `options`: the target's own
+    (its overrides, budget: what its plan was made with) when the targets of one pass differ in those."""
 
     target: Target
     plan: Plan
     path: Path
+    options: ConvertOptions | None = None
 
 
 class OutputFormat:

@@ -191,9 +191,10 @@ class LayerwiseFolderFormat(OutputFormat):
         outputs = []
         for job in jobs:
             fmt = get_format(job.target.format)
-            writer = FolderWriter(job.path, model.folder, fmt._fingerprint(model, job, options), len(layers),
+            own = job.options or options
+            writer = FolderWriter(job.path, model.folder, fmt._fingerprint(model, job, own), len(layers),
                                   force=options.force)
-            outputs.append(_Output(fmt, job, writer, options, model))
+            outputs.append(_Output(fmt, job, writer, own, model))
         for out in outputs:
             if not out.writer.has(OTHER):
                 out.writer.write(OTHER, {n: _read_global(model, n).to(KEPT_DTYPE) for n in kept_globals(model)})

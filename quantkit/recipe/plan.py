@@ -12,8 +12,8 @@ from quantkit.formats import ConvertOptions, get_format, parse_target
 from quantkit.plan.plan import Plan, format_size
 from quantkit.recipe.runner import (
     ModelRun,
-    Step,
     build,
+    convert_options,
     uses_calibration,
     uses_imatrix,
     variant_id,
@@ -22,21 +22,20 @@ from quantkit.recipe.schema import Recipe, Variant
 from quantkit.recipe.state import STATE_NAME, RunState
 
 
-def plan_options(step: Step) -> ConvertOptions:
-    options = dict(step.options)
-    budget = options.pop("budget")
+def plan_options(recipe: Recipe, variant: Variant) -> ConvertOptions:
     from quantkit.recipe.schema import Budget
 
+    options = convert_options(recipe, variant)
+    budget = options.pop("budget")
     return ConvertOptions(**{**options, "imatrix": Path("imatrix.gguf") if options["imatrix"] else None,
                              "calib": Path(options["calib"]) if options["calib"] else None},
                           budget=Budget(**budget).build())
 
 
-def variant_plans(model: ModelRun) -> dict[str, Plan | None]:
+def variant_plans(recipe: Recipe, model: ModelRun) -> dict[str, Plan | None]:
     """Variant name -> its plan (None for an automatic mix: its choice needs the sensitivity measurement)."""
     from quantkit import catalog
-    from quantkit.convert import keep_first_dense
-    from quantkit.formats.overrides import check_all_used, parse_overrides
+    from quantkit.convert import check_overrides_used, keep_first_dense
     from quantkit.model import Model
 
     source = catalog.load(model.source) if model.is_catalog else Model(model.source)
@@ -45,19 +44,20 @@ def variant_plans(model: ModelRun) -> dict[str, Plan | None]:
         for step in model.steps:
             if step.kind != "convert":
                 continue
-            options = plan_options(step)
-            if options.keep_first_dense:
-                options.tensor_types = [keep_first_dense(source), *options.tensor_types]
+            own = [plan_options(recipe, v) for v in step.variants]
+            for options in own:
+                if options.keep_first_dense:
+                    options.tensor_types = [keep_first_dense(source), *options.tensor_types]
             targets = [parse_target(v.to) for v in step.variants]
-            for target in {t.format for t in targets}:
-                get_format(target).prepare(source, ConvertOptions())
-            for v, target in zip(step.variants, targets, strict=True):
+            for fmt in {t.format for t in targets}:
+                get_format(fmt).prepare(source, ConvertOptions())
+            for v, target, options in zip(step.variants, targets, own, strict=True):
                 plans[v.name] = (None if target.spec.startswith("auto")
                                  else get_format(target.format).plan(source, target, options))
-            made = [plans[v.name] for v in step.variants if plans[v.name] is not None]
-            if len(made) == len(targets):  # an auto target's overrides are checked when it runs
-                check_all_used(parse_overrides(options.tensor_types), (e.note for p in made for e in p.entries),
-                               lambda o, ts=targets: any(get_format(t.format).reads_scheme(o.scheme) for t in ts))
+            # overrides are checked as convert checks them (an auto target's when it runs)
+            checked = [i for i, v in enumerate(step.variants) if plans[v.name] is not None]
+            check_overrides_used([targets[i] for i in checked], [plans[step.variants[i].name] for i in checked],
+                                  [own[i] for i in checked])
     except QuantkitError as exc:
         raise QuantkitError(f"{model.name}: {exc}") from None
     finally:
@@ -74,7 +74,7 @@ def describe_run(recipe: Recipe, run_dir: Path, only: str | None = None) -> str:
     cal, ev = recipe.calibration, recipe.evaluation
     text = cal.text.name if cal.text else "the bundled calibration text"
     for model in runs:
-        plans = variant_plans(model)
+        plans = variant_plans(recipe, model)
         where = f"catalog config of {model.source}: plan only, no weights here" if model.is_catalog \
             else str(model.source)
         lines += ["", f"{model.name} ({where})"]

@@ -50,7 +50,7 @@ class Step:
     heavy: bool
     after: tuple[str, ...] = ()
     variants: list[Variant] = field(default_factory=list)  # convert: its variants; eval/cards: the model's
-    options: dict = field(default_factory=dict)  # convert: the options its variants share
+    options: dict = field(default_factory=dict)  # convert: the pass options its variants share
 
 
 @dataclass
@@ -84,9 +84,13 @@ def uses_imatrix(variant: Variant) -> bool:
     return variant.format == "gguf" and variant.imatrix
 
 
+# ConvertOptions fields a target's plan reads (convert takes them per target) vs. those of the whole pass
+TARGET_OPTIONS = ("tensor_types", "output_tensor_type", "token_embedding_type", "pure", "keep_first_dense",
+                  "fix_mix", "budget", "damp")
+
+
 def convert_options(recipe: Recipe, variant: Variant) -> dict:
-    """The ConvertOptions fields of a variant (JSON-able: its convert task carries them); variants with equal
-    options share one convert, i.e. one pass over the source."""
+    """The ConvertOptions fields of a variant (JSON-able: its convert task carries them)."""
     cal = recipe.calibration
     options = {"tensor_types": list(variant.tensor_types), "output_tensor_type": variant.output_tensor_type,
                "token_embedding_type": variant.token_embedding_type, "pure": variant.pure,
@@ -99,6 +103,11 @@ def convert_options(recipe: Recipe, variant: Variant) -> dict:
     if uses_calibration(variant) and cal.text is not None:
         options["calib"] = str(cal.text)
     return options
+
+
+def pass_options(options: dict) -> dict:
+    """What variants must share to be written in one convert: one read of the source, one calibration pass."""
+    return {k: v for k, v in options.items() if k not in TARGET_OPTIONS}
 
 
 def build(recipe: Recipe, only: str | None = None) -> list[ModelRun]:
@@ -127,7 +136,7 @@ def _model_run(recipe: Recipe, entry, variants: list[Variant]) -> ModelRun:
         steps.append(Step(imatrix_id, "imatrix", entry.name, heavy=True))
     groups: dict[str, list[Variant]] = {}
     for v in variants:
-        groups.setdefault(json.dumps(convert_options(recipe, v), sort_keys=True), []).append(v)
+        groups.setdefault(json.dumps(pass_options(convert_options(recipe, v)), sort_keys=True), []).append(v)
     converts = []
     for key, members in groups.items():
         options = json.loads(key)
@@ -178,8 +187,8 @@ class _Fingerprints:
         return _digest({"quantkit": __version__, "kind": "imatrix", "source": self.source,
                         "text": file_identity(cal.text), "ctx": cal.imatrix_ctx, "chunks": cal.imatrix_chunks})
 
-    def variant(self, step: Step, variant: Variant) -> str:
-        options = dict(step.options)
+    def variant(self, variant: Variant) -> str:
+        options = convert_options(self.recipe, variant)
         if options["imatrix"]:
             options["imatrix"] = _records_digest(self.state.tasks[f"{self.model.name}/imatrix"])
         if uses_calibration(variant):
@@ -188,7 +197,7 @@ class _Fingerprints:
             for key in ("calib", "calib_samples", "calib_ctx", "damp", "sensitivity_samples"):
                 options.pop(key)
         return _digest({"quantkit": __version__, "kind": "variant", "source": self.source, "to": variant.to,
-                        "options": options, "card": card_facts(self.recipe, self.model, variant, step.options)})
+                        "options": options, "card": card_facts(self.recipe, self.model, variant)})
 
     def evaluation(self, step: Step) -> str:
         ev = self.recipe.evaluation
@@ -204,14 +213,14 @@ class _Fingerprints:
                         "publish": asdict(self.recipe.publish)})
 
 
-def card_facts(recipe: Recipe, model: ModelRun, variant: Variant, options: dict) -> dict:
+def card_facts(recipe: Recipe, model: ModelRun, variant: Variant) -> dict:
     """What variant.json records besides the files: what a model card and `quantkit publish` need."""
     from quantkit.formats import parse_target
 
     return {"recipe": recipe.path.name, "model": model.name, "source": str(model.source),
             "base_model": model.entry.base_model, "license": model.entry.license, "variant": variant.name,
             "to": variant.to, "format": parse_target(variant.to).format,
-            "command": equivalent_command(model, variant, options),
+            "command": equivalent_command(model, variant, convert_options(recipe, variant)),
             "tags": sorted({*recipe.publish.tags, *variant.tags}),
             "eval_ctx": recipe.evaluation.ctx if recipe.evaluation.enabled else None}
 
@@ -362,7 +371,7 @@ class _Driver:
         if step.id not in self._known:
             fp = self.fingerprints[step.model]
             if step.kind == "convert":
-                self._known[step.id] = {variant_id(step.model, v): fp.variant(step, v) for v in step.variants}
+                self._known[step.id] = {variant_id(step.model, v): fp.variant(v) for v in step.variants}
             elif step.kind == "imatrix":
                 self._known[step.id] = {step.id: fp.imatrix()}
             elif step.kind == "eval":
@@ -399,7 +408,8 @@ class _Driver:
             if options["imatrix"]:
                 options["imatrix"] = f"{step.model}/{IMATRIX_FILE}"
             variants = [{"id": variant_id(step.model, v), "name": v.name, "to": v.to, "dir": f"{step.model}/{v.name}",
-                         "card": card_facts(self.recipe, model, v, step.options)} for v in todo]
+                         "options": {k: o for k, o in convert_options(self.recipe, v).items() if k in TARGET_OPTIONS},
+                         "card": card_facts(self.recipe, model, v)} for v in todo]
             return self._task(step, {"source": str(model.source), "model": step.model, "variants": variants,
                                      "options": options})
         fingerprint = fingerprints[step.id]

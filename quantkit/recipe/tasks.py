@@ -76,24 +76,24 @@ def _imatrix(task: Task, run_dir: Path) -> dict:
 
 
 def _convert(task: Task, run_dir: Path) -> dict:
-    from quantkit.convert import _name_auto_targets, convert
+    from quantkit.convert import convert, name_auto_targets
     from quantkit.formats import get_format, parse_target
     from quantkit.recipe.schema import Budget
     from quantkit.recipe.state import file_records
 
     p = task.params
     options = dict(p["options"])
-    budget = Budget(**options.pop("budget")).build()
     for key in ("imatrix", "calib"):
         if options[key] is not None:
             options[key] = Path(options[key])
-    targets = _name_auto_targets([parse_target(v["to"]) for v in p["variants"]], budget)
+    own = [{**v["options"], "budget": Budget(**v["options"]["budget"]).build()} for v in p["variants"]]
+    targets = name_auto_targets([parse_target(v["to"]) for v in p["variants"]], [o["budget"] for o in own])
     paths = [run_dir / v["dir"] / get_format(t.format).file_name(p["model"], t)
              for v, t in zip(p["variants"], targets, strict=True)]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as show:
-        written = convert(p["source"], [v["to"] for v in p["variants"]], paths=paths, budget=budget,
+        written = convert(p["source"], [v["to"] for v in p["variants"]], paths=paths, target_options=own,
                           threads=task.threads, device=task.device, progress=show, **options)
     records = {}
     for variant, (path, _plan) in zip(p["variants"], written, strict=True):
