@@ -197,7 +197,7 @@ class _Fingerprints:
             for key in ("calib", "calib_samples", "calib_ctx", "damp", "sensitivity_samples"):
                 options.pop(key)
         return _digest({"quantkit": __version__, "kind": "variant", "source": self.source, "to": variant.to,
-                        "options": options, "card": card_facts(self.recipe, self.model, variant)})
+                        "options": options})
 
     def evaluation(self, step: Step) -> str:
         ev = self.recipe.evaluation
@@ -208,13 +208,15 @@ class _Fingerprints:
 
     def cards(self, step: Step) -> str:
         report = _records_digest(self.state.tasks[f"{self.model.name}/eval"])
-        variants = {v.name: _records_digest(self.state.tasks[variant_id(self.model.name, v)]) for v in step.variants}
+        variants = {v.name: [_records_digest(self.state.tasks[variant_id(self.model.name, v)]),
+                             card_facts(self.recipe, self.model, v)] for v in step.variants}
         return _digest({"quantkit": __version__, "kind": "cards", "report": report, "variants": variants,
                         "publish": asdict(self.recipe.publish)})
 
 
 def card_facts(recipe: Recipe, model: ModelRun, variant: Variant) -> dict:
-    """What variant.json records besides the files: what a model card and `quantkit publish` need."""
+    """What variant.json records besides the artifact: what a model card and `quantkit publish` need (the cards
+    task writes it, so a change here redoes the cards, not the variant)."""
     from quantkit.formats import parse_target
 
     return {"recipe": recipe.path.name, "model": model.name, "source": str(model.source),
@@ -408,8 +410,8 @@ class _Driver:
             if options["imatrix"]:
                 options["imatrix"] = f"{step.model}/{IMATRIX_FILE}"
             variants = [{"id": variant_id(step.model, v), "name": v.name, "to": v.to, "dir": f"{step.model}/{v.name}",
-                         "options": {k: o for k, o in convert_options(self.recipe, v).items() if k in TARGET_OPTIONS},
-                         "card": card_facts(self.recipe, model, v)} for v in todo]
+                         "options": {k: o for k, o in convert_options(self.recipe, v).items() if k in TARGET_OPTIONS}}
+                        for v in todo]
             return self._task(step, {"source": str(model.source), "model": step.model, "variants": variants,
                                      "options": options})
         fingerprint = fingerprints[step.id]
@@ -424,11 +426,16 @@ class _Driver:
         elif step.kind == "eval":
             ev = self.recipe.evaluation
             params |= {"source": str(model.source), "out": f"{step.model}/{EVAL_DIR}",
-                       "artifacts": [f"{step.model}/{v.name}/{self._artifact(step.model, v)}" for v in step.variants],
+                       "artifacts": [f"{step.model}/{v.name}/{self._artifact(step.model, v)}"
+                                     for v in step.variants],
                        "text": str(ev.text) if ev.text else None, "tasks": str(ev.tasks) if ev.tasks else None,
                        "mc_items": ev.mc_items, "ctx": ev.ctx, "windows": ev.windows, "backend": ev.backend}
         else:
-            params |= {"variant_dirs": [f"{step.model}/{v.name}" for v in step.variants],
+            params |= {"variants": {f"{step.model}/{v.name}": {
+                           **card_facts(self.recipe, model, v),
+                           "artifact": self.state.tasks[variant_id(step.model, v)]["artifact"],
+                           "files": self.state.tasks[variant_id(step.model, v)]["artifact_files"]}
+                           for v in step.variants},
                        "plot": f"{step.model}/{EVAL_DIR}/quality_vs_vram.png",
                        "repo_ids": {f"{step.model}/{v.name}": self._repo_id(step.model, v) for v in step.variants}}
         return self._task(step, params)
@@ -442,8 +449,7 @@ class _Driver:
         return template.format(model=model, variant=variant.name, format=variant.format) if template else None
 
     def _artifact(self, model: str, variant: Variant) -> str:
-        info = json.loads((self.settings.run_dir / model / variant.name / "variant.json").read_text())
-        return info["artifact"]
+        return self.state.tasks[variant_id(model, variant)]["artifact"]
 
     def _restart_variant(self, model: str, variant: Variant, fingerprint: str) -> None:
         """Clear the variant's folder for a new attempt. A killed attempt of the same fingerprint keeps its
@@ -462,7 +468,8 @@ class _Driver:
     def _record(self, task: Task, outcome: dict) -> None:
         fingerprints = self._known[task.id]
         for record_id, files in outcome["records"].items():
-            self.state.finish(record_id, fingerprints[record_id], files, seconds=round(outcome["seconds"], 3))
+            self.state.finish(record_id, fingerprints[record_id], files, seconds=round(outcome["seconds"], 3),
+                              **outcome["facts"].get(record_id, {}))
 
 
 def _duration(seconds: float) -> str:
@@ -488,9 +495,8 @@ def write_index(run_dir: Path, runs: list[ModelRun], state: RunState) -> None:
             record = state.tasks.get(variant_id(m.name, v))
             if record is None:
                 continue
-            info = json.loads((run_dir / m.name / v.name / "variant.json").read_text())
-            row = rows.get(Path(info["artifact"]).name.removesuffix(".gguf"), {})
-            variants.append({"variant": v.name, "to": v.to, "path": f"{m.name}/{v.name}/{info['artifact']}",
+            row = rows.get(record["artifact"].removesuffix(".gguf"), {})
+            variants.append({"variant": v.name, "to": v.to, "path": f"{m.name}/{v.name}/{record['artifact']}",
                              "size_bytes": row.get("size_bytes"), "bpw": row.get("bpw"),
                              "kld_mean": (row.get("kld") or {}).get("mean"),
                              "kld_p99": (row.get("kld") or {}).get("p99"), "top1_pct": row.get("top1_pct"),

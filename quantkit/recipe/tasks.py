@@ -38,7 +38,8 @@ class Task:
 
 
 def execute(task: Task) -> dict:
-    """Run one task; returns {"records": {state id: {relative path: file record}}, "seconds": float}."""
+    """Run one task; returns {"records": {state id: {relative path: file record}}, "facts": {state id: what the
+    driver keeps beside the record (a variant's artifact name and files)}, "seconds": float}."""
     import torch
 
     torch.set_num_threads(task.threads)
@@ -46,8 +47,8 @@ def execute(task: Task) -> dict:
     # report rows) is then the same wherever the run directory is.
     os.chdir(task.run_dir)
     began = time.perf_counter()
-    records = _KINDS[task.kind](task, Path(task.run_dir))
-    return {"records": records, "seconds": time.perf_counter() - began}
+    records, facts = _KINDS[task.kind](task, Path(task.run_dir))
+    return {"records": records, "facts": facts, "seconds": time.perf_counter() - began}
 
 
 def _progress():
@@ -72,7 +73,7 @@ def _imatrix(task: Task, run_dir: Path) -> dict:
         result = collect_imatrix(model, tokens, ctx=p["ctx"], max_chunks=p["chunks"], dataset=dataset,
                                  progress=show, cache=StatisticsCache())
     result.save(out)
-    return {task.id: file_records(run_dir, [out])}
+    return {task.id: file_records(run_dir, [out])}, {}
 
 
 def _convert(task: Task, run_dir: Path) -> dict:
@@ -95,16 +96,15 @@ def _convert(task: Task, run_dir: Path) -> dict:
     with _progress() as show:
         written = convert(p["source"], [v["to"] for v in p["variants"]], paths=paths, target_options=own,
                           threads=task.threads, device=task.device, progress=show, **options)
-    records = {}
+    records, facts = {}, {}
     for variant, (path, _plan) in zip(p["variants"], written, strict=True):
         folder = run_dir / variant["dir"]
-        files = sorted(f for f in folder.iterdir() if f.name != VARIANT_FILE)
-        info = {**variant["card"], "artifact": path.name,
-                "files": sorted(f.relative_to(folder).as_posix() for g in files
-                                for f in ([g] if g.is_file() else sorted(g.rglob("*"))) if f.is_file())}
-        _write_json(folder / VARIANT_FILE, info)
-        records[variant["id"]] = file_records(run_dir, [*files, folder / VARIANT_FILE])
-    return records
+        files = sorted(folder.iterdir())
+        records[variant["id"]] = file_records(run_dir, files)
+        facts[variant["id"]] = {"artifact": path.name,
+                                "artifact_files": sorted(Path(rel).relative_to(variant["dir"]).as_posix()
+                                                for rel in records[variant["id"]])}
+    return records, facts
 
 
 def _eval(task: Task, run_dir: Path) -> dict:
@@ -131,26 +131,28 @@ def _eval(task: Task, run_dir: Path) -> dict:
         if path.is_absolute() and path.is_relative_to(run_dir):
             row["path"] = path.relative_to(run_dir).as_posix()
     files = write_report(report, run_dir / p["out"])
-    return {task.id: file_records(run_dir, list(files.values()))}
+    return {task.id: file_records(run_dir, list(files.values()))}, {}
 
 
 def _cards(task: Task, run_dir: Path) -> dict:
-    """Each variant's model card (README.md) and the plot it shows, beside the variant's files."""
+    """Beside each variant's files: variant.json (what it is and how it was made, what `quantkit publish` reads),
+    its model card (README.md) and the plot the card shows."""
     from quantkit.publish.card import render_card
     from quantkit.recipe.state import file_records
 
     p = task.params
     written = []
-    for folder in p["variant_dirs"]:
+    for folder, info in p["variants"].items():
         variant_dir = run_dir / folder
+        _write_json(variant_dir / VARIANT_FILE, info)
         plot = variant_dir / PLOT_FILE
         shutil.copyfile(run_dir / p["plot"], plot.with_name(PLOT_FILE + ".tmp"))
         plot.with_name(PLOT_FILE + ".tmp").replace(plot)
         card = variant_dir / CARD_FILE
         card.with_name(CARD_FILE + ".tmp").write_text(render_card(variant_dir, p["repo_ids"][folder]))
         card.with_name(CARD_FILE + ".tmp").replace(card)
-        written += [card, plot]
-    return {task.id: file_records(run_dir, written)}
+        written += [variant_dir / VARIANT_FILE, card, plot]
+    return {task.id: file_records(run_dir, written)}, {}
 
 
 def _write_json(path: Path, data: dict) -> None:
