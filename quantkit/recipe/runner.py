@@ -30,7 +30,7 @@ from quantkit.errors import QuantkitError
 from quantkit.plan.plan import format_size
 from quantkit.recipe.schema import Recipe, Variant, locate_model
 from quantkit.recipe.state import RunState
-from quantkit.recipe.tasks import EVAL_DIR, IMATRIX_FILE, Task
+from quantkit.recipe.tasks import EVAL_DIR, IMATRIX_FILE, Task, execute
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ class _Driver:
 
     def run(self) -> None:
         pending = [s for m in self.runs for s in m.steps]
-        total, began, finished_here = len(pending), time.monotonic(), 0
+        total = len(pending)
+        self._began, self._finished_here = time.monotonic(), 0
         running: dict[str, Step] = {}
         log.info("run %s: %d tasks in %s (%s executor)", self.recipe.name, total, self.settings.run_dir,
                  self.executor.name)
@@ -338,9 +339,13 @@ class _Driver:
                 if not self._has_room(step, running):
                     continue
                 log.info("start %s", step.id)
+                pending.remove(step)
+                if step.kind == "cards":  # a few small files: not worth a worker's start (torch's import)
+                    task = self._start(step)
+                    self._finish(step, task, execute(task), total - len(pending) - len(running), total)
+                    continue
                 self.executor.submit(self._start(step))
                 running[step.id] = step
-                pending.remove(step)
             if not running:
                 if pending and failure is None:
                     raise RuntimeError(f"no task can start: {[s.id for s in pending]}")
@@ -351,16 +356,18 @@ class _Driver:
                     failure = failure or outcome
                     log.error("%s failed", step.id)
                     continue
-                self._record(task, outcome)
-                self.done.add(step.id)
-                finished_here += 1
-                elapsed = time.monotonic() - began
-                left = len(pending) + len(running)
-                eta = f", ETA {_duration(elapsed / finished_here * left)}" if left else ""
-                log.info("done %s in %s [%d/%d tasks%s]", step.id, _duration(outcome["seconds"]),
-                         total - left, total, eta)
+                self._finish(step, task, outcome, total - len(pending) - len(running), total)
         if failure is not None:
             raise failure
+
+    def _finish(self, step: Step, task: Task, outcome: dict, finished: int, total: int) -> None:
+        self._record(task, outcome)
+        self.done.add(step.id)
+        self._finished_here += 1
+        elapsed = time.monotonic() - self._began
+        left = total - finished
+        eta = f", ETA {_duration(elapsed / self._finished_here * left)}" if left else ""
+        log.info("done %s in %s [%d/%d tasks%s]", step.id, _duration(outcome["seconds"]), finished, total, eta)
 
     def _has_room(self, step: Step, running: dict[str, Step]) -> bool:
         if self.executor.jobs is not None and self.executor.running >= self.executor.jobs:

@@ -45,9 +45,13 @@ def execute(task: Task) -> dict:
     torch.set_num_threads(task.threads)
     # Paths inside the run are relative to it: what an output records of them (the imatrix file GGUFs name,
     # report rows) is then the same wherever the run directory is.
+    previous = os.getcwd()
     os.chdir(task.run_dir)
-    began = time.perf_counter()
-    records, facts = _KINDS[task.kind](task, Path(task.run_dir))
+    try:
+        began = time.perf_counter()
+        records, facts = _KINDS[task.kind](task, Path(task.run_dir))
+    finally:
+        os.chdir(previous)
     return {"records": records, "facts": facts, "seconds": time.perf_counter() - began}
 
 

@@ -36,7 +36,7 @@ def test_demo_defaults_and_names():
     recipe = load_recipe(RECIPES / "demo.yaml")
     assert [v.name for v in recipe.variants] == ["Q8_0", "Q4_K_M", "Q2_K", "GPTQ-w4g128", "AWQ-w4g128"]
     assert [m.name for m in recipe.models] == ["tiny-qwen2", "tiny-llama", "tiny-deepseek"]
-    assert recipe.calibration.imatrix_chunks == 16 and recipe.evaluation.windows == 40
+    assert recipe.calibration.imatrix_chunks == 16 and recipe.evaluation.windows == 16
 
 
 def test_r1_dry_run_plans_from_the_catalog(tmp_path):
