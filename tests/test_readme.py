@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,37 +20,36 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-# Options that only say how much data a step goes through: the test runs every step of the README's command
-# as written except for these values (and caps the multiple-choice items the eval step scores, 400 by default).
-# The code paths are the same; the README's amounts (16 imatrix chunks of 512 tokens, 100 windows of 256 tokens,
-# 400 items, on three variants) took most of this test's minutes.
-SCALED_DOWN = {"imatrix": {"--chunks": "2"}, "convert": {}, "eval": {"--windows": "4"}}
-ADDED = {"eval": ["--mc-items", "20"]}
-
-
-def _scaled_down(step: str) -> list[str]:
-    args = step.split()[1:]
-    command = args[0]
-    for option, value in SCALED_DOWN[command].items():
-        assert option in args, f"the README's {command} step has no {option}: update SCALED_DOWN"
-        args[args.index(option) + 1] = value
-    for option in ADDED.get(command, [])[::2]:
-        assert option not in args, f"the README's {command} step sets {option}: update ADDED"
-    return args + ADDED.get(command, [])
+# Recipe keys that only say how much data a step goes through: the test runs the README's main job as written
+# except for these amounts (the code paths are the same; the demo's amounts take two minutes).
+SCALED_DOWN = {"calibration": {"samples": 4, "ctx": 64, "imatrix_chunks": 2, "imatrix_ctx": 128},
+               "evaluation": {"windows": 2, "mc_items": 8}}
 
 
 def test_readme_main_job_runs(tmp_path):
-    """The main job's quantkit part, in this environment (the venv part is exercised by CI itself): every step,
-    in order, with the README's arguments, on less data (SCALED_DOWN)."""
+    """The main job's quantkit part, in this environment (the venv part is exercised by CI itself): the demo recipe
+    it names, run as written, on less data (SCALED_DOWN), from the repository root as the README's cd implies."""
     main_job = _readme_commands()[0]
     steps = [s for s in main_job.split(" && ") if s.startswith("quantkit ")]
-    assert [s.split()[1] for s in steps] == ["imatrix", "convert", "eval"]
-    for step in steps:
-        done = subprocess.run([sys.executable, "-m", "quantkit.cli", *_scaled_down(step)], cwd=tmp_path,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, f"{step}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    assert (tmp_path / "tiny-qwen2.imatrix.gguf").is_file()
-    written = sorted(p.name for p in (tmp_path / "gguf").iterdir())
-    assert written == ["tiny-qwen2-Q4_K_M.gguf", "tiny-qwen2-Q8_0.gguf"]
-    report = (tmp_path / "eval-report" / "report.md").read_text()
-    assert "tiny-qwen2-Q4_K_M" in report and (tmp_path / "eval-report" / "quality_vs_vram.png").is_file()
+    assert len(steps) == 1 and steps[0].split()[:2] == ["quantkit", "run"]
+    args = steps[0].split()[1:]
+    recipe_path = ROOT / args[1]
+    recipe = yaml.safe_load(recipe_path.read_text())
+    for section, amounts in SCALED_DOWN.items():
+        for key, value in amounts.items():
+            assert key in recipe[section], f"the demo recipe has no {section}.{key}: update SCALED_DOWN"
+            recipe[section][key] = value
+    scaled = tmp_path / recipe_path.name
+    scaled.write_text(yaml.safe_dump(recipe))
+    args[1] = str(scaled)
+    args[args.index("-o") + 1] = str(tmp_path / "runs" / "demo")
+    done = subprocess.run([sys.executable, "-m", "quantkit.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"{steps[0]}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    run_dir = tmp_path / "runs" / "demo"
+    index = (run_dir / "index.md").read_text()
+    for model in ("tiny-qwen2", "tiny-llama", "tiny-deepseek"):
+        assert (run_dir / model / "eval" / "report.md").is_file() and (run_dir / model / "eval" /
+                                                                        "quality_vs_vram.png").is_file()
+        for variant in ("Q8_0", "Q4_K_M", "Q2_K", "GPTQ-w4g128", "AWQ-w4g128"):
+            assert f"[{variant}]({model}/{variant}/)" in index
+            assert (run_dir / model / variant / "README.md").is_file()
