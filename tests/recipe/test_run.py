@@ -181,3 +181,61 @@ def test_a_damaged_artifact_is_redone(reference, tmp_path):
     log = _run(recipe, run_dir, cache).stderr
     assert "redo tiny-qwen2/Q8_0: its files changed" in log
     assert _files(run_dir) == _files(whole)
+
+
+def test_a_failing_task_ends_the_run_with_one_error_line(tmp_path):
+    """A model that validates (its config is there) but whose weights are truncated: the worker's error comes back
+    as one line naming the task, and nothing is recorded as finished."""
+    import shutil
+
+    from quantkit.bundled import model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path("tiny-qwen2"), model)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("models:\n  - name: broken\n    path: model\nvariants:\n  - to: gguf:Q8_0\n    imatrix: false\n"
+                      "evaluation: false\n")
+    done = subprocess.run(_command(recipe, tmp_path / "run"), env=_env(tmp_path / "cache"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: broken/convert:Q8_0: ") and "truncated" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["tasks"] == {}
+
+
+def test_sigterm_stops_workers_and_the_rerun_finishes(reference, tmp_path):
+    """SIGTERM to the driver alone (as a batch system's kill): exit 143 with one line, no worker left running, and
+    the same command then finishes with the uninterrupted run's bytes."""
+    import psutil
+
+    recipe, whole, cache, _ = reference
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(recipe, run_dir), env=_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "gptq:w4g128:" in line:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143, rest[-3000:]
+    assert workers and [line for line in rest.splitlines() if line.startswith("error")] == [
+        "error: terminated (SIGTERM)"]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    _run(recipe, run_dir, cache)
+    assert _files(run_dir) == _files(whole)
+
+
+def test_only_runs_one_variant_and_what_it_needs(reference, tmp_path):
+    recipe, _, cache, _ = reference
+    run_dir = tmp_path / "run"
+    log = subprocess.run(_command(recipe, run_dir) + ["--only", "Q8_0"], env=_env(cache), capture_output=True,
+                         text=True, timeout=300)
+    assert log.returncode == 0, log.stderr[-3000:]
+    assert _started(log.stderr) == {"tiny-qwen2/imatrix", "tiny-qwen2/convert:Q8_0", "tiny-qwen2/eval",
+                                    "tiny-qwen2/cards"}
+    assert sorted(p.name for p in (run_dir / "tiny-qwen2").iterdir()) == ["Q8_0", "eval", "imatrix.gguf"]
