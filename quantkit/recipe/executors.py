@@ -13,7 +13,9 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -126,6 +128,19 @@ def _ray_worker(task: Task):
         return ("error", traceback.format_exc(), False)
 
 
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: ray.init retries such an address for about 13 minutes."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or "://" in address or ":" not in address:  # a local instance, "auto", or Ray Client
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise QuantkitError(f"cannot reach the Ray cluster at {address!r} ({exc}); start one with `ray start "
+                            "--head` and give its address with --address") from None
+
+
 class RayExecutor:
     """Tasks as Ray tasks on the cluster at `address` (CPUs = the task's threads; a GPU when it runs on CUDA). The
     run directory must be on a filesystem every node shares: tasks write their artifacts there."""
@@ -139,6 +154,7 @@ class RayExecutor:
         except ImportError:
             raise QuantkitError("--executor ray needs Ray: pip install 'ray[default]'") from None
         self._ray = ray
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                      configure_logging=False)
