@@ -13,7 +13,9 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -29,8 +31,8 @@ class TaskFailed(QuantkitError):
     """A task raised or died; the message names the task."""
 
 
-def _configure_worker_logging(task: Task) -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{task.id}: %(message)s", force=True)
+def _configure_worker_logging(prefix: str) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{prefix}%(message)s", force=True)
     logging.getLogger("quantkit").setLevel(logging.INFO)
 
 
@@ -44,7 +46,7 @@ def _die_with_parent() -> None:
 def _local_worker(task: Task, conn) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the driver's to handle: it stops us
-    _configure_worker_logging(task)
+    _configure_worker_logging(f"{task.id}: ")
     try:
         result = ("ok", execute(task))
     except QuantkitError as exc:
@@ -117,7 +119,7 @@ def _outcome(task: Task, message, exitcode: int | None) -> dict | Exception:
 
 
 def _ray_worker(task: Task):
-    _configure_worker_logging(task)
+    _configure_worker_logging("")  # Ray prefixes each forwarded line with the task's name (its id) and pid
     try:
         return ("ok", execute(task))
     except QuantkitError as exc:
@@ -126,9 +128,23 @@ def _ray_worker(task: Task):
         return ("error", traceback.format_exc(), False)
 
 
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: ray.init retries such an address for about 13 minutes."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or "://" in address or ":" not in address:  # a local instance, "auto", or Ray Client
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise QuantkitError(f"cannot reach the Ray cluster at {address!r} ({exc}); start one with `ray start "
+                            "--head` and give its address with --address") from None
+
+
 class RayExecutor:
     """Tasks as Ray tasks on the cluster at `address` (CPUs = the task's threads; a GPU when it runs on CUDA). The
-    run directory must be on a filesystem every node shares: tasks write their artifacts there."""
+    run directory, the models and any text files must be at the same paths on every node (a shared filesystem):
+    tasks read and write them there. Ray's workers import quantkit as their node's `ray start` found it."""
 
     name = "ray"
     heavy_limit = None  # each node's memory is its own; Ray places tasks by their resource requests
@@ -139,13 +155,18 @@ class RayExecutor:
         except ImportError:
             raise QuantkitError("--executor ray needs Ray: pip install 'ray[default]'") from None
         self._ray = ray
+        _check_reachable(address)
+        if not sys.stderr.isatty():  # plain forwarded lines in a log file, as the local executor's
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-                     configure_logging=False)
+            # configure_logging=False: Ray leaves the driver's logging (the CLI's handler) alone
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise QuantkitError(f"cannot connect to the Ray cluster at {address!r} ({exc}); start one with "
                                 "`ray start --head` and give its address with --address") from None
-        self._remote = ray.remote(max_retries=0)(_ray_worker)
+        # max_calls=1: a fresh worker process per task, as locally: a task's memory (a model's calibration,
+        # torch's caches) goes back to its node when it ends, and no state (cwd, torch threads) carries over.
+        self._remote = ray.remote(max_retries=0, max_calls=1)(_ray_worker)
         self._running: dict[object, Task] = {}
         self.jobs = None
 
