@@ -68,6 +68,9 @@ class LocalExecutor:
         self._context = multiprocessing.get_context("spawn")
         self._running: dict[object, tuple[Task, multiprocessing.Process]] = {}
 
+    def default_threads(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.jobs)
+
     def submit(self, task: Task) -> None:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_local_worker, args=(task, writer), name=task.id, daemon=False)
@@ -169,6 +172,11 @@ class RayExecutor:
         self._remote = ray.remote(max_retries=0, max_calls=1)(_ray_worker)
         self._running: dict[object, Task] = {}
         self.jobs = None
+
+    def default_threads(self) -> int:
+        """The CPUs of the cluster's smallest node: a task asking for more would wait forever."""
+        cpus = [n["Resources"].get("CPU", 0) for n in self._ray.nodes() if n.get("Alive")]
+        return max(1, int(min(cpus, default=1)))
 
     def submit(self, task: Task) -> None:
         gpus = 1 if task.device.startswith("cuda") else 0

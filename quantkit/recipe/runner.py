@@ -281,27 +281,25 @@ def run_recipe(recipe: Recipe, settings: RunSettings, only: str | None = None) -
         raise QuantkitError(f"{recipe.path.name}: model {catalog[0].name!r} is a catalog entry ({catalog[0].source}),"
                             " a config without weights: download it and give its folder as `path:` (a dry run "
                             "works without it)")
-    jobs = settings.jobs or default_jobs()
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // jobs)
     with RunState(settings.run_dir) as state:
         _copy_recipe(recipe, settings.run_dir)
-        executor = _executor(settings, jobs)
+        driver = _Driver(recipe, runs, state, settings)
         try:
-            _Driver(recipe, runs, state, executor, settings, threads).run()
+            driver.run()
         finally:
-            executor.close()
+            driver.close()
         write_index(settings.run_dir, runs, state)
     return runs
 
 
-def _executor(settings: RunSettings, jobs: int):
+def _executor(settings: RunSettings):
     from quantkit.recipe.executors import LocalExecutor, RayExecutor
 
     if settings.executor == "ray":
         return RayExecutor(settings.address)
     if settings.executor != "local":
         raise QuantkitError(f"unknown executor {settings.executor!r}: local or ray")
-    return LocalExecutor(jobs)
+    return LocalExecutor(settings.jobs or default_jobs())
 
 
 def _copy_recipe(recipe: Recipe, run_dir: Path) -> None:
@@ -311,9 +309,9 @@ def _copy_recipe(recipe: Recipe, run_dir: Path) -> None:
 
 
 class _Driver:
-    def __init__(self, recipe, runs, state, executor, settings, threads):
-        self.recipe, self.runs, self.state, self.executor = recipe, runs, state, executor
-        self.settings, self.threads = settings, threads
+    def __init__(self, recipe, runs, state, settings):
+        self.recipe, self.runs, self.state, self.settings = recipe, runs, state, settings
+        self._executor = None
         self.fingerprints = {m.name: _Fingerprints(recipe, m, state) for m in runs}
         self.models = {m.name: m for m in runs}
         self.done: set[str] = set()
@@ -326,7 +324,7 @@ class _Driver:
         self._began, self._finished_here = time.monotonic(), 0
         running: dict[str, Step] = {}
         log.info("run %s: %d tasks in %s (%s executor)", self.recipe.name, total, self.settings.run_dir,
-                 self.executor.name)
+                 self.settings.executor)
         failure: Exception | None = None
         while pending or running:
             for step in list(pending):
@@ -359,6 +357,18 @@ class _Driver:
                 self._finish(step, task, outcome, total - len(pending) - len(running), total)
         if failure is not None:
             raise failure
+
+    @property
+    def executor(self):
+        """Made when a task first needs it: a rerun with nothing to do needs no worker, nor a reachable cluster."""
+        if self._executor is None:
+            self._executor = _executor(self.settings)
+            self.threads = self.settings.threads or self._executor.default_threads()
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
 
     def _finish(self, step: Step, task: Task, outcome: dict, finished: int, total: int) -> None:
         self._record(task, outcome)
@@ -448,7 +458,8 @@ class _Driver:
         return self._task(step, params)
 
     def _task(self, step: Step, params: dict) -> Task:
-        return Task(step.id, step.kind, str(self.settings.run_dir.resolve()), step.heavy, self.threads,
+        threads = 1 if step.kind == "cards" else self.threads  # the cards run in the driver
+        return Task(step.id, step.kind, str(self.settings.run_dir.resolve()), step.heavy, threads,
                     self.settings.device, params)
 
     def _repo_id(self, model: str, variant: Variant) -> str | None:

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+
 log = logging.getLogger(__name__)
 
 VARIANT_FILE = "variant.json"
@@ -35,6 +38,7 @@ class Task:
     threads: int
     device: str
     params: dict = field(default_factory=dict)
+    version: str = __version__  # the driver's: its fingerprints assume the worker runs the same quantkit
 
 
 def execute(task: Task) -> dict:
@@ -42,6 +46,9 @@ def execute(task: Task) -> dict:
     driver keeps beside the record (a variant's artifact name and files)}, "seconds": float}."""
     import torch
 
+    if task.version != __version__:
+        raise QuantkitError(f"this worker runs quantkit {__version__}, the driver {task.version}: install the same "
+                            "quantkit on every node (its bytes would not be the ones the run records)")
     torch.set_num_threads(task.threads)
     # Paths inside the run are relative to it: what an output records of them (the imatrix file GGUFs name,
     # report rows) is then the same wherever the run directory is.

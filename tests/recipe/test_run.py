@@ -239,3 +239,20 @@ def test_only_runs_one_variant_and_what_it_needs(reference, tmp_path):
     assert _started(log.stderr) == {"tiny-qwen2/imatrix", "tiny-qwen2/convert:Q8_0", "tiny-qwen2/eval",
                                     "tiny-qwen2/cards"}
     assert sorted(p.name for p in (run_dir / "tiny-qwen2").iterdir()) == ["Q8_0", "eval", "imatrix.gguf"]
+
+
+def test_a_finished_run_needs_no_executor(reference):
+    """Nothing to do: no worker starts and no cluster is contacted (an address nobody listens on is never tried)."""
+    recipe, whole, cache, _ = reference
+    done = subprocess.run(_command(recipe, whole) + ["--executor", "ray", "--address", "127.0.0.1:9"],
+                          env=_env(cache), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not _started(done.stderr)
+
+
+def test_a_worker_with_other_code_refuses_the_task():
+    from quantkit.errors import QuantkitError
+    from quantkit.recipe.tasks import Task, execute
+
+    with pytest.raises(QuantkitError, match="install the same quantkit on every node"):
+        execute(Task("m/eval", "eval", "/", False, 1, "cpu", {}, version="0.0.0-other"))
