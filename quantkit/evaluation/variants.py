@@ -194,7 +194,7 @@ class _GGUFVariant(Variant):
         return self.gguf.metadata("tokenizer.ggml.tokens")
 
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        return self.gguf.size_on_disk()
 
     def bpw(self) -> float:
         tensors = self.gguf.tensors.values()

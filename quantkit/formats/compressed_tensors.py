@@ -174,6 +174,11 @@ def packed_bytes(shape: tuple[int, int], scheme: Scheme) -> int:
 
 
 # ---- the format -------------------------------------------------------------------------------------------------
+def _auto_key(target: Target, options: ConvertOptions) -> tuple:
+    """An automatic choice depends on the target (its budget is in the spec) and what is fixed around it."""
+    return target.spec, tuple(options.tensor_types), options.fix_mix
+
+
 class CompressedTensorsFormat(LayerwiseFolderFormat):
     name = "ct"
     label = "CT"
@@ -206,19 +211,21 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
         if options.budget is None:
             raise ConfigError("ct:auto needs a budget: --target-bpw 4.0, --target-size 20GB or "
                               "--fit-vram 24GiB --ctx 32768")
-        if target.spec not in self._auto:  # measured and chosen once, for the plan and the write alike
+        choice = _auto_key(target, options)
+        if choice not in self._auto:  # measured and chosen once, for the plan and the write alike
             configs, notes, predicted, key = plan_auto_configs(self, model, config, options.budget, options,
                                                                configs, notes)
             self.check_mix(model, configs, fix=False)
-            self._auto[target.spec] = (configs, notes, {"budget": options.budget.option,
-                                                        "predicted_kld": predicted, "sensitivity_key": key})
-        configs, notes, _ = self._auto[target.spec]
+            self._auto[choice] = (configs, notes, {"budget": options.budget.option,
+                                                   "predicted_kld": predicted, "sensitivity_key": key})
+        configs, notes, _ = self._auto[choice]
         return config, dict(configs), dict(notes)
 
     def report(self, out, options: ConvertOptions) -> dict:
         report = super().report(out, options)
-        if out.job.target.spec in self._auto:
-            report["auto"] = {**self._auto[out.job.target.spec][2],
+        choice = _auto_key(out.job.target, out.job.options or options)
+        if choice in self._auto:
+            report["auto"] = {**self._auto[choice][2],
                               "schemes": {e.name: e.scheme for e in out.job.plan.entries if e.note == "auto"}}
         return report
 

@@ -2,7 +2,7 @@
 
 Both take a Task, run quantkit.recipe.tasks.execute on it somewhere, and hand back its result or its error; the
 driver (quantkit.recipe.runner) decides what runs when and records what finished. Each local task gets a fresh
-spawned process: a task's memory (a model's calibration, torch's caches) is returned to the system when it ends,
+process: a task's memory (a model's calibration, torch's caches) is returned to the system when it ends,
 and a worker never outlives the driver (Linux: it is killed with the driver, so a kill -9 of the run leaves no
 orphan writing into the run directory).
 """
@@ -57,15 +57,28 @@ def _local_worker(task: Task, conn) -> None:
     conn.close()
 
 
+def _task_processes():
+    """Where local tasks' processes come from: forked from a server that imported torch and quantkit once (a fresh
+    process per task without ~3 s of imports each; the server has run nothing, so it holds no threads or state to
+    inherit), or spawned where fork is unavailable."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # quantkit first: it sets OpenMP's wait policy before torch loads the runtime
+    context.set_forkserver_preload(["quantkit", "torch", "quantkit.recipe.tasks", "quantkit.convert",
+                                    "quantkit.evaluation.runner", "quantkit.calib"])
+    return context
+
+
 class LocalExecutor:
-    """Up to `jobs` tasks at once, each in its own spawned process."""
+    """Up to `jobs` tasks at once, each in its own process."""
 
     name = "local"
     heavy_limit = 1  # one model's calibration at a time: memory stays that of one
 
     def __init__(self, jobs: int):
         self.jobs = jobs
-        self._context = multiprocessing.get_context("spawn")
+        self._context = _task_processes()
         self._running: dict[object, tuple[Task, multiprocessing.Process]] = {}
 
     def default_threads(self) -> int:

@@ -167,8 +167,11 @@ def folder_identity(folder: Path) -> list:
 
 
 def file_identity(path: Path | None):
+    """A text file's identity, or for the bundled text (None) the interpreter whose standard library it is."""
     if path is None:
-        return None
+        from quantkit.bundled.textsets import python_version
+
+        return ["bundled", python_version()]
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
 

@@ -137,6 +137,19 @@ def test_split_shards_follow_gguf_split(model_cache, tmp_path):
         seen.update({t.name: np.array(t.data) for t in reader.tensors})
     assert seen.keys() == whole.keys() and all(np.array_equal(seen[k], whole[k]) for k in whole)
 
+    # quantkit reads the set through its first shard, as llama.cpp does: every tensor, the size of every shard
+    from quantkit.source.gguf_file import GGUFFile
+
+    split, one = GGUFFile(first), GGUFFile(single)
+    assert split.tensors.keys() == one.tensors.keys()
+    assert all(np.array_equal(split.data(k), one.data(k)) for k in whole)
+    assert split.size_on_disk() == sum(p.stat().st_size for p in shards)
+    with pytest.raises(QuantkitError, match="give its first shard"):
+        GGUFFile(shards[1])
+    shards[-1].unlink()
+    with pytest.raises(QuantkitError, match=f"missing {shards[-1].name}"):
+        GGUFFile(first)
+
 
 def test_cli_dry_run_and_bad_type(model_cache, tmp_path):
     runner = CliRunner()

@@ -206,12 +206,12 @@ def test_a_failing_task_ends_the_run_with_one_error_line(tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["tasks"] == {}
 
 
-def test_sigterm_stops_workers_and_the_rerun_finishes(reference, tmp_path):
-    """SIGTERM to the driver alone (as a batch system's kill): exit 143 with one line, no worker left running, and
-    the same command then finishes with the uninterrupted run's bytes."""
+def test_sigterm_stops_every_worker(reference, tmp_path):
+    """SIGTERM to the driver alone (as a batch system's kill): exit 143 with one line and no worker left running
+    (what a rerun then does after any kill is the SIGKILL test's)."""
     import psutil
 
-    recipe, whole, cache, _ = reference
+    recipe, _, cache, _ = reference
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_command(recipe, run_dir), env=_env(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -226,8 +226,6 @@ def test_sigterm_stops_workers_and_the_rerun_finishes(reference, tmp_path):
         "error: terminated (SIGTERM)"]
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
-    _run(recipe, run_dir, cache)
-    assert _files(run_dir) == _files(whole)
 
 
 def test_only_runs_one_variant_and_what_it_needs(reference, tmp_path):

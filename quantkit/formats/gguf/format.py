@@ -55,7 +55,7 @@ class GGUFFormat(OutputFormat):
 
     def __init__(self):
         self._imatrix: tuple[Path, Imatrix] | None = None
-        self._auto: dict[str, dict[str, Value]] = {}  # auto plan target -> its quantize.auto.* metadata
+        self._auto: dict[Plan, dict[str, Value]] = {}  # an automatic plan -> its quantize.auto.* metadata
 
     def parse_spec(self, spec: str) -> Target:
         if spec.strip().lower() == "auto":  # convert names it after its budget (auto-4.00bpw)
@@ -67,7 +67,7 @@ class GGUFFormat(OutputFormat):
 
     def describe(self, plan: Plan) -> str:
         if plan.target.startswith("auto"):
-            meta = self._auto.get(plan.target, {})
+            meta = self._auto.get(plan, {})
             predicted = meta["quantize.auto.predicted_kld"].value if meta else float("nan")
             return format_plan(plan, heading=f"gguf:auto ({meta['quantize.auto.budget'].value if meta else ''}), "
                                              f"predicted KLD {predicted:.5f}")
@@ -110,7 +110,7 @@ class GGUFFormat(OutputFormat):
         if self._imatrix is not None:
             metadata.update(imatrix_metadata(*self._imatrix))
         plan, predicted, sensitivity = plan_auto(source, base, options.budget, options, importance, metadata)
-        self._auto[plan.target] = auto_metadata(options.budget, predicted, sensitivity.key)
+        self._auto[plan] = auto_metadata(options.budget, predicted, sensitivity.key)
         return plan
 
     def write(self, source, jobs: list[Job], options: ConvertOptions) -> list[list[Path]]:
@@ -119,7 +119,7 @@ class GGUFFormat(OutputFormat):
             importance = self._imatrix[1].importances()
             extra = imatrix_metadata(*self._imatrix)
         outputs = [writer.GGUFOutput(job.path, self._file_type(job.plan), job.plan.schemes,
-                                     {**extra, **self._auto.get(job.plan.target, {})}) for job in jobs]
+                                     {**extra, **self._auto.get(job.plan, {})}) for job in jobs]
         split = writer.parse_size(options.split_max_size) if options.split_max_size else None
         common = dict(importance=importance, split_max_bytes=split, force=options.force, threads=options.threads,
                       progress=options.progress)
@@ -128,7 +128,7 @@ class GGUFFormat(OutputFormat):
         written = writer.convert(source, outputs, name=options.name or source.source.path.name,
                                  tokenizer_pre=options.tokenizer_pre, **common)
         for job in jobs:
-            if job.plan.target in self._auto:  # the chosen mix, reviewable and reusable beside the file
+            if job.plan in self._auto:  # the chosen mix, reviewable and reusable beside the file
                 job.plan.save(plan_file(job.path))
         return written
 
