@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
+
 #define QK_K 256
 #define LN 8                  /* blocks searched side by side */
 #define GROUP_MAX_EPS 1e-15f  /* ggml-quants.c */
@@ -99,60 +100,78 @@ static void to_lanes(float *dst, const float *src, int n, int stride, int count)
         for (int i = 0; i < n; ++i) dst[i * LN + b] = b < count ? src[b * stride + i] : 0.0f;
 }
 
+/* ---- lane vectors -------------------------------------------------------------------------------------------
+   One vector holds element i of VL of the LN blocks searched together (the searches run over the LN / VL
+   halves in turn). GCC/Clang vector extensions of 16 bytes are SSE2 on x86-64 and NEON on ARM64, no -march
+   needed; each lane's arithmetic is the scalar IEEE operation. */
+
+#define VL 4
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE v4f vf(float f) { return (v4f){f, f, f, f}; }
+INLINE v4i vi(int32_t i) { return (v4i){i, i, i, i}; }
+INLINE v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+INLINE v4f vsel(v4i m, v4f a, v4f b) { return (v4f)(((v4i)a & m) | ((v4i)b & ~m)); }
+INLINE v4i vseli(v4i m, v4i a, v4i b) { return (a & m) | (b & ~m); }
+INLINE v4f vabs(v4f a) { return (v4f)((v4i)a & vi(0x7fffffff)); }
+INLINE v4i vnearest(v4f f) { return ((v4i)(f + vf(12582912.f)) & vi(0x007fffff)) - vi(0x00400000); }
+INLINE v4i vclamp(v4i a, int lo, int hi) {
+    a = vseli(a < vi(lo), vi(lo), a);
+    return vseli(a > vi(hi), vi(hi), a);
+}
+INLINE v4f vlevel(v4f arg, int lo, int hi) { return __builtin_convertvector(vclamp(vnearest(arg), lo, hi), v4f); }
+INLINE float lane(v4f v, int b) { return v[b]; }
+
 /* ---- make_qx_quants(n, nmax, x, L, rmse_type = 1, qw) over LN blocks ---------------------------------------- */
 
-static void qx_sums(int n, int nmax, const float *x, const float *w, const float *iscale, float *sumlx,
-                    float *suml2) {
-    for (int b = 0; b < LN; ++b) { sumlx[b] = 0; suml2[b] = 0; }
+INLINE void qx_sums(int n, int nmax, const float *x, const float *w, v4f iscale, v4f *sumlx, v4f *suml2) {
+    v4f slx = vf(0), sl2 = vf(0);
     for (int i = 0; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            float xv = x[i * LN + b], wv = w[i * LN + b];
-            float l = (float)clampi(nearest_int(iscale[b] * xv), -nmax, nmax - 1);
-            sumlx[b] += wv * xv * l;
-            suml2[b] += wv * l * l;
-        }
+        v4f xv = vload(x + i * LN), wv = vload(w + i * LN);
+        v4f l = vlevel(iscale * xv, -nmax, nmax - 1);
+        slx += wv * xv * l;
+        sl2 += wv * l * l;
     }
+    *sumlx = slx;
+    *suml2 = sl2;
 }
 
 /* x, w [n][LN] -> scale[LN], L[n][LN] (l + nmax; 0 for a block whose max |x| is below GROUP_MAX_EPS) */
-static void make_qx_lanes(int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
-    float mx[LN], amax[LN], iscale[LN], best_iscale[LN], scale[LN], best[LN], sumlx[LN], suml2[LN];
-    for (int b = 0; b < LN; ++b) { mx[b] = 0; amax[b] = 0; }
+static void make_qx_half(int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
+    v4f mx = vf(0), amax = vf(0), sumlx, suml2;
     for (int i = 0; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            float xv = x[i * LN + b], ax = fabsf(xv);
-            int more = ax > amax[b];
-            amax[b] = more ? ax : amax[b];
-            mx[b] = more ? xv : mx[b];
-        }
+        v4f xv = vload(x + i * LN), ax = vabs(xv);
+        v4i more = ax > amax;
+        amax = vsel(more, ax, amax);
+        mx = vsel(more, xv, mx);
     }
-    for (int b = 0; b < LN; ++b) iscale[b] = (float)(-nmax) / mx[b];
-    qx_sums(n, nmax, x, w, iscale, sumlx, suml2);
-    for (int b = 0; b < LN; ++b) {
-        scale[b] = suml2[b] != 0 ? sumlx[b] / suml2[b] : 0.0f;
-        best[b] = scale[b] * sumlx[b];
-        best_iscale[b] = iscale[b];
-    }
+    v4f iscale = vf((float)(-nmax)) / mx;
+    qx_sums(n, nmax, x, w, iscale, &sumlx, &suml2);
+    v4f scale = vsel(suml2 != vf(0), sumlx / suml2, vf(0));
+    v4f best = scale * sumlx, best_iscale = iscale;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        float num = -((float)nmax + 0.1f * (float)is);
-        for (int b = 0; b < LN; ++b) iscale[b] = num / mx[b];
-        qx_sums(n, nmax, x, w, iscale, sumlx, suml2);
-        for (int b = 0; b < LN; ++b) {
-            if (suml2[b] > 0 && sumlx[b] * sumlx[b] > best[b] * suml2[b]) {
-                best_iscale[b] = iscale[b];
-                scale[b] = sumlx[b] / suml2[b];
-                best[b] = scale[b] * sumlx[b];
-            }
-        }
+        iscale = vf(-((float)nmax + 0.1f * (float)is)) / mx;
+        qx_sums(n, nmax, x, w, iscale, &sumlx, &suml2);
+        v4i take = (suml2 > vf(0)) & (sumlx * sumlx > best * suml2);
+        best_iscale = vsel(take, iscale, best_iscale);
+        scale = vsel(take, sumlx / suml2, scale);
+        best = vsel(take, scale * sumlx, best);
     }
+    v4i zero = amax < vf(GROUP_MAX_EPS);
     for (int i = 0; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            int l = clampi(nearest_int(best_iscale[b] * x[i * LN + b]), -nmax, nmax - 1) + nmax;
-            L[i * LN + b] = amax[b] < GROUP_MAX_EPS ? 0 : (uint8_t)l;
-        }
+        v4i l = vseli(zero, vi(0), vclamp(vnearest(best_iscale * vload(x + i * LN)), -nmax, nmax - 1) + vi(nmax));
+        for (int b = 0; b < VL; ++b) L[i * LN + b] = (uint8_t)l[b];
     }
-    for (int b = 0; b < LN; ++b) scale_out[b] = amax[b] < GROUP_MAX_EPS ? 0.0f : scale[b];
+    scale = vsel(zero, vf(0), scale);
+    for (int b = 0; b < VL; ++b) scale_out[b] = lane(scale, b);
+}
+
+static void make_qx_lanes(int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
+    for (int h = 0; h < LN; h += VL) make_qx_half(n, nmax, x + h, w + h, scale_out + h, L + h);
 }
 
 /* one block of n <= 32 through the lane search (lane 0; the others are zero blocks) */
@@ -171,99 +190,75 @@ static float make_qx_one(int n, int nmax, const float *x, const float *w, uint8_
 /* x ~ scale * L + min (min <= 0). x, w [n][LN] -> scale[LN], the_min[LN] (= -min), L[n][LN] in 0..nmax.
    qkx3: the degenerate test is max <= min instead of max == min. An accepted step moves min, which the later
    steps use, as in C; the accepted levels are rebuilt at the end from the accepted (iscale, min). */
-static void make_qkx_lanes(int n, int nmax, const float *x, const float *w, float rmin, float rdelta, int nstep,
-                           int use_mad, int qkx3, float *scale_out, float *the_min, uint8_t *L) {
-    float mn[LN], mx[LN], sum_w[LN], sum_x[LN], iscale[LN], scale[LN], best[LN], cur_min[LN];
-    float best_iscale[LN], best_min[LN], sum_l[LN], sum_l2[LN], sum_xl[LN], this_scale[LN], this_min[LN];
-    float err[LN], det[LN];
-    int degenerate[LN];
-    for (int b = 0; b < LN; ++b) {
-        mn[b] = mx[b] = x[b];
-        sum_w[b] = w[b];
-        sum_x[b] = sum_w[b] * x[b];
-    }
+static void make_qkx_half(int n, int nmax, const float *x, const float *w, float rmin, float rdelta, int nstep,
+                          int use_mad, int qkx3, float *scale_out, float *the_min, uint8_t *L) {
+    v4f mn = vload(x), mx = mn, sum_w = vload(w), sum_x = sum_w * mn;
     for (int i = 1; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            float xv = x[i * LN + b], wv = w[i * LN + b];
-            mn[b] = xv < mn[b] ? xv : mn[b];
-            mx[b] = xv > mx[b] ? xv : mx[b];
-            sum_w[b] += wv;
-            sum_x[b] += wv * xv;
-        }
+        v4f xv = vload(x + i * LN), wv = vload(w + i * LN);
+        mn = vsel(xv < mn, xv, mn);
+        mx = vsel(xv > mx, xv, mx);
+        sum_w += wv;
+        sum_x += wv * xv;
     }
-    for (int b = 0; b < LN; ++b) {
-        if (mn[b] > 0) mn[b] = 0;
-        degenerate[b] = qkx3 ? (mx[b] <= mn[b]) : (mx[b] == mn[b]);
-        iscale[b] = (float)nmax / (mx[b] - mn[b]);
-        scale[b] = 1 / iscale[b];
-        best[b] = 0;
-        cur_min[b] = mn[b];
-        best_iscale[b] = iscale[b];
-        best_min[b] = mn[b];
-    }
+    mn = vsel(mn > vf(0), vf(0), mn);
+    v4i degenerate = qkx3 ? (mx <= mn) : (mx == mn);
+    v4f iscale = vf((float)nmax) / (mx - mn);
+    v4f scale = vf(1) / iscale, best = vf(0), cur_min = mn, best_iscale = iscale, best_min = mn;
     for (int i = 0; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            float xv = x[i * LN + b];
-            float l = (float)clampi(nearest_int(iscale[b] * (xv - mn[b])), 0, nmax);
-            float diff = scale[b] * l + mn[b] - xv;
-            diff = use_mad ? fabsf(diff) : diff * diff;
-            best[b] += w[i * LN + b] * diff;
-        }
+        v4f xv = vload(x + i * LN);
+        v4f l = vlevel(iscale * (xv - mn), 0, nmax);
+        v4f diff = scale * l + mn - xv;
+        diff = use_mad ? vabs(diff) : diff * diff;
+        best += vload(w + i * LN) * diff;
     }
     for (int is = 0; is <= nstep; ++is) {
-        float num = rmin + rdelta * (float)is + (float)nmax;
-        for (int b = 0; b < LN; ++b) {
-            iscale[b] = num / (mx[b] - cur_min[b]);
-            sum_l[b] = sum_l2[b] = sum_xl[b] = 0;
-        }
+        iscale = vf(rmin + rdelta * (float)is + (float)nmax) / (mx - cur_min);
+        v4f sum_l = vf(0), sum_l2 = vf(0), sum_xl = vf(0);
         for (int i = 0; i < n; ++i) {
-            for (int b = 0; b < LN; ++b) {
-                float xv = x[i * LN + b], wv = w[i * LN + b];
-                float l = (float)clampi(nearest_int(iscale[b] * (xv - cur_min[b])), 0, nmax);
-                sum_l[b] += wv * l;
-                sum_l2[b] += wv * l * l;
-                sum_xl[b] += wv * l * xv;
-            }
+            v4f xv = vload(x + i * LN), wv = vload(w + i * LN);
+            v4f l = vlevel(iscale * (xv - cur_min), 0, nmax);
+            sum_l += wv * l;
+            sum_l2 += wv * l * l;
+            sum_xl += wv * l * xv;
         }
-        for (int b = 0; b < LN; ++b) {
-            det[b] = sum_w[b] * sum_l2[b] - sum_l[b] * sum_l[b];
-            this_scale[b] = (sum_w[b] * sum_xl[b] - sum_x[b] * sum_l[b]) / det[b];
-            this_min[b] = (sum_l2[b] * sum_x[b] - sum_l[b] * sum_xl[b]) / det[b];
-            if (this_min[b] > 0) {
-                this_min[b] = 0;
-                this_scale[b] = sum_xl[b] / sum_l2[b];
-            }
-            err[b] = 0;
-        }
+        v4f det = sum_w * sum_l2 - sum_l * sum_l;
+        v4f this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        v4f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        v4i positive = this_min > vf(0);
+        this_min = vsel(positive, vf(0), this_min);
+        this_scale = vsel(positive, sum_xl / sum_l2, this_scale);
+        v4f err = vf(0);
         for (int i = 0; i < n; ++i) {
-            for (int b = 0; b < LN; ++b) {
-                float xv = x[i * LN + b];
-                float l = (float)clampi(nearest_int(iscale[b] * (xv - cur_min[b])), 0, nmax);
-                float diff = this_scale[b] * l + this_min[b] - xv;
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                err[b] += w[i * LN + b] * diff;
-            }
+            v4f xv = vload(x + i * LN);
+            v4f l = vlevel(iscale * (xv - cur_min), 0, nmax);
+            v4f diff = this_scale * l + this_min - xv;
+            diff = use_mad ? vabs(diff) : diff * diff;
+            err += vload(w + i * LN) * diff;
         }
-        for (int b = 0; b < LN; ++b) {
-            if (det[b] > 0 && err[b] < best[b]) {
-                best[b] = err[b];
-                scale[b] = this_scale[b];
-                best_iscale[b] = iscale[b];
-                best_min[b] = cur_min[b];
-                cur_min[b] = this_min[b];
-            }
-        }
+        v4i take = (det > vf(0)) & (err < best);
+        best = vsel(take, err, best);
+        scale = vsel(take, this_scale, scale);
+        best_iscale = vsel(take, iscale, best_iscale);
+        best_min = vsel(take, cur_min, best_min);
+        cur_min = vsel(take, this_min, cur_min);
     }
     for (int i = 0; i < n; ++i) {
-        for (int b = 0; b < LN; ++b) {
-            int l = clampi(nearest_int(best_iscale[b] * (x[i * LN + b] - best_min[b])), 0, nmax);
-            L[i * LN + b] = degenerate[b] ? 0 : (uint8_t)l;
-        }
+        v4i l = vclamp(vnearest(best_iscale * (vload(x + i * LN) - best_min)), 0, nmax);
+        l = vseli(degenerate, vi(0), l);
+        for (int b = 0; b < VL; ++b) L[i * LN + b] = (uint8_t)l[b];
     }
-    for (int b = 0; b < LN; ++b) {
-        scale_out[b] = degenerate[b] ? 0.0f : scale[b];
-        the_min[b] = degenerate[b] ? -mn[b] : -cur_min[b];
+    scale = vsel(degenerate, vf(0), scale);
+    v4f m = vsel(degenerate, -mn, -cur_min);
+    for (int b = 0; b < VL; ++b) {
+        scale_out[b] = lane(scale, b);
+        the_min[b] = lane(m, b);
     }
+}
+
+static void make_qkx_lanes(int n, int nmax, const float *x, const float *w, float rmin, float rdelta, int nstep,
+                           int use_mad, int qkx3, float *scale_out, float *the_min, uint8_t *L) {
+    for (int h = 0; h < LN; h += VL)
+        make_qkx_half(n, nmax, x + h, w + h, rmin, rdelta, nstep, use_mad, qkx3, scale_out + h, the_min + h, L + h);
 }
 
 /* ---- make_qp_quants: non-negative values (sub-block scales or mins) -> 0..nmax ------------------------------ */
@@ -709,42 +704,48 @@ static void q3_k_row(const float *x, uint8_t *y, int64_t n, const float *imp) {
 
 #define IQ4_NTRY 7
 
+/* kvalues_iq4nl[best_index_int8(v)] for a lane vector: -127 plus the codebook steps of every midpoint <= v
+   (small integers: the float sum is exact); NaN takes the last entry, as iq4_index */
+INLINE v4f iq4_value(v4f v) {
+    v4f q = vf(KVALUES[0]);
+    for (int m = 0; m < 15; ++m) q += vsel(v >= vf(IQ4_MIDS[m]), vf(KVALUES[m + 1] - KVALUES[m]), vf(0));
+    return vsel(v != v, vf(KVALUES[15]), q);
+}
+
 /* per-sub-block scale search: x, w [32][LN] -> scale[LN] */
-static void iq4_scales_lanes(const float *x, const float *w, float *scale_out) {
-    float mx[LN], amax[LN], id[LN], d[LN], best[LN], sumqx[LN], sumq2[LN];
-    for (int b = 0; b < LN; ++b) { mx[b] = 0; amax[b] = 0; }
-    for (int i = 0; i < 32; ++i)
-        for (int b = 0; b < LN; ++b) {
-            float xv = x[i * LN + b], ax = fabsf(xv);
-            int more = ax > amax[b];
-            amax[b] = more ? ax : amax[b];
-            mx[b] = more ? xv : mx[b];
-        }
+static void iq4_scales_half(const float *x, const float *w, float *scale_out) {
+    v4f mx = vf(0), amax = vf(0), d = vf(0), best = vf(0);
+    for (int i = 0; i < 32; ++i) {
+        v4f xv = vload(x + i * LN), ax = vabs(xv);
+        v4i more = ax > amax;
+        amax = vsel(more, ax, amax);
+        mx = vsel(more, xv, mx);
+    }
     for (int itry = -IQ4_NTRY - 1; itry <= IQ4_NTRY; ++itry) {
-        for (int b = 0; b < LN; ++b) {
-            if (itry < -IQ4_NTRY) id[b] = 1 / (-mx[b] / KVALUES[0]);
-            else id[b] = ((float)itry + KVALUES[0]) / mx[b];
-            sumqx[b] = sumq2[b] = 0;
+        v4f id = itry < -IQ4_NTRY ? vf(1) / (-mx / vf(KVALUES[0])) : vf((float)itry + KVALUES[0]) / mx;
+        v4f sumqx = vf(0), sumq2 = vf(0);
+        for (int i = 0; i < 32; ++i) {
+            v4f xv = vload(x + i * LN);
+            v4f q = iq4_value(id * xv);
+            v4f wq = vload(w + i * LN) * q;
+            sumqx += wq * xv;
+            sumq2 += wq * q;
         }
-        for (int i = 0; i < 32; ++i)
-            for (int b = 0; b < LN; ++b) {
-                float xv = x[i * LN + b];
-                float q = KVALUES[iq4_index(id[b] * xv)];
-                float wq = w[i * LN + b] * q;
-                sumqx[b] += wq * xv;
-                sumq2[b] += wq * q;
-            }
-        for (int b = 0; b < LN; ++b) {
-            if (itry < -IQ4_NTRY) {
-                d[b] = sumq2[b] > 0 ? sumqx[b] / sumq2[b] : 0.0f;
-                best[b] = d[b] * sumqx[b];
-            } else if (sumq2[b] > 0 && sumqx[b] * sumqx[b] > best[b] * sumq2[b]) {
-                d[b] = sumqx[b] / sumq2[b];
-                best[b] = d[b] * sumqx[b];
-            }
+        if (itry < -IQ4_NTRY) {
+            d = vsel(sumq2 > vf(0), sumqx / sumq2, vf(0));
+            best = d * sumqx;
+        } else {
+            v4i take = (sumq2 > vf(0)) & (sumqx * sumqx > best * sumq2);
+            d = vsel(take, sumqx / sumq2, d);
+            best = vsel(take, d * sumqx, best);
         }
     }
-    for (int b = 0; b < LN; ++b) scale_out[b] = amax[b] < GROUP_MAX_EPS ? 0.0f : d[b];
+    d = vsel(amax < vf(GROUP_MAX_EPS), vf(0), d);
+    for (int b = 0; b < VL; ++b) scale_out[b] = lane(d, b);
+}
+
+static void iq4_scales_lanes(const float *x, const float *w, float *scale_out) {
+    for (int h = 0; h < LN; h += VL) iq4_scales_half(x + h, w + h, scale_out + h);
 }
 
 static void iq4_pack(const float *x, float idl, uint8_t *qs) {
