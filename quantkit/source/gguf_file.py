@@ -4,6 +4,7 @@ dequantizers for ggml types quantkit does not write)."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 from quantkit.errors import QuantkitError, SourceError
 from quantkit.formats.gguf.file import StoredTensor, Value, read_header
 from quantkit.quant import CODECS, get_codec
+
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class GGUFFile:
@@ -43,6 +46,17 @@ class GGUFFile:
         """The tensor's stored bytes (a read-only view of the mapped file)."""
         t = self.tensors[name]
         return self._map[t.offset:t.offset + t.nbytes]
+
+    def stored(self, name: str) -> torch.Tensor:
+        """An F32/F16/BF16 tensor's values as stored, in torch order: a read-only view of the mapped file, no copy
+        (never write to it). The GGUF requantizer converts it to float32 chunk by chunk on its encoding threads."""
+        dtype = _FLOAT_DTYPES.get(self.type_name(name))
+        if dtype is None:
+            raise SourceError(f"{self.path}: tensor {name!r} is {self.type_name(name)}, not a float type")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the read-only map is not writable
+            raw = torch.from_numpy(self.data(name))
+        return raw.view(dtype).reshape(self.shape(name))
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """float32 tensor in torch order."""
