@@ -360,8 +360,10 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
             report(shape)
 
             def pieces(_weights, name=name, shape=shape):
-                # on CPU the stored F16/BF16/F32 values as they are: each chunk becomes float32 on its worker
-                full = source.stored(name) if torch.device(device).type == "cpu" else source.read(name, device=device)
+                # on CPU F16/BF16 values as stored (a read-only view of the map): each chunk becomes a float32 copy
+                # on its worker; F32 is copied here, so no codec can ever write into the map
+                as_stored = torch.device(device).type == "cpu" and source.type_name(name) in ("F16", "BF16")
+                full = source.stored(name) if as_stored else source.read(name, device=device)
                 yield from (full if len(shape) == 3 else [full.reshape(-1, shape[-1])])
 
             _write_tensor(GGUFTensor(name, shape, pieces), None, outputs, writers, importance.get(name), encoder)
