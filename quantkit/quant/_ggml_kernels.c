@@ -8,9 +8,9 @@
    float32 operation in the C order of ggml's expressions; sums are sequential loops in element order; the
    build passes -ffp-contract=off and never -ffast-math, so no multiply-add is fused and nothing is reassociated.
 
-   Speed: the scale searches run LN blocks side by side ("lanes", element-major [n][LN] arrays), so the compiler
-   vectorises across blocks (SSE2 / NEON) while every block's own sums stay sequential: the same bytes as the
-   one-block-at-a-time C code, several blocks per instruction.
+   Speed: the scale searches run LN blocks side by side ("lanes", element-major [n][LN] arrays) on explicit
+   4-lane GCC/Clang vectors (SSE2 / NEON, no -march): each lane is another block, whose own sums stay sequential,
+   so the bytes are those of the one-block-at-a-time C code with four blocks per instruction.
 
    Entry point: qk_quantize(); it touches no Python object, so ctypes calls it with the GIL released. */
 
