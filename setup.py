@@ -1,4 +1,22 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildKernels(build_ext):
+    """quantkit's compiled codecs (quantkit/quant/_ggml_kernels.c, loaded through ctypes) are optional: without a
+    working compiler the install goes on and the torch codecs do the work. Their bytes must not depend on the
+    build machine: -O3 but no -march=native, no fused multiply-add (-ffp-contract=off), no -ffast-math."""
+
+    def build_extension(self, ext):
+        if self.compiler.compiler_type == "msvc":
+            ext.extra_compile_args = ["/O2", "/fp:precise"]
+        else:
+            ext.extra_compile_args = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # noqa: BLE001 - any build failure means: use the torch codecs
+            print(f"quantkit: compiled codecs not built ({error}); the torch codecs will be used")
+
 
 setup(
     name="quantkit",
@@ -33,5 +51,7 @@ setup(
         "lm-eval": ["lm-eval==0.4.13"],
         "publish": ["huggingface_hub>=0.24", "pyyaml>=6"],  # quantkit publish (the upload; staging needs neither)
     },
+    ext_modules=[Extension("quantkit.quant._ggml_kernels", ["quantkit/quant/_ggml_kernels.c"], optional=True)],
+    cmdclass={"build_ext": BuildKernels},
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
 )

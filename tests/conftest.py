@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from quantkit.quant import kernels
 from quantkit.testing.factory import make_tiny_model
 
 LLAMA_IMATRIX_DIR = Path(__file__).parent / "data" / "llama_imatrix"
@@ -140,3 +141,13 @@ def killed_at_layer(monkeypatch):
             monkeypatch.setattr(layerwise, "run_layers", real)
 
     return killed
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def codec_impl(request, monkeypatch):
+    """Runs a codec test once per implementation of the CPU codecs: the torch ones and the compiled kernels
+    (skipped where they are not built). CUDA tensors always take the torch codecs."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("quantkit's compiled codecs are not built (python setup.py build_ext --inplace)")
+    monkeypatch.setenv(kernels.ENV, request.param)
+    return request.param

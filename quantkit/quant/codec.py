@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant import kernels
 
 CODECS: dict[str, type[Codec]] = {}
 
@@ -33,8 +34,11 @@ class Codec:
         if importance is not None and importance.shape != (n,):
             raise QuantkitError(f"{cls.name}: importance vector has shape {list(importance.shape)}, "
                                 f"expected [{n}] (one value per input column)")
+        row_bytes = n // cls.block_size * cls.block_bytes
+        if kernels.handles(cls.type_id, x.device):
+            return kernels.encode(cls.type_id, x, importance, row_bytes)
         imp = None if importance is None else importance.to(device=x.device, dtype=torch.float32)
-        return cls.encode_rows(x.to(torch.float32), imp).reshape(rows, n // cls.block_size * cls.block_bytes)
+        return cls.encode_rows(x.to(torch.float32), imp).reshape(rows, row_bytes)
 
     @classmethod
     def encode_rows(cls, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -44,8 +48,13 @@ class Codec:
 
     @classmethod
     def searches(cls, importance: torch.Tensor | None) -> bool:
-        """Whether encoding runs one of ggml's scale searches: hundreds of small torch ops per chunk, so on CPU
-        Python (and its GIL) costs as much as the arithmetic and parallel chunks need processes."""
+        """Whether encoding on CPU runs one of ggml's scale searches in torch: hundreds of small torch ops per
+        chunk, so Python (and its GIL) costs as much as the arithmetic and parallel chunks need processes. False
+        where the compiled kernels encode the type: they release the GIL, so threads suffice."""
+        return cls._searches(importance) and not kernels.handles(cls.type_id)
+
+    @classmethod
+    def _searches(cls, importance: torch.Tensor | None) -> bool:
         return cls.scale_search
 
     @classmethod

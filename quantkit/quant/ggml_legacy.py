@@ -123,7 +123,7 @@ class _Weighted:
         return _weighted_blocks(x, importance, cls.weighted)
 
     @classmethod
-    def searches(cls, importance):
+    def _searches(cls, importance):
         return importance is not None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from quantkit.formats.gguf.file import StoredTensor, Value, read_header, split_p
 from quantkit.quant import CODECS, get_codec
 
 SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class GGUFFile:
@@ -66,6 +68,17 @@ class GGUFFile:
         """The tensor's stored bytes (a read-only view of the mapped file)."""
         t = self.tensors[name]
         return self._maps[self._shard_of[name]][t.offset:t.offset + t.nbytes]
+
+    def stored(self, name: str) -> torch.Tensor:
+        """An F32/F16/BF16 tensor's values as stored, in torch order: a read-only view of the mapped file, no copy
+        (never write to it). The GGUF requantizer converts it to float32 chunk by chunk on its encoding threads."""
+        dtype = _FLOAT_DTYPES.get(self.type_name(name))
+        if dtype is None:
+            raise SourceError(f"{self.path}: tensor {name!r} is {self.type_name(name)}, not a float type")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the read-only map is not writable
+            raw = torch.from_numpy(self.data(name))
+        return raw.view(dtype).reshape(self.shape(name))
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """float32 tensor in torch order."""

@@ -37,12 +37,13 @@ def _encode(encoder, jobs, writers):
 @pytest.mark.parametrize(("name", "weighted", "workers"), [("Q4_K", False, "processes"), ("IQ4_NL", True, "processes"),
                                                             ("Q4_0", True, "processes"), ("Q8_0", False, "threads"),
                                                             ("Q4_0", False, "threads")])
-def test_workers_give_the_inline_bytes_in_order(name, weighted, workers):
+def test_workers_give_the_inline_bytes_in_order(name, weighted, workers, codec_impl):
     importance = torch.rand(512, generator=torch.Generator().manual_seed(1)) if weighted else None
     jobs = _jobs(name, importance, chunks=9)  # more than the two in flight per worker
     writers = [_Writer(), _Writer()]
     used_processes = _encode(gguf.ChunkEncoder(2), jobs, writers)
-    assert used_processes == (workers == "processes" and gguf._CAN_FORK)
+    # the torch scale searches run in processes; the compiled kernels release the GIL and stay on threads
+    assert used_processes == (workers == "processes" and gguf._CAN_FORK and codec_impl == "torch")
     for i, (codec, chunk, vector) in enumerate(jobs):
         name, data = writers[i % 2].written[i // 2]
         assert name == f"t{i}" and (data == codec.encode(chunk, vector).numpy()).all()
@@ -63,3 +64,28 @@ def test_multi_chunk_conversion_equals_single_threaded(model_cache, tmp_path, mo
     serial = api.convert(folder, targets, tmp_path / "serial", threads=1)
     for (a, _), (b, _) in zip(parallel, serial, strict=True):
         assert tensor_data_digest(a) == tensor_data_digest(b)
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_requantize_converts_stored_chunks_on_the_workers(model_cache, tmp_path, dtype):
+    """A GGUF's F16/BF16 tensors go to the workers as stored (no float32 copy of the tensor); the bytes are those
+    of the decoded float32 tensor, and a NaN in one is named as it is for a checkpoint."""
+    from quantkit.source.gguf_file import GGUFFile
+
+    [(src, _)] = api.convert(model_cache("llama"), [f"gguf:{dtype}"], tmp_path / "src.gguf")
+    g = GGUFFile(src)
+    name = "blk.1.ffn_down.weight"
+    assert torch.equal(g.stored(name).to(torch.float32), g.read(name))
+    [(out, _)] = api.convert(src, ["gguf:Q4_K_M"], tmp_path / "q.gguf", threads=2)
+    q = GGUFFile(out)
+    codec = get_codec(q.type_name(name))
+    expected = codec.encode(g.read(name).reshape(-1, g.shape(name)[-1])).numpy().reshape(-1)
+    assert codec.name in ("Q4_K", "Q6_K") and (q.data(name) == expected).all()
+
+    t = g.tensors[name]
+    data = bytearray(src.read_bytes())
+    data[t.offset + 6:t.offset + 8] = bytes([0x00, 0x7E]) if dtype == "F16" else bytes([0xC0, 0x7F])  # a NaN
+    src.write_bytes(bytes(data))
+    with pytest.raises(QuantkitError, match=rf"{name} has 1 NaN/Inf"):
+        api.convert(src, ["gguf:Q8_0"], tmp_path / "bad.gguf", threads=2)
+    assert not (tmp_path / "bad.gguf").exists()

@@ -10,6 +10,8 @@ from quantkit.quant import get_codec, ggml_iq4
 from quantkit.quant.ggml_iq4 import KVALUES
 from quantkit.testing import ggml_reference
 
+pytestmark = pytest.mark.usefixtures("codec_impl")  # every test on the torch codecs and the kernels
+
 TYPES = ["IQ4_NL", "IQ4_XS"]
 N = 512
 

@@ -9,6 +9,8 @@ from gguf import GGMLQuantizationType, quants
 from quantkit.quant import get_codec
 from quantkit.testing import ggml_reference
 
+pytestmark = pytest.mark.usefixtures("codec_impl")  # every test on the torch codecs and the kernels
+
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 WEIGHTED_LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 N = 512

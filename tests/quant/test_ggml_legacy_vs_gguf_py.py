@@ -8,6 +8,8 @@ from gguf import GGMLQuantizationType, quants
 from quantkit.errors import QuantkitError
 from quantkit.quant import get_codec
 
+pytestmark = pytest.mark.usefixtures("codec_impl")  # every test on the torch codecs and the kernels
+
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 

@@ -166,19 +166,21 @@ class ChunkEncoder:
         self._pending: collections.deque = collections.deque()  # (writer, tensor name, future)
 
     def submit(self, codec, chunk: torch.Tensor, vector: torch.Tensor | None, writer: GGUFWriter, name: str,
-               single: bool) -> None:
-        """Queue codec.encode(chunk, vector) for writer; `single`: the tensor's only chunk in this run."""
+               single: bool, piece: int = 0) -> None:
+        """Queue codec.encode(chunk, vector) for writer; `single`: the tensor's only chunk in this run. The chunk
+        may be in any float dtype (a GGUF's stored F16): it becomes float32, checked for NaN/Inf, on the worker."""
         if self.threads == 1 or chunk.device.type != "cpu":
             self.flush()
-            writer.write(name, codec.encode(chunk, vector).cpu().numpy())
+            writer.write(name, codec.encode(_checked(chunk, name, piece), vector).cpu().numpy())
             return
         if not single and codec.searches(vector) and _CAN_FORK:
             # by value through the pipe: torch's shared-memory tensors outlived their use and piled up
+            chunk = _checked(chunk, name, piece)
             with _stop_signals_deferred():  # the first submit forks the workers
                 future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
                                                   None if vector is None else vector.numpy())
         else:
-            future = self._threads().submit(_encode_single_threaded, codec, chunk, vector)
+            future = self._threads().submit(_encode_single_threaded, codec, chunk, vector, name, piece)
         self._pending.append((writer, name, future))
         while len(self._pending) > 2 * self.threads:
             self._write_oldest()
@@ -248,9 +250,20 @@ def _encode_in_process(codec, chunk: np.ndarray, vector: np.ndarray | None) -> n
     return codec.encode(torch.from_numpy(chunk), None if vector is None else torch.from_numpy(vector)).numpy()
 
 
-def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | None, name: str,
+                            piece: int) -> torch.Tensor:
     torch.set_num_threads(1)  # per worker thread: the calling thread keeps its setting
-    return codec.encode(chunk, vector)
+    return codec.encode(_checked(chunk, name, piece), vector)
+
+
+def _checked(chunk: torch.Tensor, name: str, piece: int) -> torch.Tensor:
+    """The chunk in float32, refused if it holds NaN/Inf."""
+    x = chunk.to(torch.float32)
+    if not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN propagates; 30x isfinite's speed
+        bad = int((~torch.isfinite(x)).sum())
+        raise QuantkitError(f"tensor {name} has {bad} NaN/Inf value(s) (piece {piece}); the checkpoint is corrupt "
+                            "or was saved from a diverged run; nothing was written")
+    return x
 
 
 def _quantize_progress(progress: ProgressCallback | None, shapes: list[tuple[int, ...]]):
@@ -275,18 +288,13 @@ def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writer
     vectors = importance_rows(importance, n_pieces, width, tensor.name)
     codecs = [get_codec(out.tensor_types[tensor.name]) for out in outputs]
     for index, piece in enumerate(tensor.pieces(weights)):
-        piece = piece.to(torch.float32)
-        if not torch.isfinite(torch.stack(torch.aminmax(piece))).all():  # NaN propagates; 30x isfinite's speed
-            bad = int((~torch.isfinite(piece)).sum())
-            raise QuantkitError(f"tensor {tensor.name} has {bad} NaN/Inf value(s) (piece {index}); the checkpoint "
-                                "is corrupt or was saved from a diverged run; nothing was written")
         rows_per_chunk = max(1, _CHUNK_ELEMENTS.get(piece.device.type, 1 << 20) // width)
         starts = range(0, piece.shape[0], rows_per_chunk)
         single = len(starts) * n_pieces * len(codecs) == 1
         for start in starts:  # every writer gets the chunks in row order
             for codec, writer in zip(codecs, writers, strict=True):
                 encoder.submit(codec, piece[start:start + rows_per_chunk], vectors[index], writer, tensor.name,
-                               single)
+                               single, index)
 
 
 def verify_gguf(paths: list[Path], expected: list[tuple[str, tuple[int, ...], str]]) -> None:
@@ -352,7 +360,10 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
             report(shape)
 
             def pieces(_weights, name=name, shape=shape):
-                full = source.read(name, device=device)
+                # on CPU F16/BF16 values as stored (a read-only view of the map): each chunk becomes a float32 copy
+                # on its worker; F32 is copied here, so no codec can ever write into the map
+                as_stored = torch.device(device).type == "cpu" and source.type_name(name) in ("F16", "BF16")
+                full = source.stored(name) if as_stored else source.read(name, device=device)
                 yield from (full if len(shape) == 3 else [full.reshape(-1, shape[-1])])
 
             _write_tensor(GGUFTensor(name, shape, pieces), None, outputs, writers, importance.get(name), encoder)
