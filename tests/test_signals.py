@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM during `quantkit convert`: one line, the shell's exit code, no partial file, and the
-forked encoding workers gone. Real processes and real signals."""
+encoding workers gone: the forked processes of the torch codecs, the threads of the compiled ones. Real processes
+and real signals."""
 
 import os
 import signal
@@ -27,14 +28,17 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _interrupt(model, out, sig, to_group, delay):
+def _interrupt(model, out, sig, to_group, delay, impl="torch"):
+    """`impl` torch: Q4_K_M encodes in forked worker processes, waited for before the signal; kernel: on threads."""
     proc = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "convert", str(model), "--to", "gguf:Q4_K_M",
                              "--threads", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint)
+                            start_new_session=True, preexec_fn=_default_sigint,
+                            env={**os.environ, "QUANTKIT_CODEC_IMPL": impl})
     part = out.with_name(out.name + ".part")
     workers = []
     deadline = time.monotonic() + 120
-    while not (part.exists() and workers) and proc.poll() is None and time.monotonic() < deadline:
+    while not (part.exists() and (workers or impl != "torch")) and proc.poll() is None \
+            and time.monotonic() < deadline:
         workers = psutil.Process(proc.pid).children(recursive=True)
         time.sleep(0.02)
     time.sleep(delay)
@@ -64,3 +68,16 @@ def test_signal_removes_partial_file_and_workers(model, tmp_path, sig, to_group,
     assert list(tmp_path.iterdir()) == []
     time.sleep(0.5)
     assert all(_gone(w) for w in workers)
+
+
+@pytest.mark.slow
+def test_signal_stops_the_compiled_codecs_threads(model, tmp_path):
+    from quantkit.quant.kernels import library
+
+    if library() is None:
+        pytest.skip("the compiled codecs are not built here")
+    code_seen, stderr, workers = _interrupt(model, tmp_path / "m-Q4_K_M.gguf", signal.SIGTERM, False, 0.0,
+                                            impl="kernel")
+    assert code_seen == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)" and "Traceback" not in stderr
+    assert workers == [] and list(tmp_path.iterdir()) == []
