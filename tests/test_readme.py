@@ -22,8 +22,8 @@ def test_ci_runs_the_readme_test_command():
 
 # Recipe keys that only say how much data a step goes through: the test runs the README's main job as written
 # except for these amounts (the code paths are the same; the demo's amounts take two minutes).
-SCALED_DOWN = {"calibration": {"samples": 4, "ctx": 64, "imatrix_chunks": 2, "imatrix_ctx": 128},
-               "evaluation": {"windows": 2, "mc_items": 8}}
+SCALED_DOWN = {"calibration": {"samples": 2, "ctx": 64, "imatrix_chunks": 1, "imatrix_ctx": 128},
+               "evaluation": {"windows": 1, "mc_items": 4}}
 
 
 def test_readme_main_job_runs(tmp_path):
