@@ -187,6 +187,20 @@ static float make_qx_one(int n, int nmax, const float *x, const float *w, uint8_
 
 /* ---- make_qkx2_quants / make_qkx3_quants over LN blocks --------------------------------------------------- */
 
+/* sum of w * |scale * L + min - x| (use_mad) or its square, L the levels of x at (iscale, level_min), in C's order */
+INLINE v4f weighted_error(int n, int nmax, const float *x, const float *w, v4f iscale, v4f level_min, v4f scale,
+                          v4f min, int use_mad) {
+    v4f err = vf(0);
+    for (int i = 0; i < n; ++i) {
+        v4f xv = vload(x + i * LN);
+        v4f l = vlevel(iscale * (xv - level_min), 0, nmax);
+        v4f diff = scale * l + min - xv;
+        diff = use_mad ? vabs(diff) : diff * diff;
+        err += vload(w + i * LN) * diff;
+    }
+    return err;
+}
+
 /* x ~ scale * L + min (min <= 0). x, w [n][LN] -> scale[LN], the_min[LN] (= -min), L[n][LN] in 0..nmax.
    qkx3: the degenerate test is max <= min instead of max == min. An accepted step moves min, which the later
    steps use, as in C; the accepted levels are rebuilt at the end from the accepted (iscale, min). */
@@ -203,14 +217,8 @@ static void make_qkx_half(int n, int nmax, const float *x, const float *w, float
     mn = vsel(mn > vf(0), vf(0), mn);
     v4i degenerate = qkx3 ? (mx <= mn) : (mx == mn);
     v4f iscale = vf((float)nmax) / (mx - mn);
-    v4f scale = vf(1) / iscale, best = vf(0), cur_min = mn, best_iscale = iscale, best_min = mn;
-    for (int i = 0; i < n; ++i) {
-        v4f xv = vload(x + i * LN);
-        v4f l = vlevel(iscale * (xv - mn), 0, nmax);
-        v4f diff = scale * l + mn - xv;
-        diff = use_mad ? vabs(diff) : diff * diff;
-        best += vload(w + i * LN) * diff;
-    }
+    v4f scale = vf(1) / iscale, cur_min = mn, best_iscale = iscale, best_min = mn;
+    v4f best = weighted_error(n, nmax, x, w, iscale, mn, scale, mn, use_mad);
     for (int is = 0; is <= nstep; ++is) {
         iscale = vf(rmin + rdelta * (float)is + (float)nmax) / (mx - cur_min);
         v4f sum_l = vf(0), sum_l2 = vf(0), sum_xl = vf(0);
@@ -227,14 +235,7 @@ static void make_qkx_half(int n, int nmax, const float *x, const float *w, float
         v4i positive = this_min > vf(0);
         this_min = vsel(positive, vf(0), this_min);
         this_scale = vsel(positive, sum_xl / sum_l2, this_scale);
-        v4f err = vf(0);
-        for (int i = 0; i < n; ++i) {
-            v4f xv = vload(x + i * LN);
-            v4f l = vlevel(iscale * (xv - cur_min), 0, nmax);
-            v4f diff = this_scale * l + this_min - xv;
-            diff = use_mad ? vabs(diff) : diff * diff;
-            err += vload(w + i * LN) * diff;
-        }
+        v4f err = weighted_error(n, nmax, x, w, iscale, cur_min, this_scale, this_min, use_mad);
         v4i take = (det > vf(0)) & (err < best);
         best = vsel(take, err, best);
         scale = vsel(take, this_scale, scale);
