@@ -20,7 +20,6 @@ _RUNTIME_PACKAGES = {
     "awq": "transformers loads AWQ checkpoints through autoawq or gptqmodel (`pip install gptqmodel`)",
     "ct": "transformers loads compressed-tensors checkpoints through `pip install compressed-tensors`",
 }
-_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
 
 def render_card(variant_dir: str | Path | VariantDir, repo_id: str | None = None, *,
@@ -147,22 +146,6 @@ def _quality_table(row: dict, base: dict, ctx) -> str:
     return "\n".join(lines)
 
 
-class _GGUFSet:
-    """A GGUF's metadata and whole tensor table across its gguf-split shards, as vram_gguf reads a GGUFFile."""
-
-    def __init__(self, paths: list[Path]):
-        from quantkit.formats.gguf.file import read_header
-
-        headers = [read_header(p) for p in paths]
-        self.path = paths[0]
-        self.values = headers[0].metadata
-        self.tensors = {name: t for h in headers for name, t in h.tensors.items()}
-
-    def metadata(self, key: str):
-        value = self.values.get(key)
-        return None if value is None else value.value
-
-
 def vram_at(v: VariantDir, contexts: tuple[int, ...]) -> list:
     """VramEstimate of the variant at each context: llama.cpp's accounting for a GGUF (f16 KV cache), a GPU
     runtime's for an HF folder (bf16 KV cache)."""
@@ -170,8 +153,10 @@ def vram_at(v: VariantDir, contexts: tuple[int, ...]) -> list:
     from quantkit.plan.vram import vram_checkpoint, vram_gguf
 
     try:
-        if v.is_gguf:
-            gguf = _GGUFSet(sorted(v.files.values()))
+        if v.is_gguf:  # a gguf-split set through its first shard, as llama.cpp loads it
+            from quantkit.source.gguf_file import GGUFFile
+
+            gguf = GGUFFile(sorted(v.files.values())[0])
             return [vram_gguf(gguf, ctx) for ctx in contexts]
         from quantkit.model import Model
 
@@ -244,12 +229,9 @@ def _num(value, digits: int, sign: bool = False) -> str:
 
 
 def _size(n) -> str:
-    if n is None:
-        return MISSING
-    for unit, size in _UNITS:
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    from quantkit.plan.plan import format_size
+
+    return MISSING if n is None else format_size(n)
 
 
 def _text(value) -> str:
