@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_ggml_iq3.h"
+
 
 #define QK_K 256
 #define LN 8                  /* blocks searched side by side */
@@ -938,6 +940,7 @@ int qk_supported(int type) {
     case 2: case 3: case 6: case 7: case 8:     /* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 */
     case 10: case 11: case 12: case 13: case 14: /* Q2_K Q3_K Q4_K Q5_K Q6_K */
     case 20: case 23:                            /* IQ4_NL IQ4_XS */
+    case 18: case 21:                            /* IQ3_XXS IQ3_S (_ggml_iq3.c) */
         return 1;
     default:
         return 0;
@@ -948,6 +951,7 @@ int qk_supported(int type) {
    or NULL. Returns 0, or -1 for a type this library does not encode or n not a multiple of its block. */
 int qk_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n) {
     if (!qk_supported(type)) return -1;
+    if (type == 18 || type == 21) return qk_iq3_quantize(type, x, imp, y, rows, n);
     int super = (type >= 10 && type <= 14) || type == 23;
     if (n % (super ? QK_K : 32)) return -1;
     int64_t bytes;

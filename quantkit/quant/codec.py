@@ -19,6 +19,9 @@ class Codec:
     block_size: ClassVar[int]  # elements per block
     block_bytes: ClassVar[int]  # bytes per block
     scale_search: ClassVar[bool] = False  # see searches()
+    # Encoded only by the compiled kernels (no torch encoder), whatever QUANTKIT_CODEC_IMPL says; CUDA tensors
+    # are encoded on the CPU. The i-quants' lattice searches are branchy scalar code that torch cannot batch.
+    kernel_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -35,6 +38,10 @@ class Codec:
             raise QuantkitError(f"{cls.name}: importance vector has shape {list(importance.shape)}, "
                                 f"expected [{n}] (one value per input column)")
         row_bytes = n // cls.block_size * cls.block_bytes
+        if cls.kernel_only:
+            kernels.require(cls.type_id, cls.name)
+            imp = None if importance is None else importance.cpu()
+            return kernels.encode(cls.type_id, x.cpu(), imp, row_bytes).to(x.device)
         if kernels.handles(cls.type_id, x.device):
             return kernels.encode(cls.type_id, x, importance, row_bytes)
         imp = None if importance is None else importance.to(device=x.device, dtype=torch.float32)
