@@ -9,8 +9,9 @@ import re
 import gguf
 import numpy as np
 import pytest
+import torch
 
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, QuantkitError
 from quantkit.formats.gguf.format import FORMAT as GGUF
 from quantkit.formats.gguf.mixtures import (
     ModelFacts,
@@ -20,6 +21,7 @@ from quantkit.formats.gguf.mixtures import (
     quantize_order,
     tensor_nbytes,
 )
+from quantkit.formats.gguf.writer import GGUFOutput, check_importance
 
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic models: GGUF name -> torch-order shape (the shapes llama.cpp's loader expects)
@@ -108,7 +110,7 @@ def layers_with(plan, suffix, type_name):
 
 def test_file_types_names_aliases_and_ftype_values():
     names = file_types()
-    assert names[:3] == ["F32", "F16", "BF16"] and "Q4_K_M" in names and "IQ4_XS" in names and len(names) == 19
+    assert names[:3] == ["F32", "F16", "BF16"] and "Q4_K_M" in names and "IQ1_M" in names and len(names) == 29
     assert file_type("q4_k").name == "Q4_K_M" and file_type("Q3_K").name == "Q3_K_M"
     assert file_type(" q5_k ").name == "Q5_K_M"
     for name in names:  # LLAMA_FTYPE values agree with gguf-py's copy of the enum
@@ -118,7 +120,7 @@ def test_file_types_names_aliases_and_ftype_values():
     with pytest.raises(ConfigError, match="valid file types: F32, F16.*Q4_K_M.*Q4_K \\(= Q4_K_M\\)"):
         file_type("Q4_K_X")
     with pytest.raises(ConfigError):
-        plan_types({}, ModelFacts("llama", 1, 1, 1), "IQ2_XXS")
+        plan_types({}, ModelFacts("llama", 1, 1, 1), "Q2_K_S")
 
 
 def test_q4_k_m_32_layers_ffn_down_and_attn_v_use_more_bits():
@@ -231,6 +233,88 @@ def test_eight_expert_rules():
         assert plan.schemes["blk.2.attn_output.weight"] == attn_output, ft
     plan = plan_types(t, f, "Q4_K_M")
     assert layers_with(plan, "ffn_down_exps.weight", "Q6_K") == [0, 3, 6, 7]
+
+
+# file types llama-quantize refuses without an imatrix: some tensor would be IQ3_XXS / IQ2_* / IQ1_*
+NEED_IMATRIX = {"IQ3_XXS", "IQ3_XS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"}
+IQ_FILE_TYPES = ["IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+
+
+def test_i_quant_file_types_refused_without_imatrix():
+    t = llama_like()
+    f = facts_for("llama", t, 8, 8, 2)
+    for ft in IQ_FILE_TYPES:
+        if ft not in NEED_IMATRIX:
+            plan_types(t, f, ft)
+            continue
+        with pytest.raises(ConfigError, match=rf"^{ft}: blk\.0\.\w+\.weight would be I.*pass one with --imatrix"):
+            plan_types(t, f, ft)
+    # the type decides, however chosen: an override too, but never for token_embd / output
+    with pytest.raises(ConfigError, match="attn_q.weight would be IQ2_XS"):
+        plan_types(t, f, "Q4_K_M", tensor_types=["attn_q=iq2_xs"])
+    plan = plan_types(t, f, "Q4_K_M", output_tensor_type="iq2_xxs", token_embedding_type="iq1_s")
+    assert (plan.schemes["output.weight"], plan.schemes["token_embd.weight"]) == ("IQ2_XXS", "IQ1_S")
+
+
+def test_iq3_file_type_rules():
+    t = llama_like(n_layer=16)
+    f = facts_for("llama", t, 16, 8, 2)  # n_gqa 4
+    s = plan_types(t, f, "IQ3_S").schemes
+    assert (s["output.weight"], s["token_embd.weight"], s["blk.3.attn_v.weight"]) == ("Q6_K", "IQ3_S", "Q4_K")
+    assert {s[f"blk.3.{n}.weight"] for n in ("attn_q", "attn_k", "attn_output", "ffn_down", "ffn_up")} == {"IQ3_S"}
+    m = plan_types(t, f, "IQ3_M").schemes
+    assert layers_with(plan_types(t, f, "IQ3_M"), "ffn_down.weight", "Q4_K") == [0, 1]
+    assert (m["blk.3.attn_output.weight"], m["blk.3.attn_v.weight"], m["blk.3.ffn_up.weight"]) == ("Q4_K",) * 2 + (
+        "IQ3_S",)
+    xs = plan_types(t, f, "IQ3_XS", imatrix=True)
+    assert layers_with(xs, "ffn_gate.weight", "IQ3_XXS") == layers_with(xs, "ffn_up.weight", "IQ3_XXS") == [
+        *range(2, 14)]
+    assert xs.schemes["blk.0.attn_q.weight"] == xs.schemes["blk.0.attn_k.weight"] == "IQ3_XXS"
+    mha = ModelFacts("llama", 16, 8, 8)
+    for imatrix, attn_v, down in [(True, "IQ3_XXS", "IQ3_XXS"), (False, "IQ3_S", "Q3_K")]:
+        plan = plan_types(t, mha, "IQ3_XXS", imatrix=imatrix, tensor_types=["attn_[qk]=q4_k", "ffn_(gate|up)=q4_k"])
+        s = plan.schemes
+        assert (s["output.weight"], s["token_embd.weight"], s["blk.5.attn_output.weight"]) == ("Q5_K", "IQ3_S",
+                                                                                               "IQ3_S")
+        assert (s["blk.5.attn_v.weight"], s["blk.5.ffn_down.weight"]) == (attn_v, down)
+        assert s["blk.0.ffn_down.weight"] == ("IQ3_XXS" if imatrix else "Q4_K")
+    assert plan_types(t, f, "IQ3_XXS", imatrix=True).schemes["blk.0.attn_q.weight"] == "IQ2_S"
+
+
+def test_iq1_iq2_file_type_rules():
+    t = llama_like(n_layer=16)
+    gqa2 = ModelFacts("llama", 16, 8, 4, has_output=True)
+    for ft, default, embd, low in [("IQ2_XXS", "IQ2_XXS", "Q2_K", "Q2_K"), ("IQ2_XS", "IQ2_XS", "Q2_K", "Q2_K"),
+                                   ("IQ2_S", "IQ2_XS", "IQ3_S", "IQ3_S"), ("IQ2_M", "IQ2_S", "IQ3_S", "IQ3_S"),
+                                   ("IQ1_S", "IQ1_S", "Q2_K", "Q2_K"), ("IQ1_M", "IQ1_M", "Q2_K", "Q2_K")]:
+        plan = plan_types(t, gqa2, ft, imatrix=True)
+        s = plan.schemes
+        assert (s["output.weight"], s["token_embd.weight"], s["blk.9.attn_v.weight"]) == ("Q5_K", embd, low), ft
+        assert layers_with(plan, "ffn_down.weight", low) == [0, 1], ft  # the first n_layer/8 ffn_down tensors
+        out = {"IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}.get(ft, default)
+        assert s["blk.9.attn_output.weight"] == out, ft
+        assert {s[f"blk.9.{n}.weight"] for n in ("attn_q", "attn_k", "ffn_gate", "ffn_up", "ffn_down")} == {default}
+        assert plan_types(t, facts_for("llama", t, 16, 8, 2), ft, imatrix=True).schemes[
+            "blk.9.attn_v.weight"] == "Q4_K"  # n_gqa >= 4
+    moe = deepseek2_like(n_layer=16)
+    plan = plan_types(moe, facts_for("deepseek2", moe, 16, 2, 1, n_expert=4), "IQ2_XS", imatrix=True)
+    # counted in quantize_order: dense blk.0.ffn_down, then blk.1's ffn_down_exps (not blk.1's shared expert)
+    assert [n for n, ty in plan.schemes.items() if "ffn_down" in n and ty == "Q2_K"] == [
+        "blk.0.ffn_down.weight", "blk.1.ffn_down_exps.weight"]
+    mx = llama_like(n_expert=8)
+    s = plan_types(mx, facts_for("llama", mx, 8, 8, 2, n_expert=8), "IQ1_M", imatrix=True).schemes
+    assert (s["blk.2.attn_k.weight"], s["blk.2.attn_v.weight"], s["blk.2.attn_output.weight"]) == (
+        "Q4_K", "Q4_K", "Q5_K")
+
+
+def test_writer_refuses_a_very_low_bit_tensor_without_its_imatrix_entry(tmp_path):
+    """As llama-quantize ("Missing importance matrix for tensor ..."), before anything is written."""
+    out = GGUFOutput(tmp_path / "m.gguf", 23, {"token_embd.weight": "IQ2_XXS", "output.weight": "IQ1_S",
+                                               "blk.0.attn_q.weight": "IQ2_S", "blk.0.attn_v.weight": "IQ3_S"})
+    with pytest.raises(QuantkitError, match=r"blk\.0\.attn_q\.weight would be IQ2_S.*no entry for it"):
+        check_importance([out], {"blk.1.attn_q.weight": torch.ones(4)})
+    check_importance([out], {"blk.0.attn_q.weight": torch.ones(4)})
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_fallback_to_f16_when_no_32_block_fits():
@@ -381,9 +465,11 @@ def gguf_model(tmp_path_factory):
 _GGML_TYPE_COUNT = 43  # "not set" for output_tensor_type / token_embedding_type
 
 
-def llama_cpp_types(src, out, file_type_name, *, imatrix=False, tensor_types=(), output_tensor_type=None,
-                    token_embedding_type=None, pure=False):
-    """Quantize with llama.cpp and return {tensor name: ggml type name} of its output."""
+def llama_cpp_quantize(src, out, file_type_name, *, imatrix=None, tensor_types=(), output_tensor_type=None,
+                       token_embedding_type=None, pure=False) -> int:
+    """Quantize with llama.cpp; its return code. imatrix: {tensor name: shape} of the model, whose weights all get
+    an all-ones entry: the rules only ask whether an imatrix is given, but the very-low-bit types refuse a tensor
+    without its entry."""
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = file_type(file_type_name).ftype
     p.nthread = 1
@@ -393,12 +479,16 @@ def llama_cpp_types(src, out, file_type_name, *, imatrix=False, tensor_types=(),
     if token_embedding_type:
         p.token_embedding_type = gguf.GGMLQuantizationType[token_embedding_type.upper()].value
     keep = []
-    if imatrix:  # a one-entry importance matrix: llama.cpp's imatrix-dependent rules only ask whether one is given
-        data = (ctypes.c_float * 1)(1.0)
-        arr = (llama_cpp.llama_model_imatrix_data * 2)()
-        arr[0].name, arr[0].data, arr[0].size = b"unused.weight", ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), 1
-        arr[1].name = None
-        keep += [data, arr]
+    if imatrix:
+        weights = {n: shape[-1] * (shape[0] if len(shape) == 3 else 1) for n, shape in imatrix.items()
+                   if len(shape) >= 2 and n.endswith(".weight")}
+        arr = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
+        for i, (name, size) in enumerate(weights.items()):
+            data = (ctypes.c_float * size)(*([1.0] * size))
+            keep += [data, name.encode()]
+            arr[i].name, arr[i].data, arr[i].size = keep[-1], ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), size
+        arr[len(weights)].name = None
+        keep.append(arr)
         p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if tensor_types:
         arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
@@ -409,11 +499,16 @@ def llama_cpp_types(src, out, file_type_name, *, imatrix=False, tensor_types=(),
         arr[len(tensor_types)].pattern = None
         keep.append(arr)
         p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p))
+    return llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p))
+
+
+def llama_cpp_types(src, out, file_type_name, **opts):
+    """Quantize with llama.cpp and return {tensor name: ggml type name} of its output, and the names in order."""
+    rc = llama_cpp_quantize(src, out, file_type_name, **opts)
     assert rc == 0, f"llama_model_quantize failed ({rc}) for {file_type_name}"
     reader = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert reader.fields["general.file_type"].contents() == p.ftype
+    assert reader.fields["general.file_type"].contents() == file_type(file_type_name).ftype
     names = [t.name for t in reader.tensors]
     del reader
     out.unlink()
@@ -421,9 +516,19 @@ def llama_cpp_types(src, out, file_type_name, *, imatrix=False, tensor_types=(),
 
 
 def check_against_llama_cpp(gguf_model, tmp_path, key, file_type_name, **opts):
+    """quantkit's plan against llama.cpp's output, tensor by tensor; or, where quantkit refuses the file for want
+    of an imatrix, that llama.cpp refuses it too (None)."""
     arch, tensors, facts, _ = MODELS[key]
-    plan = plan_types(tensors, facts, file_type_name, **opts)
-    got, names = llama_cpp_types(gguf_model(key), tmp_path / "out.gguf", file_type_name, **opts)
+    cpp_opts = {**opts, "imatrix": tensors if opts.get("imatrix") else None}
+    try:
+        plan = plan_types(tensors, facts, file_type_name, **opts)
+    except ConfigError as error:
+        if "--imatrix" not in str(error):
+            raise
+        rc = llama_cpp_quantize(gguf_model(key), tmp_path / "out.gguf", file_type_name, **cpp_opts)
+        assert rc != 0, f"{key} {file_type_name}: quantkit refuses ({error}) but llama.cpp wrote the file"
+        return None
+    got, names = llama_cpp_types(gguf_model(key), tmp_path / "out.gguf", file_type_name, **cpp_opts)
     assert names == [e.name for e in plan.entries]  # same tensor order as llama-quantize writes
     diff = {n: (plan.schemes[n], got[n]) for n in got if plan.schemes[n] != got[n]}
     assert not diff, f"{key} {file_type_name} {opts}: (ours, llama.cpp) differ: {diff}"
@@ -437,7 +542,8 @@ ALL = file_types()
 @needs_llama_cpp
 @pytest.mark.parametrize("ft", ALL)
 def test_llama_gqa_every_file_type(gguf_model, tmp_path, ft):
-    check_against_llama_cpp(gguf_model, tmp_path, "llama", ft)
+    plan = check_against_llama_cpp(gguf_model, tmp_path, "llama", ft)
+    assert (plan is None) == (ft in NEED_IMATRIX)
 
 
 @pytest.mark.interop
@@ -452,7 +558,8 @@ def test_qwen2_tied_embeddings(gguf_model, tmp_path, ft):
 @needs_llama_cpp
 @pytest.mark.parametrize("ft", ALL)
 def test_deepseek2_every_file_type(gguf_model, tmp_path, ft):
-    check_against_llama_cpp(gguf_model, tmp_path, "deepseek2", ft)
+    plan = check_against_llama_cpp(gguf_model, tmp_path, "deepseek2", ft)
+    assert (plan is None) == (ft in NEED_IMATRIX)
 
 
 @pytest.mark.interop
@@ -476,6 +583,15 @@ def test_llama_70b_rule(gguf_model, tmp_path, ft):
                                     ("qwen2", "Q4_K_M"), ("deepseek2", "Q4_0"), ("deepseek2", "IQ4_XS")])
 def test_with_imatrix(gguf_model, tmp_path, key, ft):
     check_against_llama_cpp(gguf_model, tmp_path, key, ft, imatrix=True)
+
+
+@pytest.mark.interop
+@needs_llama_cpp
+@pytest.mark.parametrize("key", ["llama", "qwen2", "deepseek2", "mixtral", "llama70b"])
+@pytest.mark.parametrize("ft", IQ_FILE_TYPES)
+def test_i_quant_file_types_with_imatrix(gguf_model, tmp_path, key, ft):
+    """llama.cpp writes these types itself (its ggml has the codecs), so only the type table is compared."""
+    assert check_against_llama_cpp(gguf_model, tmp_path, key, ft, imatrix=True) is not None
 
 
 @pytest.mark.interop

@@ -21,9 +21,17 @@ refactored quantizer FORMATS.md §3 calls [lc-quant-new] (`tensor_category`, `te
 - attn_v, attn_qkv and attn_kv_b are all "attn_v-like" (category_is_attn_v) for the attn_v rules.
 - Mixture rules run only when the file type's default type is a quantized type (not for F32/F16/BF16).
 
-Only the file types listed in `file_types()` are accepted (the ones quantkit can write); llama.cpp's rules for
-the other file types (IQ1/IQ2/IQ3 mixtures, Q2_K_S, TQ*, MXFP4_MOE) are not reproduced. Rules for falcon and
-for 8-expert (Mixtral-style) models are kept because they depend only on model facts.
+- The IQ1 / IQ2 file types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M) have their own branch of rules, taken
+  before the attn_v / ffn_down / attn_output rules of the others; their ffn_down rule counts ffn_down tensors
+  (never the layer parsed from the name, even for MoE models).
+- Without an imatrix, llama-quantize refuses a file in which any tensor but token_embd / output would be
+  IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S or IQ1_M after the fallback (tensor_requires_imatrix), naming the first
+  such tensor in quantize_order; plan_types raises ConfigError there. That refuses every IQ1 / IQ2 file type,
+  IQ3_XXS (attn_q / attn_k are IQ2_S) and IQ3_XS (attn_q / attn_k are IQ3_XXS), not IQ3_S and IQ3_M.
+
+Only the file types listed in `file_types()` are accepted; llama.cpp's rules for the others (Q2_K_S, TQ*,
+Q1_0, Q2_0, MXFP4_MOE) are not reproduced. Rules for falcon and for 8-expert (Mixtral-style) models are kept
+because they depend only on model facts.
 
 Tensors llama.cpp does not quantize (norms, biases, 1-D tensors, ffn_gate_inp, exp_probs_b.bias, rope_freqs,
 ...) are copied unchanged by llama-quantize; here they are planned as F32, the type quantkit's source tensors
@@ -55,7 +63,8 @@ class FileType:
 
 
 # llama-quantize's names (tools/quantize/quantize.cpp QUANT_OPTIONS) -> LLAMA_FTYPE (llama.h) and the default
-# tensor type (llama-quant.cpp llama_ftype_get_default_type). Only the file types quantkit supports.
+# tensor type (llama-quant.cpp llama_ftype_get_default_type). Only the file types quantkit supports; the IQ2 /
+# IQ1 tensor types are encoded by codecs of their own (a plan names them whether or not they are built).
 _FILE_TYPES: tuple[FileType, ...] = (
     FileType("F32", 0, "F32"),
     FileType("F16", 1, "F16"),
@@ -76,6 +85,16 @@ _FILE_TYPES: tuple[FileType, ...] = (
     FileType("Q6_K", 18, "Q6_K"),
     FileType("IQ4_NL", 25, "IQ4_NL"),
     FileType("IQ4_XS", 30, "IQ4_XS"),
+    FileType("IQ3_M", 27, "IQ3_S"),
+    FileType("IQ3_S", 26, "IQ3_S"),
+    FileType("IQ3_XS", 22, "IQ3_S"),
+    FileType("IQ3_XXS", 23, "IQ3_XXS"),
+    FileType("IQ2_M", 29, "IQ2_S"),
+    FileType("IQ2_S", 28, "IQ2_XS"),
+    FileType("IQ2_XS", 20, "IQ2_XS"),
+    FileType("IQ2_XXS", 19, "IQ2_XXS"),
+    FileType("IQ1_M", 31, "IQ1_M"),
+    FileType("IQ1_S", 24, "IQ1_S"),
 )
 FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in _FILE_TYPES}
 FILE_TYPE_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -84,6 +103,8 @@ FILE_TYPE_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K":
 _NOT_QUANTIZED = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 # target types that llama.cpp refuses without an imatrix (tensor_requires_imatrix; Q2_K only in Q2_K_S files)
 _NEED_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}
+# file types whose rules are llama_tensor_get_type_impl's IQ1 / IQ2 branch
+_IQ1_IQ2 = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
 
 
 def file_types() -> list[str]:
@@ -291,15 +312,29 @@ def _mixture_type(qs: _State, name: str, shape: Sequence[int], cat: int, ft: str
             return output_tensor_type
         if falcon or shape[-1] % block_size(new_type):
             return "Q8_0"
-        return "Q6_K" if new_type != "Q8_0" else new_type  # (IQ1/IQ2/IQ3_XXS files would take Q5_K)
+        if ft in _IQ1_IQ2 or ft == "IQ3_XXS":
+            return "Q5_K"
+        return "Q6_K" if new_type != "Q8_0" else new_type
 
-    if cat == _TOKEN_EMBD:
-        # --token-embedding-type was handled by the caller; the IQ1/IQ2/IQ3_XXS/TQ rules are for unsupported files
+    if cat == _TOKEN_EMBD:  # --token-embedding-type was handled by the caller (the TQ rules: unsupported files)
+        if ft in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        if ft in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return "IQ3_S"
         return new_type
+
+    if ft in _IQ1_IQ2:
+        return _iq1_iq2_type(qs, cat, ft, new_type)
 
     if cat in _ATTN_V_LIKE:  # (llama-quant.cpp's later ATTENTION_QKV branch is unreachable, so not repeated)
         if ft == "Q2_K":
             new_type = "Q4_K" if n_gqa >= 4 else "Q3_K"
+        elif ft == "IQ3_XXS":
+            new_type = "Q4_K" if n_gqa >= 4 else "IQ3_XXS" if qs.has_imatrix else "IQ3_S"
+        elif ft in ("IQ3_XS", "IQ3_S") and n_gqa >= 4:
+            new_type = "Q4_K"
+        elif ft == "IQ3_M":
+            new_type = "Q4_K"
         elif ft == "Q3_K_M":
             new_type = "Q5_K" if qs.i_attention_wv < 2 else "Q4_K"
         elif ft == "Q3_K_L":
@@ -318,16 +353,18 @@ def _mixture_type(qs: _State, name: str, shape: Sequence[int], cat: int, ft: str
         qs.i_attention_wv += 1
         return new_type
 
-    if cat == _ATTN_K:
-        return "Q8_0" if facts.n_expert == 8 else new_type  # (IQ3_XS / IQ3_XXS rules: unsupported files)
+    if cat == _ATTN_K and facts.n_expert == 8:
+        return "Q8_0"
 
-    if cat == _ATTN_Q:
-        return new_type  # (IQ3_XS / IQ3_XXS rules only)
+    if cat in (_ATTN_K, _ATTN_Q):
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(ft, new_type)
 
     if cat == _FFN_DOWN:
         i_layer, n_layer = qs.layer_info(qs.i_ffn_down, name)
         if ft == "Q2_K":
             new_type = "Q3_K"
+        elif ft == "IQ3_XXS" and not qs.has_imatrix:
+            new_type = "Q4_K" if i_layer < n_layer // 8 else "Q3_K"
         elif ft == "Q3_K_M":
             if i_layer < n_layer // 16:
                 new_type = "Q5_K"
@@ -335,6 +372,9 @@ def _mixture_type(qs: _State, name: str, shape: Sequence[int], cat: int, ft: str
                 new_type = "Q4_K"
             else:
                 new_type = "Q3_K"
+        elif ft == "IQ3_M" and (i_layer < n_layer // 8
+                                or (facts.n_expert == 8 and _use_more_bits(i_layer, n_layer))):
+            new_type = "Q4_K"
         elif ft == "Q3_K_L":
             new_type = "Q4_K" if falcon else "Q5_K"
         elif ft == "Q4_K_M":
@@ -358,24 +398,55 @@ def _mixture_type(qs: _State, name: str, shape: Sequence[int], cat: int, ft: str
     if cat == _ATTN_OUTPUT:
         if not falcon:
             if facts.n_expert == 8:
-                if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+                if ft in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S",
+                          "IQ3_M", "IQ4_XS"):
                     new_type = "Q5_K"
             else:
-                new_type = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ft, new_type)
+                new_type = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K",
+                            "IQ3_M": "Q4_K"}.get(ft, new_type)
         elif ft == "Q3_K_L":
             new_type = "Q4_K"
         return new_type
 
     if cat in (_FFN_GATE, _FFN_UP):
-        # layer_info is evaluated (and may raise) even though only IQ3_XS files have a rule here
         if cat == _FFN_GATE:
-            qs.layer_info(qs.i_ffn_gate, name)
+            i_layer, n_layer = qs.layer_info(qs.i_ffn_gate, name)
             qs.i_ffn_gate += 1
         else:
-            qs.layer_info(qs.i_ffn_up, name)
+            i_layer, n_layer = qs.layer_info(qs.i_ffn_up, name)
             qs.i_ffn_up += 1
+        if ft == "IQ3_XS" and n_layer // 8 <= i_layer < 7 * n_layer // 8:
+            new_type = "IQ3_XXS"
         return new_type
 
+    return new_type
+
+
+def _iq1_iq2_type(qs: _State, cat: int, ft: str, new_type: str) -> str:
+    """llama_tensor_get_type_impl's branch for the IQ1 / IQ2 file types (after the output and token_embd rules).
+    Its ffn_down rule takes the first n_layer / 8 ffn_down tensors in quantize_order, not layers."""
+    facts = qs.facts
+    iq2_s = ft in ("IQ2_S", "IQ2_M")
+    if cat in _ATTN_V_LIKE:
+        qs.i_attention_wv += 1
+        if facts.n_gqa >= 4 or facts.n_expert >= 4:
+            return "Q4_K"
+        return "IQ3_S" if iq2_s else "Q2_K"
+    if cat == _ATTN_K and facts.n_expert == 8:
+        return "Q4_K"
+    if cat == _FFN_DOWN:
+        first = qs.i_ffn_down < qs.n_ffn // 8
+        qs.i_ffn_down += 1
+        if first:
+            return "IQ3_S" if iq2_s else "Q2_K"
+        return new_type
+    if cat == _ATTN_OUTPUT:
+        if facts.n_expert == 8:
+            return "Q5_K"
+        if ft in ("IQ1_S", "IQ1_M"):
+            return "IQ2_XXS"
+        if iq2_s:
+            return "IQ3_S"
     return new_type
 
 
@@ -399,6 +470,12 @@ def row_fallback(name: str, ne0: int, target: str) -> str:
     else:
         raise ConfigError(f"{name}: row length {ne0} does not fit {target} and llama.cpp defines no fallback")
     return out if ne0 % block_size(out) == 0 else "F16"
+
+
+def requires_imatrix(name: str, type_name: str) -> bool:
+    """tensor_requires_imatrix: whether llama-quantize refuses to write this tensor in this type without
+    importance data (token_embd / per_layer_token_embd / output never)."""
+    return type_name in _NEED_IMATRIX and _category(name) not in (_OUTPUT, _TOKEN_EMBD)
 
 
 def _as_items(tensors: Mapping[str, Sequence[int]] | Iterable[tuple[str, Sequence[int]]]):
@@ -469,7 +546,8 @@ def plan_types(
             new_type = row_fallback(name, shape[-1], chosen)
             if new_type != chosen:
                 note = (note + ", " if note else "") + f"fallback from {chosen}"
-        if new_type in _NEED_IMATRIX and not imatrix and cat not in (_OUTPUT, _TOKEN_EMBD):
-            raise ConfigError(f"{name}: type {new_type} needs an importance matrix (pass one with --imatrix)")
+        if not imatrix and requires_imatrix(name, new_type):
+            raise ConfigError(f"{ft.name}: {name} would be {new_type}, which llama-quantize refuses to write without "
+                              "an importance matrix; pass one with --imatrix (e.g. from `quantkit imatrix`)")
         entries.append(PlanEntry(name, shape, new_type, tensor_nbytes(new_type, shape), True, note))
     return Plan("gguf", ft.name, tuple(entries))

@@ -27,6 +27,7 @@ from gguf.constants import GGMLQuantizationType
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.file import GGUFWriter, TensorEntry, Value, read_header, string, u32, write_sparse
+from quantkit.formats.gguf.mixtures import requires_imatrix
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.tokenizer import placeholder_tokenizer_metadata, tokenizer_metadata
 from quantkit.model import Model
@@ -102,6 +103,17 @@ def check_outputs(outputs: list[GGUFOutput], force: bool) -> None:
                                 "once the new file is complete)")
 
 
+def check_importance(outputs: list[GGUFOutput], importance: dict[str, torch.Tensor]) -> None:
+    """llama-quantize refuses a very-low-bit tensor whose imatrix entry is missing ("the result will be
+    garbage"); so does quantkit, before anything is written."""
+    for out in outputs:
+        for name, type_name in out.tensor_types.items():
+            if name not in importance and requires_imatrix(name, type_name):
+                raise QuantkitError(f"{out.path.name}: {name} would be {type_name}, which needs importance data, and "
+                                    "the imatrix has no entry for it (collect one on this model with `quantkit "
+                                    "imatrix` and pass it with --imatrix)")
+
+
 def importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int, name: str):
     """Per-piece importance vectors: one row per expert / head, or one vector for a 2-D tensor."""
     if importance is None:
@@ -125,6 +137,7 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
     check_outputs(outputs, force)
     tensors = mapping_for(model.arch).tensors()
     importance = importance or {}
+    check_importance(outputs, importance)
     writers = []
     with contextlib.ExitStack() as stack:
         for out in outputs:
@@ -342,6 +355,7 @@ def requantize(source, outputs: list[GGUFOutput], *, importance: dict[str, torch
                             f"({source.type_name(quantized_inputs[0])}); convert from the original checkpoint "
                             "or an F32/F16/BF16 GGUF")
     importance = importance or {}
+    check_importance(outputs, importance)
     with contextlib.ExitStack() as stack:
         writers = []
         for out in outputs:
