@@ -587,8 +587,9 @@ def test_with_imatrix(gguf_model, tmp_path, key, ft):
 
 @pytest.mark.interop
 @needs_llama_cpp
-@pytest.mark.parametrize("key", ["llama", "qwen2", "deepseek2", "mixtral", "llama70b"])
-@pytest.mark.parametrize("ft", IQ_FILE_TYPES)
+@pytest.mark.parametrize("key,ft", [(key, ft) for key in ("llama", "qwen2", "deepseek2") for ft in IQ_FILE_TYPES]
+                         + [("mixtral", ft) for ft in ("IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_S", "IQ1_M")]
+                         + [("llama70b", "IQ3_M"), ("llama70b", "IQ3_XXS")])
 def test_i_quant_file_types_with_imatrix(gguf_model, tmp_path, key, ft):
     """llama.cpp writes these types itself (its ggml has the codecs), so only the type table is compared."""
     assert check_against_llama_cpp(gguf_model, tmp_path, key, ft, imatrix=True) is not None

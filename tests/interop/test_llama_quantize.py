@@ -1,13 +1,16 @@
 """Whole files byte-exact with llama.cpp's quantizer: quantkit converting a bundled model straight from its
 checkpoint gives the same tensor bytes as llama-quantize run on the F32 GGUF of the same model, with and
-without the same importance matrix."""
+without the same importance matrix. For the file types holding IQ2/IQ1 tensors, the plan's types against
+llama-quantize's, and its refusal without an imatrix."""
 
 import numpy as np
 import pytest
 import torch
 
+from quantkit import convert as api
 from quantkit.bundled import MODEL_NAMES, MODELS_DIR
 from quantkit.calib import Imatrix, collect_imatrix
+from quantkit.errors import ConfigError
 from quantkit.formats.gguf.mixtures import file_type
 from quantkit.model import Model
 from quantkit.source.gguf_file import GGUFFile
@@ -16,7 +19,11 @@ from quantkit.testing.ggml_reference import llama_quantize
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
 pytestmark = pytest.mark.interop
 
-TYPES = ["Q4_K_M", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS"]
+TYPES = ["Q4_K_M", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "IQ3_S", "IQ3_M"]
+IMATRIX_ONLY = ["IQ3_XS"]  # refused without one (attn_q / attn_k are IQ3_XXS)
+# IQ3_XXS's attn_q / attn_k are IQ2_S: these files need the IQ2 / IQ1 codecs, so only their type tables are compared;
+# one file type per set of rules (IQ2_S ~ IQ2_M, IQ2_XXS ~ IQ2_XS, IQ1_M ~ IQ1_S; all in test_gguf_mixtures)
+TABLE_ONLY = ["IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ1_S"]
 TRAINED = [n for n in MODEL_NAMES if (MODELS_DIR / n / "config.json").is_file()]
 
 
@@ -31,7 +38,7 @@ def model_files(request, tmp_path_factory, bundled_gguf):
         tokens = torch.randint(3, model.arch.vocab_size, (4 * 128,), generator=torch.Generator().manual_seed(0))
         collect_imatrix(model, tokens, ctx=128, dataset="random").save(out / "imatrix.gguf")
     bundled_gguf.many(name, TYPES)
-    bundled_gguf.many(name, TYPES, imatrix=out / "imatrix.gguf")
+    bundled_gguf.many(name, TYPES + IMATRIX_ONLY, imatrix=out / "imatrix.gguf")
     return name, out, bundled_gguf(name, "F32")
 
 
@@ -43,11 +50,40 @@ def _tensors(path):
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("type_name", TYPES)
 def test_tensor_data_equals_llama_quantize(model_files, bundled_gguf, type_name, with_imatrix):
+    _compare_files(model_files, bundled_gguf, type_name, with_imatrix)
+
+
+@pytest.mark.parametrize("type_name", IMATRIX_ONLY)
+def test_imatrix_only_file_types_equal_llama_quantize(model_files, bundled_gguf, type_name):
+    _compare_files(model_files, bundled_gguf, type_name, True)
+
+
+def _importance(path) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in Imatrix.load(path).importances().items()}
+
+
+@pytest.mark.parametrize("type_name", IMATRIX_ONLY + TABLE_ONLY)
+def test_plan_types_equal_llama_quantize_and_both_refuse_without_imatrix(model_files, type_name):
+    name, out, f32 = model_files
+    ftype = file_type(type_name).ftype
+    with pytest.raises(ConfigError, match="--imatrix"):
+        api.convert(MODELS_DIR / name, [f"gguf:{type_name}"], out, dry_run=True)
+    with pytest.raises(RuntimeError, match="llama_model_quantize failed"):
+        llama_quantize(f32, out / "refused.gguf", ftype)
+    [(_, plan)] = api.convert(MODELS_DIR / name, [f"gguf:{type_name}"], out, dry_run=True,
+                              imatrix=out / "imatrix.gguf")
+    theirs = out / "theirs.gguf"
+    llama_quantize(f32, theirs, ftype, nthread=2, importance=_importance(out / "imatrix.gguf"))
+    g = GGUFFile(theirs)
+    assert {n: g.type_name(n) for n in g.tensors} == plan.schemes
+
+
+def _compare_files(model_files, bundled_gguf, type_name, with_imatrix):
     name, out, f32 = model_files
     imatrix = out / "imatrix.gguf" if with_imatrix else None
     # quantkit converting the checkpoint: shared with the other modules (plain), cached for this one (imatrix)
     ours = bundled_gguf(name, type_name, imatrix=imatrix or False)
-    importance = {k: v.numpy() for k, v in Imatrix.load(imatrix).importances().items()} if imatrix else None
+    importance = _importance(imatrix) if imatrix else None
     theirs = out / "theirs.gguf"
     llama_quantize(f32, theirs, file_type(type_name).ftype, nthread=2, importance=importance)
     a, b = _tensors(ours), _tensors(theirs)
