@@ -7,9 +7,12 @@ installed, and callers skip.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.util
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +59,55 @@ def quantize(type_id: int, x: np.ndarray, importance: np.ndarray | None = None) 
 
 
 def llama_quantize(src, out, ftype: int, *, nthread: int = 1, importance: dict[str, np.ndarray] | None = None,
-                   pure: bool = False) -> None:
+                   **options) -> None:
     """llama.cpp's quantizer (what llama-quantize runs) through llama-cpp-python's binding. `importance`:
-    GGUF weight name -> float32 vector, already normalised (in_sum2 / count) as tools/quantize does."""
+    GGUF weight name -> float32 vector, already normalised (in_sum2 / count) as tools/quantize does; `options`:
+    those of llama_quantize_types."""
     import llama_cpp
+
+    params, keep = _quantize_params(ftype, nthread, importance, **options)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {out}")
+
+
+def llama_quantize_types(src, ftype: int, *, importance: dict[str, np.ndarray] | None = None, pure: bool = False,
+                         tensor_types=(), output_tensor_type: str | None = None,
+                         token_embedding_type: str | None = None) -> list[tuple[str, str]]:
+    """The (tensor name, ggml type name) llama-quantize would write, in its order, from its --dry-run: the type
+    choice without the quantizing (milliseconds instead of minutes for the i-quants). A dry run refuses nothing;
+    llama_quantize does, before it quantizes anything. `tensor_types`: llama-quantize's --tensor-type
+    PATTERN=TYPE strings."""
+    import llama_cpp
+
+    params, keep = _quantize_params(ftype, 1, importance, pure=pure, tensor_types=tensor_types,
+                                    output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+    params.dry_run = True
+    with llama_log() as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), b"", ctypes.byref(params))
+    del keep
+    log = "".join(lines)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize --dry-run failed ({rc}) for {src}: {log[-2000:]}")
+    # "[  3/ 40] blk.0.attn_k.weight - [  256,    64,     1,     1], type =    f32, size =  0.062 MiB ->  0.009 MiB
+    # (q4_K)"; a tensor kept as it is has no "(type)"
+    rows = re.findall(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size = [^\n]*?(?:\((\w+)\))?\n", log)
+    return [(name, (new or old).upper()) for name, old, new in rows]
+
+
+def _quantize_params(ftype: int, nthread: int, importance: dict[str, np.ndarray] | None, *, pure: bool = False,
+                     tensor_types=(), output_tensor_type: str | None = None, token_embedding_type: str | None = None):
+    """llama_model_quantize_params and the buffers it points to (keep them alive until the call returns)."""
+    import llama_cpp
+    from gguf import GGMLQuantizationType
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = ftype, nthread, pure
+    if output_tensor_type:
+        params.output_tensor_type = GGMLQuantizationType[output_tensor_type.upper()].value
+    if token_embedding_type:
+        params.token_embedding_type = GGMLQuantizationType[token_embedding_type.upper()].value
     keep = []
     if importance:
         entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
@@ -75,9 +120,36 @@ def llama_quantize(src, out, ftype: int, *, nthread: int = 1, importance: dict[s
         entries[len(importance)].name = None
         keep.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {out}")
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, spec in enumerate(tensor_types):
+            pattern, type_name = spec.split("=")
+            keep.append(pattern.lower().encode())  # lower-cased, as llama-quantize's parse_tensor_type
+            overrides[i].pattern = keep[-1]
+            overrides[i].type = GGMLQuantizationType[type_name.upper()].value
+        overrides[len(tensor_types)].pattern = None
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    return params, keep
+
+
+@contextlib.contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """llama.cpp's log text while inside, collected instead of llama-cpp-python's printing it."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        chunks.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield chunks
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def tensor_data_digest(path) -> str:

@@ -19,7 +19,6 @@ Meant for files written by quantkit.formats.gguf.writer.write_skeleton (the data
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -118,16 +117,10 @@ def measure(path: Path, n_ctx: int, kv_type: str = "f16", n_ubatch: int = 512) -
     import llama_cpp
 
     from quantkit.evaluation.llama_cpp_guard import open_llama
-
-    chunks: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        chunks.append(text.decode("utf-8", errors="replace"))
+    from quantkit.testing.ggml_reference import llama_log
 
     ggml_type = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}")
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
+    with llama_log() as chunks:
         llm = open_llama(path, extra_bufts=False, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, n_gpu_layers=0,
                          use_mmap=True, use_mlock=False, logits_all=False, type_k=ggml_type, type_v=ggml_type,
                          n_threads=1, verbose=True)
@@ -136,10 +129,6 @@ def measure(path: Path, n_ctx: int, kv_type: str = "f16", n_ubatch: int = 512) -
                       "mapped_resident": _mapped_resident(path)}
         finally:
             llm.close()
-    finally:
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     result.update(parse_log("".join(chunks)))
     return result
 

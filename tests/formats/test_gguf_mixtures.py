@@ -1,9 +1,8 @@
 """llama.cpp mixtures: unit tests of the rules, and (interop) the same plans checked tensor by tensor against
-llama.cpp's own quantizer (llama_cpp.llama_model_quantize) on tiny synthetic GGUF models."""
+llama.cpp's own quantizer (llama_model_quantize with --dry-run; its refusals for real) on tiny synthetic GGUF models."""
 
 from __future__ import annotations
 
-import ctypes
 import re
 
 import gguf
@@ -22,6 +21,7 @@ from quantkit.formats.gguf.mixtures import (
     tensor_nbytes,
 )
 from quantkit.formats.gguf.writer import GGUFOutput, check_importance
+from quantkit.testing.ggml_reference import llama_quantize, llama_quantize_types
 
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic models: GGUF name -> torch-order shape (the shapes llama.cpp's loader expects)
@@ -462,75 +462,31 @@ def gguf_model(tmp_path_factory):
     return get
 
 
-_GGML_TYPE_COUNT = 43  # "not set" for output_tensor_type / token_embedding_type
-
-
-def llama_cpp_quantize(src, out, file_type_name, *, imatrix=None, tensor_types=(), output_tensor_type=None,
-                       token_embedding_type=None, pure=False) -> int:
-    """Quantize with llama.cpp; its return code. imatrix: {tensor name: shape} of the model, whose weights all get
-    an all-ones entry: the rules only ask whether an imatrix is given, but the very-low-bit types refuse a tensor
-    without its entry."""
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = file_type(file_type_name).ftype
-    p.nthread = 1
-    p.pure = pure
-    if output_tensor_type:
-        p.output_tensor_type = gguf.GGMLQuantizationType[output_tensor_type.upper()].value
-    if token_embedding_type:
-        p.token_embedding_type = gguf.GGMLQuantizationType[token_embedding_type.upper()].value
-    keep = []
-    if imatrix:
-        weights = {n: shape[-1] * (shape[0] if len(shape) == 3 else 1) for n, shape in imatrix.items()
-                   if len(shape) >= 2 and n.endswith(".weight")}
-        arr = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
-        for i, (name, size) in enumerate(weights.items()):
-            data = (ctypes.c_float * size)(*([1.0] * size))
-            keep += [data, name.encode()]
-            arr[i].name, arr[i].data, arr[i].size = keep[-1], ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), size
-        arr[len(weights)].name = None
-        keep.append(arr)
-        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if tensor_types:
-        arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
-        for i, spec in enumerate(tensor_types):
-            pattern, type_name = spec.split("=")
-            arr[i].pattern = pattern.lower().encode()  # as llama-quantize's parse_tensor_type
-            arr[i].type = gguf.GGMLQuantizationType[type_name.upper()].value
-        arr[len(tensor_types)].pattern = None
-        keep.append(arr)
-        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    return llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p))
-
-
-def llama_cpp_types(src, out, file_type_name, **opts):
-    """Quantize with llama.cpp and return {tensor name: ggml type name} of its output, and the names in order."""
-    rc = llama_cpp_quantize(src, out, file_type_name, **opts)
-    assert rc == 0, f"llama_model_quantize failed ({rc}) for {file_type_name}"
-    reader = gguf.GGUFReader(str(out))
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert reader.fields["general.file_type"].contents() == file_type(file_type_name).ftype
-    names = [t.name for t in reader.tensors]
-    del reader
-    out.unlink()
-    return types, names
+def _ones_imatrix(tensors) -> dict[str, np.ndarray]:
+    """An all-ones entry for every weight: the rules only ask whether an imatrix is given, but the very-low-bit
+    types refuse a tensor without its entry."""
+    return {n: np.ones(shape[-1] * (shape[0] if len(shape) == 3 else 1), dtype=np.float32)
+            for n, shape in tensors.items() if len(shape) >= 2 and n.endswith(".weight")}
 
 
 def check_against_llama_cpp(gguf_model, tmp_path, key, file_type_name, **opts):
-    """quantkit's plan against llama.cpp's output, tensor by tensor; or, where quantkit refuses the file for want
-    of an imatrix, that llama.cpp refuses it too (None)."""
+    """quantkit's plan against llama-quantize's (its --dry-run), tensor by tensor and in its order; or, where quantkit
+    refuses the file for want of an imatrix, that llama-quantize refuses it too (None)."""
     arch, tensors, facts, _ = MODELS[key]
-    cpp_opts = {**opts, "imatrix": tensors if opts.get("imatrix") else None}
+    cpp_opts = {k: v for k, v in opts.items() if k != "imatrix"}
+    importance = _ones_imatrix(tensors) if opts.get("imatrix") else None
+    ftype = file_type(file_type_name).ftype
     try:
         plan = plan_types(tensors, facts, file_type_name, **opts)
     except ConfigError as error:
         if "--imatrix" not in str(error):
             raise
-        rc = llama_cpp_quantize(gguf_model(key), tmp_path / "out.gguf", file_type_name, **cpp_opts)
-        assert rc != 0, f"{key} {file_type_name}: quantkit refuses ({error}) but llama.cpp wrote the file"
+        with pytest.raises(RuntimeError, match="llama_model_quantize failed"):  # refused before quantizing anything
+            llama_quantize(gguf_model(key), tmp_path / "out.gguf", ftype, importance=importance, **cpp_opts)
         return None
-    got, names = llama_cpp_types(gguf_model(key), tmp_path / "out.gguf", file_type_name, **cpp_opts)
-    assert names == [e.name for e in plan.entries]  # same tensor order as llama-quantize writes
-    diff = {n: (plan.schemes[n], got[n]) for n in got if plan.schemes[n] != got[n]}
+    got = llama_quantize_types(gguf_model(key), ftype, importance=importance, **cpp_opts)
+    assert [name for name, _ in got] == [e.name for e in plan.entries]  # the order llama-quantize writes
+    diff = {n: (plan.schemes[n], t) for n, t in got if plan.schemes[n] != t}
     assert not diff, f"{key} {file_type_name} {opts}: (ours, llama.cpp) differ: {diff}"
     return plan
 
