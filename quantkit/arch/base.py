@@ -88,6 +88,7 @@ class Architecture:
     def __init__(self, config: dict, tensor_names: Iterable[str] | None = None):
         self.config = config
         self.tensor_names = set(tensor_names) if tensor_names is not None else None
+        self._layer_specs: list[LayerSpec] | None = None
         self.num_layers = self._require("num_hidden_layers")
         self.hidden_size = self._require("hidden_size")
         self.vocab_size = self._require("vocab_size")
@@ -105,7 +106,10 @@ class Architecture:
 
     # ---- description ----------------------------------------------------------------------------------
     def layers(self) -> list[LayerSpec]:
-        return [self.layer_spec(i) for i in range(self.num_layers)]
+        # built once: a 671B MoE's specs (61 layers x 256 experts) take a second, and planners ask many times
+        if self._layer_specs is None:
+            self._layer_specs = [self.layer_spec(i) for i in range(self.num_layers)]
+        return list(self._layer_specs)
 
     def layer_spec(self, index: int) -> LayerSpec:
         raise NotImplementedError

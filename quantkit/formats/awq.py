@@ -89,8 +89,9 @@ class AWQFormat(LayerwiseFolderFormat):
                               f"{arch.name}'s norms (no norm_block for its attention/MLP); use gptq: or gguf: for "
                               "this model")
         for spec in arch.layers():
+            shapes = spec.tensor_shapes()
             for unit in scaling_units(spec.input_groups):
-                shape = spec.tensor_shapes().get(unit.producer)
+                shape = shapes.get(unit.producer)
                 if unit.kind == "norm" and (shape is None or len(shape) != 1):
                     raise ConfigError(f"{model.source.path}: {unit.producer!r} is not a plain norm weight AWQ's "
                                       "scales can fold into; use gptq: or gguf: for this model")

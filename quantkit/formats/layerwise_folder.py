@@ -69,7 +69,8 @@ def quantized_linears(model: Model) -> list[tuple[int, list[str], dict[str, tupl
                               "(transformers >= 5 layout); GPTQ and AWQ checkpoints store each expert's linears "
                               "under its own name. Convert from the per-expert checkpoint (DeepSeek's original "
                               "layout)")
-        others = {n: s for n, s in spec.tensor_shapes().items() if n not in set(linears)}
+        quantized = set(linears)
+        others = {n: s for n, s in spec.tensor_shapes().items() if n not in quantized}
         layers.append((spec.index, linears, others))
     return layers
 

@@ -19,15 +19,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
-
-import quantkit
+from mini_recipe import ROOT, run_env, run_files
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-ROOT = Path(quantkit.__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 TIMEOUT = 600
 
@@ -36,13 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env(cache: Path) -> dict:
-    """This checkout's quantkit first on the path (of the drivers and of Ray's workers, which inherit the env of
-    `ray start`), and a statistics cache of its own."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "QUANTKIT_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _stop(groups: list[int]) -> None:
@@ -76,7 +65,7 @@ def ray_cluster():
     Ray run cannot reuse what a local run cached."""
     # Short paths: Ray's unix sockets live under --temp-dir, and a socket path has at most 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="qk-ray-"))
-    env = _env(root / "cache")
+    env = run_env(root / "cache")
     port = _free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     nodes = [["--head", "--port", str(port), "--include-dashboard=false"], ["--address", f"127.0.0.1:{port}"]]
@@ -97,14 +86,8 @@ def ray_cluster():
 
 
 def _quantkit(*args, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantkit.cli", *map(str, args)], env=_env(cache), cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "quantkit.cli", *map(str, args)], env=run_env(cache), cwd=cwd,
                           capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    """Every file of a run directory but the two that record times (state.json's seconds and mtimes, the lock)."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("state.json", ".lock")}
 
 
 def _task_lines(stderr: str, verb: str) -> set[str]:
@@ -113,31 +96,23 @@ def _task_lines(stderr: str, verb: str) -> set[str]:
             if f"runner: {verb} " in line}
 
 
-def test_ray_run_gives_the_local_bytes(ray_cluster, tmp_path):
-    # The demo recipe's variants (GGUF ladder with imatrix, GPTQ, AWQ) on its first model, with its calibration and
-    # evaluation cut to what 2 CPUs do in about 30 s: the full sizes take 2 minutes per executor.
-    recipe = yaml.safe_load(DEMO.read_text())
-    recipe["calibration"] = {"samples": 8, "ctx": 128, "imatrix_chunks": 8, "imatrix_ctx": 128}
-    recipe["evaluation"] = {"ctx": 128, "windows": 8, "mc_items": 16}
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    model = recipe["models"][0]["name"]
-
-    local = _quantkit("run", path, "--only", model, "-o", tmp_path / "local", "--threads", 1,
-                      cache=tmp_path / "local-cache", cwd=tmp_path)
-    assert local.returncode == 0, local.stderr
-    ray_command = ["run", path, "--only", model, "-o", tmp_path / "ray", "--threads", 1, "--executor", "ray",
+def test_ray_run_gives_the_local_bytes(ray_cluster, mini_run, tmp_path):
+    """The session's small recipe run (GGUF with imatrix, GPTQ, evaluation, cards; local executor) again on the
+    cluster: the same tasks and the same bytes, and a rerun starts nothing."""
+    recipe, local_dir, _, local_log = mini_run
+    ray_command = ["run", recipe, "-o", tmp_path / "ray", "--threads", 1, "--executor", "ray",
                    "--address", ray_cluster]
     ray = _quantkit(*ray_command, cache=tmp_path / "driver-cache", cwd=tmp_path)
     assert ray.returncode == 0, ray.stderr
 
-    tasks = {f"{model}/imatrix", f"{model}/convert:Q8_0+Q4_K_M+Q2_K", f"{model}/convert:GPTQ-w4g128+AWQ-w4g128",
-             f"{model}/eval", f"{model}/cards"}
-    assert _task_lines(local.stderr, "done") == _task_lines(ray.stderr, "done") == tasks
+    model = "tiny-qwen2"
+    tasks = {f"{model}/imatrix", f"{model}/convert:Q4_K_M+Q8_0", f"{model}/convert:GPTQ-w4g128", f"{model}/eval",
+             f"{model}/cards"}
+    assert _task_lines(local_log, "done") == _task_lines(ray.stderr, "done") == tasks
     assert "(ray executor)" in ray.stderr
     assert f"({model}/eval pid=" in ray.stderr  # the workers' log lines came back, named by their task
     assert "\x1b[" not in ray.stderr  # without colour codes: stderr is not a terminal
-    local_files, ray_files = _files(tmp_path / "local"), _files(tmp_path / "ray")
+    local_files, ray_files = run_files(local_dir), run_files(tmp_path / "ray")
     assert len(local_files) > 10
     assert sorted(ray_files) == sorted(local_files)
     assert [name for name in local_files if ray_files[name] != local_files[name]] == []
@@ -146,7 +121,7 @@ def test_ray_run_gives_the_local_bytes(ray_cluster, tmp_path):
     assert again.returncode == 0, again.stderr
     assert _task_lines(again.stderr, "start") == set()
     assert f"skip {model}/imatrix: finished before" in again.stderr
-    assert _files(tmp_path / "ray") == ray_files
+    assert run_files(tmp_path / "ray") == ray_files
 
 
 def test_ray_task_error_is_one_line(ray_cluster, tmp_path):

@@ -6,49 +6,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = """\
-name: mini
-models:
-  - name: tiny-qwen2
-    base_model: example/tiny-qwen2
-    license: mit
-calibration: {samples: 8, ctx: 128, imatrix_chunks: 8, imatrix_ctx: 128}
-evaluation: {ctx: 128, windows: 8, mc_items: 16}
-variants:
-  - to: gguf:Q4_K_M
-  - to: gguf:Q8_0
-  - to: gptq:w4g128
-publish:
-  repo_id: "me/{model}-{variant}"
-"""
-# state.json records times; .lock is the run's lock file: everything else must be identical
-VOLATILE = {"state.json", ".lock"}
-
-
-def _env(cache: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "QUANTKIT_CACHE": str(cache)}
-
-
-def _command(recipe: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "quantkit.cli", "run", str(recipe), "-o", str(run_dir), "--threads", "1"]
+from mini_recipe import MINI_RECIPE, run_command, run_env, run_files
 
 
 def _run(recipe: Path, run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command(recipe, run_dir), env=_env(cache), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(run_command(recipe, run_dir), env=run_env(cache), capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
-
-
-def _files(run_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name not in VOLATILE}
 
 
 def _skipped(log: str) -> set[str]:
@@ -59,15 +28,9 @@ def _started(log: str) -> set[str]:
     return {line.rsplit("start ", 1)[1].strip() for line in log.splitlines() if " start " in line}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The recipe run once, uninterrupted."""
-    root = tmp_path_factory.mktemp("run")
-    recipe = root / "mini.yaml"
-    recipe.write_text(RECIPE)
-    run_dir, cache = root / "whole", root / "cache"
-    log = _run(recipe, run_dir, cache).stderr
-    return recipe, run_dir, cache, log
+@pytest.fixture
+def reference(mini_run):
+    return mini_run
 
 
 def test_run_makes_every_artifact_report_index_and_card(reference):
@@ -98,7 +61,7 @@ def test_run_makes_every_artifact_report_index_and_card(reference):
 
 def _run_until(recipe: Path, run_dir: Path, cache: Path, marker) -> str:
     """Start the run and SIGKILL its whole process group at the first log line `marker` accepts."""
-    proc = subprocess.Popen(_command(recipe, run_dir), env=_env(cache), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(run_command(recipe, run_dir), env=run_env(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     for line in proc.stderr:
@@ -141,7 +104,7 @@ def test_kill_9_at_three_points_then_rerun_gives_identical_bytes(reference, tmp_
     assert _skipped(final) == {"tiny-qwen2/imatrix", "tiny-qwen2/Q4_K_M", "tiny-qwen2/Q8_0",
                                "tiny-qwen2/GPTQ-w4g128"}
     assert _started(final) == {"tiny-qwen2/eval", "tiny-qwen2/cards"}
-    assert _files(run_dir) == _files(whole)
+    assert run_files(run_dir) == run_files(whole)
 
 
 @pytest.mark.slow
@@ -152,19 +115,19 @@ def test_a_changed_recipe_redoes_exactly_what_it_affects(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(whole, run_dir)
     changed = tmp_path / "mini.yaml"
-    changed.write_text(RECIPE.replace("  - to: gguf:Q4_K_M\n",
+    changed.write_text(MINI_RECIPE.replace("  - to: gguf:Q4_K_M\n",
                                       "  - to: gguf:Q4_K_M\n    tensor_types: ['attn_v=q8_0']\n"))
     log = _run(changed, run_dir, cache).stderr
     assert "redo tiny-qwen2/Q4_K_M: the recipe or its inputs changed" in log
     assert _started(log) == {"tiny-qwen2/convert:Q4_K_M+Q8_0", "tiny-qwen2/eval", "tiny-qwen2/cards"}
     assert {"tiny-qwen2/imatrix", "tiny-qwen2/Q8_0", "tiny-qwen2/GPTQ-w4g128"} <= _skipped(log)
-    before, after = _files(whole), _files(run_dir)
+    before, after = run_files(whole), run_files(run_dir)
     assert after["tiny-qwen2/Q8_0/tiny-qwen2-Q8_0.gguf"] == before["tiny-qwen2/Q8_0/tiny-qwen2-Q8_0.gguf"]
     assert after["tiny-qwen2/Q4_K_M/tiny-qwen2-Q4_K_M.gguf"] != before["tiny-qwen2/Q4_K_M/tiny-qwen2-Q4_K_M.gguf"]
 
     # only the evaluation changed: the artifacts stay, the reports and cards are redone
     evaluation = tmp_path / "eval.yaml"
-    evaluation.write_text(changed.read_text().replace("windows: 8", "windows: 6"))
+    evaluation.write_text(changed.read_text().replace("windows: 2", "windows: 1"))
     log = _run(evaluation, run_dir, cache).stderr
     assert _started(log) == {"tiny-qwen2/eval", "tiny-qwen2/cards"}
 
@@ -180,7 +143,7 @@ def test_a_damaged_artifact_is_redone(reference, tmp_path):
     gguf.write_bytes(gguf.read_bytes()[:-10])
     log = _run(recipe, run_dir, cache).stderr
     assert "redo tiny-qwen2/Q8_0: its files changed" in log
-    assert _files(run_dir) == _files(whole)
+    assert run_files(run_dir) == run_files(whole)
 
 
 def test_a_failing_task_ends_the_run_with_one_error_line(tmp_path):
@@ -197,7 +160,7 @@ def test_a_failing_task_ends_the_run_with_one_error_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("models:\n  - name: broken\n    path: model\nvariants:\n  - to: gguf:Q8_0\n    imatrix: false\n"
                       "evaluation: false\n")
-    done = subprocess.run(_command(recipe, tmp_path / "run"), env=_env(tmp_path / "cache"), capture_output=True,
+    done = subprocess.run(run_command(recipe, tmp_path / "run"), env=run_env(tmp_path / "cache"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -213,7 +176,7 @@ def test_sigterm_stops_every_worker(reference, tmp_path):
 
     recipe, _, cache, _ = reference
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(recipe, run_dir), env=_env(cache), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(run_command(recipe, run_dir), env=run_env(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "gptq:w4g128:" in line:
@@ -231,7 +194,7 @@ def test_sigterm_stops_every_worker(reference, tmp_path):
 def test_only_runs_one_variant_and_what_it_needs(reference, tmp_path):
     recipe, _, cache, _ = reference
     run_dir = tmp_path / "run"
-    log = subprocess.run(_command(recipe, run_dir) + ["--only", "Q8_0"], env=_env(cache), capture_output=True,
+    log = subprocess.run(run_command(recipe, run_dir) + ["--only", "Q8_0"], env=run_env(cache), capture_output=True,
                          text=True, timeout=300)
     assert log.returncode == 0, log.stderr[-3000:]
     assert _started(log.stderr) == {"tiny-qwen2/imatrix", "tiny-qwen2/convert:Q8_0", "tiny-qwen2/eval",
@@ -242,8 +205,8 @@ def test_only_runs_one_variant_and_what_it_needs(reference, tmp_path):
 def test_a_finished_run_needs_no_executor(reference):
     """Nothing to do: no worker starts and no cluster is contacted (an address nobody listens on is never tried)."""
     recipe, whole, cache, _ = reference
-    done = subprocess.run(_command(recipe, whole) + ["--executor", "ray", "--address", "127.0.0.1:9"],
-                          env=_env(cache), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(run_command(recipe, whole) + ["--executor", "ray", "--address", "127.0.0.1:9"],
+                          env=run_env(cache), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not _started(done.stderr)
 
