@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_ggml_iq2.h"
+
 
 #define QK_K 256
 #define LN 8                  /* blocks searched side by side */
@@ -41,7 +43,7 @@ static inline int nearest_int(float f) {
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 /* IEEE float32 -> binary16, round to nearest even (overflow to inf, NaN to a quiet NaN). */
-static uint16_t fp32_to_fp16(float f) {
+uint16_t fp32_to_fp16(float f) {
     uint32_t x = f2u(f);
     uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
     uint32_t ax = x & 0x7fffffffu;
@@ -264,7 +266,7 @@ static void make_qkx_lanes(int n, int nmax, const float *x, const float *w, floa
 
 /* ---- make_qp_quants: non-negative values (sub-block scales or mins) -> 0..nmax ------------------------------ */
 
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
+float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
     float max = 0;
     for (int i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;
     if (max < GROUP_MAX_EPS) {
@@ -938,6 +940,7 @@ int qk_supported(int type) {
     case 2: case 3: case 6: case 7: case 8:     /* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 */
     case 10: case 11: case 12: case 13: case 14: /* Q2_K Q3_K Q4_K Q5_K Q6_K */
     case 20: case 23:                            /* IQ4_NL IQ4_XS */
+    case 16: case 17: case 22:                   /* IQ2_XXS IQ2_XS IQ2_S (_ggml_iq2.c) */
         return 1;
     default:
         return 0;
@@ -948,6 +951,7 @@ int qk_supported(int type) {
    or NULL. Returns 0, or -1 for a type this library does not encode or n not a multiple of its block. */
 int qk_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n) {
     if (!qk_supported(type)) return -1;
+    if (qk_iq2_supported(type)) return qk_iq2_quantize(type, x, imp, y, rows, n);
     int super = (type >= 10 && type <= 14) || type == 23;
     if (n % (super ? QK_K : 32)) return -1;
     int64_t bytes;

@@ -15,8 +15,11 @@ import ctypes
 import functools
 import importlib.machinery
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
@@ -38,6 +41,8 @@ def library() -> ctypes.CDLL | None:
                                         ctypes.c_int64, ctypes.c_int64]
             lib.qk_supported.restype = ctypes.c_int
             lib.qk_supported.argtypes = [ctypes.c_int]
+            lib.qk_iq_grid_init.restype = ctypes.c_int
+            lib.qk_iq_grid_init.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             return lib
     return None
 
@@ -57,6 +62,36 @@ def mode() -> str:
 def _supported(type_id: int) -> bool:
     lib = library()
     return lib is not None and bool(lib.qk_supported(type_id))
+
+
+def supports(type_id: int) -> bool:
+    """Whether the kernels are built and encode this ggml type, whatever QUANTKIT_CODEC_IMPL says."""
+    return available() and _supported(type_id)
+
+
+# The grid i-quants' codebooks, passed to the library before its first encode of the type: ggml type id ->
+# a function returning the grid's levels (uint8 [points, 8], each 0..2, in grid order).
+_GRIDS: dict[int, Callable[[], np.ndarray]] = {}
+_grids_set: set[int] = set()
+_grid_lock = threading.Lock()
+
+
+def register_grid(type_id: int, levels: Callable[[], np.ndarray]) -> None:
+    _GRIDS[type_id] = levels
+
+
+def _set_grid(lib: ctypes.CDLL, type_id: int) -> None:
+    """qk_iq_grid_init once per type, under a lock: encodes on other threads may be waiting."""
+    if type_id not in _GRIDS or type_id in _grids_set:
+        return
+    with _grid_lock:
+        if type_id in _grids_set:
+            return
+        levels = np.ascontiguousarray(_GRIDS[type_id](), dtype=np.uint8)
+        if lib.qk_iq_grid_init(type_id, levels.ctypes.data, levels.shape[0]) != 0:
+            raise QuantkitError(f"compiled codecs: the grid of ggml type {type_id} was refused "
+                                f"({levels.shape[0]} points)")
+        _grids_set.add(type_id)
 
 
 def handles(type_id: int, device: torch.device | str = "cpu") -> bool:
@@ -79,8 +114,11 @@ def encode(type_id: int, x: torch.Tensor, importance: torch.Tensor | None, row_b
     rows, n = x.shape
     out = torch.empty(rows, row_bytes, dtype=torch.uint8)
     if rows:
+        _set_grid(library(), type_id)
         status = library().qk_quantize(type_id, x.data_ptr(), None if imp is None else imp.data_ptr(),
                                        out.data_ptr(), rows, n)
         if status != 0:
-            raise QuantkitError(f"compiled codec refused ggml type {type_id} for rows of {n}")
+            why = {-3: "no grid point fits a block (non-finite values?)",
+                   -4: "it needs an importance vector"}.get(status, f"for rows of {n}")
+            raise QuantkitError(f"compiled codec refused ggml type {type_id}: {why}")
     return out

@@ -1,0 +1,534 @@
+/* quantkit's compiled grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S (2-bit, 8-element grid points of levels 1, 3, 5 and
+   a sign per element) and IQ1_S, IQ1_M (1-bit, grid points of -1, 0, 1 plus a shift per sub-block).
+
+   Written for quantkit; the algorithms are those of ggml-quants.c (ggml-org/llama.cpp: iq2xs_init_impl,
+   quantize_row_iq2_xxs_impl / _xs_impl / _s_impl, quantize_row_iq1_s_impl / _m_impl), the block layouts those
+   of ggml-common.h. Nothing here is copied from ggml, and the grids are not in this file: quantkit/quant/
+   ggml_iq2.py takes them from gguf-py and passes them to qk_iq_grid_init() once per type.
+
+   Exactness rules as in _ggml_kernels.c: every float operation a separately rounded float32 operation in the
+   order of ggml's C expressions, sums sequential, no contraction (-ffp-contract=off). The neighbour lists are
+   ordered by (distance, grid index) exactly as ggml's qsort orders them, so the searches visit candidates in
+   ggml's order and keep the same first minimum. IQ1's sort of a sub-block by value uses libc's qsort with
+   ggml's element layout and comparator: ties (equal values) then land in ggml's order, whatever that qsort
+   does with them, because ggml calls the same qsort of the same C library in the same process. */
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_ggml_iq2.h"
+
+#define QK_K 256
+#define GROUP_MAX_EPS 1e-15f
+#define GROUP_MAX_EPS_IQ2_S 1e-8f
+#define GROUP_MAX_EPS_IQ1_M 1e-7f
+#define GROUP_MAX_EPS_IQ1_S 1e-12f
+#define IQ1_DELTA 0.125f       /* IQ1S_DELTA == IQ1M_DELTA */
+#define KMAP_SIZE 43692        /* 2-bit codes of 8 elements up to 0xAAAA (all levels 2), + 1, as ggml sizes it */
+#define MAX_D2 (8 * 36 + 1)    /* squared distances between level vectors of 1, 3, 5, 7 */
+
+/* ggml's nearest_int (see _ggml_kernels.c) */
+static inline int nearest_int(float f) {
+    float v = f + 12582912.f;
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (int)(u & 0x007fffff) - 0x00400000;
+}
+
+/* ggml's MAX(a, b) = a > b ? a : b: which operand wins on NaN matters */
+static inline float maxf(float a, float b) { return a > b ? a : b; }
+static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* ---- grids, code -> grid index map, neighbour lists (iq2xs_init_impl) --------------------------------------- */
+
+typedef struct {
+    int size;             /* grid points */
+    int8_t *grid;         /* [size][8]: 2*level + 1 */
+    int *map;             /* [KMAP_SIZE]: 2-bit code of 8 levels -> grid index, or -(offset + 1) into neighbours */
+    uint16_t *neighbours; /* per off-grid code: count, then grid indices */
+} Tables;
+
+static Tables TABLES[4]; /* IQ2_XXS, IQ2_XS, IQ1_S and IQ1_M (one grid), IQ2_S */
+
+static int table_slot(int type) {
+    switch (type) {
+    case QK_IQ2_XXS: return 0;
+    case QK_IQ2_XS: return 1;
+    case QK_IQ1_S: case QK_IQ1_M: return 2;
+    case QK_IQ2_S: return 3;
+    default: return -1;
+    }
+}
+
+static int grid_size(int type) {
+    switch (type) {
+    case QK_IQ2_XXS: return 256;
+    case QK_IQ2_XS: return 512;
+    case QK_IQ1_S: case QK_IQ1_M: return 2048;
+    case QK_IQ2_S: return 1024;
+    default: return -1;
+    }
+}
+
+/* nearest grid points kept per off-grid code: those at the nwant smallest distances */
+static int nwant(int type) { return type == QK_IQ1_S || type == QK_IQ1_M ? 3 : type == QK_IQ2_S ? 1 : 2; }
+
+static void free_tables(Tables *t) {
+    free(t->grid);
+    free(t->map);
+    free(t->neighbours);
+    memset(t, 0, sizeof(*t));
+}
+
+/* The neighbours of every code that is not a grid point: ggml sorts all grid points by (squared distance, index)
+   and keeps those within the nwant smallest distinct distances. Distances are small integers, so counting
+   them gives the same list without the sort: the kept distances in increasing order, each one's grid points in
+   increasing index. */
+static int build_neighbours(Tables *t, int want) {
+    size_t cap = 1 << 16, used = 0;
+    uint16_t *list = malloc(cap * sizeof(uint16_t));
+    int *d2 = malloc((size_t)t->size * sizeof(int));
+    if (!list || !d2) {
+        free(list);
+        free(d2);
+        return -1;
+    }
+    for (int code = 0; code < KMAP_SIZE; ++code) {
+        if (t->map[code] >= 0) continue;
+        int pos[8], count[MAX_D2] = {0};
+        for (int k = 0; k < 8; ++k) pos[k] = 2 * ((code >> 2 * k) & 3) + 1;
+        for (int j = 0; j < t->size; ++j) {
+            const int8_t *g = t->grid + 8 * j;
+            int s = 0;
+            for (int k = 0; k < 8; ++k) s += (g[k] - pos[k]) * (g[k] - pos[k]);
+            d2[j] = s;
+            ++count[s];
+        }
+        int kept = 0, limit = -1, n = 0;
+        for (int s = 0; s < MAX_D2 && kept < want; ++s) {
+            if (count[s]) {
+                ++kept;
+                limit = s;
+                n += count[s];
+            }
+        }
+        if (used + 1 + (size_t)n > cap) {
+            while (used + 1 + (size_t)n > cap) cap *= 2;
+            uint16_t *grown = realloc(list, cap * sizeof(uint16_t));
+            if (!grown) {
+                free(list);
+                free(d2);
+                return -1;
+            }
+            list = grown;
+        }
+        t->map[code] = -(int)(used + 1);
+        list[used++] = (uint16_t)n;
+        for (int s = 0; s <= limit; ++s) {
+            if (!count[s]) continue;
+            for (int j = 0; j < t->size; ++j) {
+                if (d2[j] == s) list[used++] = (uint16_t)j;
+            }
+        }
+    }
+    free(d2);
+    t->neighbours = list;
+    return 0;
+}
+
+/* levels: n grid points of 8 levels each (0..2), in grid order. Returns 0 (also when already set up), -1 for a
+   type or size this file does not know, -2 when out of memory. Not thread-safe: the caller initialises each
+   type once, before encoding with it. */
+int qk_iq_grid_init(int type, const uint8_t *levels, int n) {
+    int slot = table_slot(type);
+    if (slot < 0 || n != grid_size(type)) return -1;
+    Tables *t = &TABLES[slot];
+    if (t->grid) return 0;
+    t->size = n;
+    t->grid = malloc((size_t)n * 8);
+    t->map = malloc(KMAP_SIZE * sizeof(int));
+    if (!t->grid || !t->map) {
+        free_tables(t);
+        return -2;
+    }
+    for (int i = 0; i < KMAP_SIZE; ++i) t->map[i] = -1;
+    for (int j = 0; j < n; ++j) {
+        int code = 0;
+        for (int k = 0; k < 8; ++k) {
+            int l = levels[8 * j + k];
+            if (l > 2) {
+                free_tables(t);
+                return -1;
+            }
+            t->grid[8 * j + k] = (int8_t)(2 * l + 1);
+            code |= l << 2 * k;
+        }
+        t->map[code] = j;
+    }
+    if (build_neighbours(t, nwant(type))) {
+        free_tables(t);
+        return -2;
+    }
+    return 0;
+}
+
+static inline const uint16_t *neighbours_of(const Tables *t, int code) {
+    return t->neighbours - t->map[code] - 1;
+}
+
+static inline int level_code(const int8_t *L) {
+    int code = 0;
+    for (int i = 0; i < 8; ++i) code |= L[i] << 2 * i;
+    return code;
+}
+
+/* ---- IQ2: grid search ---------------------------------------------------------------------------------------- */
+
+/* The neighbour of least sum w*(scale*q - x)^2 (the first on ties); its levels into L. -1 if none compares
+   below FLT_MAX (non-finite input: ggml aborts there). */
+static int iq2_best_neighbour(const Tables *t, const uint16_t *nb, const float *xval, const float *w, float scale,
+                              int8_t *L) {
+    float best = FLT_MAX;
+    int index = -1;
+    for (int j = 1; j <= nb[0]; ++j) {
+        const int8_t *g = t->grid + 8 * nb[j];
+        float d2 = 0;
+        for (int i = 0; i < 8; ++i) {
+            float diff = scale * (float)g[i] - xval[i];
+            d2 += w[i] * diff * diff;
+        }
+        if (d2 < best) {
+            best = d2;
+            index = nb[j];
+        }
+    }
+    if (index >= 0) {
+        const int8_t *g = t->grid + 8 * index;
+        for (int i = 0; i < 8; ++i) L[i] = (int8_t)((g[i] - 1) / 2);
+    }
+    return index;
+}
+
+/* Levels of the 8 values for 1/scale `id` (nearest of 1, 3, 5); off the grid, the best neighbour's levels.
+   Returns whether the rounded point was on the grid, or -1 when no neighbour could be chosen. */
+static int iq2_levels(const Tables *t, const float *xval, const float *waux, float id, float scale, int8_t *L) {
+    for (int i = 0; i < 8; ++i) L[i] = (int8_t)clampi(nearest_int(0.5f * (id * xval[i] - 1)), 0, 2);
+    int code = level_code(L);
+    if (t->map[code] >= 0) return 1;
+    return iq2_best_neighbour(t, neighbours_of(t, code), xval, waux, scale, L) < 0 ? -1 : 0;
+}
+
+/* sum w*x*q and sum w*q*q over n values with q = 2*L + 1 */
+static void iq2_sums(int n, const float *w, const float *xval, const int8_t *L, float *sumqx, float *sumq2) {
+    float sx = 0, s2 = 0;
+    for (int i = 0; i < n; ++i) {
+        float q = (float)(2 * L[i] + 1);
+        sx += w[i] * xval[i] * q;
+        s2 += w[i] * q * q;
+    }
+    *sumqx = sx;
+    *sumq2 = s2;
+}
+
+static float sum_sq(const float *x, int n) {
+    float s = 0;
+    for (int i = 0; i < n; ++i) s += x[i] * x[i];
+    return s;
+}
+
+/* |x| of each 8 values with the signs as bits; IQ2_XXS and IQ2_XS keep 7 sign bits per 8 values (an even number
+   of negatives), so with an odd count the value of least w*x*x is taken with the wrong sign. */
+static uint8_t iq2_signs(const float *xb, const float *w, float *xval, int even) {
+    int nflip = 0;
+    uint8_t s = 0;
+    for (int i = 0; i < 8; ++i) {
+        if (xb[i] >= 0) {
+            xval[i] = xb[i];
+        } else {
+            xval[i] = -xb[i];
+            ++nflip;
+            s |= (uint8_t)(1 << i);
+        }
+    }
+    if (even && nflip % 2) {
+        int imin = 0;
+        float min = w[0] * xb[0] * xb[0];
+        for (int i = 1; i < 8; ++i) {
+            float ax = w[i] * xb[i] * xb[i];
+            if (ax < min) {
+                min = ax;
+                imin = i;
+            }
+        }
+        xval[imin] = -xval[imin];
+        s ^= (uint8_t)(1 << imin);
+    }
+    return s;
+}
+
+static inline void put_u16(uint8_t *p, unsigned v) {
+    p[0] = (uint8_t)(v & 0xff);
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline void put_u32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; ++i) p[i] = (uint8_t)(v >> 8 * i);
+}
+
+/* a sub-block's scale as the level l of d * (2l + 1), rounded as ggml does: nearest_int(0.5 * (scale/d - 1)) */
+static inline int iq_scale_level(float id, float scale, int top) {
+    return clampi(nearest_int(0.5f * (id * scale - 1)), 0, top);
+}
+
+/* IQ2_XXS: 32-element sub-blocks: 4 grid indices (8 bits each), 4 x 7 sign bits and a 4-bit scale in two
+   uint32; the super-block scale d = max/31. */
+static int iq2_xxs_row(const Tables *t, const float *x, uint8_t *y, int64_t n, const float *imp) {
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *out = y + 66 * ibl;
+        uint32_t q2[16] = {0};
+        float scales[8], max_scale = 0;
+        float sigma2 = sum_sq(xbl, QK_K) / QK_K;
+        for (int ib = 0; ib < 8; ++ib) {
+            const float *xb = xbl + 32 * ib, *qw = imp + QK_K * ibl + 32 * ib;
+            float weight[32], waux[32], xval[32];
+            int8_t L[32], Laux[32];
+            uint8_t signs[4];
+            for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            for (int i = 0; i < 32; ++i) waux[i] = sqrtf(weight[i]);
+            for (int k = 0; k < 4; ++k) signs[k] = iq2_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k, 1) & 127;
+            float max = xval[0];
+            for (int i = 1; i < 32; ++i) max = maxf(max, xval[i]);
+            scales[ib] = 0;
+            if (max < GROUP_MAX_EPS) continue;
+            float scale = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
+            float eff_max = scale * 3;
+            if (eff_max <= 0) continue;
+            float best = 0;
+            for (int is = -6; is <= 6; ++is) {
+                float id = (5 + (float)is * 0.1f) / eff_max;
+                float this_scale = 1 / id;
+                for (int k = 0; k < 4; ++k) {
+                    if (iq2_levels(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k) < 0) return -3;
+                }
+                float sumqx, sumq2;
+                iq2_sums(32, weight, xval, Laux, &sumqx, &sumq2);
+                if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+                    scale = sumqx / sumq2;
+                    best = scale * sumqx;
+                    memcpy(L, Laux, 32);
+                }
+            }
+            if (scale > 0) {
+                float id = 1 / scale;
+                for (int k = 0; k < 4; ++k) {
+                    if (iq2_levels(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k) < 0) return -3;
+                }
+                float sumqx, sumq2;
+                iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
+                if (sumq2 > 0) scale = sumqx / sumq2;
+            }
+            if (scale < 0) { /* a flipped sign can make the best fit negative: flip every sign instead */
+                scale = -scale;
+                for (int k = 0; k < 4; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+            }
+            for (int k = 0; k < 4; ++k) {
+                int index = t->map[level_code(L + 8 * k)];
+                if (index < 0) return -3;
+                q2[2 * ib] |= (uint32_t)index << 8 * k;
+                q2[2 * ib + 1] |= (uint32_t)signs[k] << 7 * k;
+            }
+            scales[ib] = scale;
+            max_scale = maxf(max_scale, scale);
+        }
+        if (!max_scale) {
+            memset(out, 0, 66);
+            continue;
+        }
+        float d = max_scale / 31;
+        put_u16(out, fp32_to_fp16(d));
+        float id = 1 / d;
+        for (int ib = 0; ib < 8; ++ib) q2[2 * ib + 1] |= (uint32_t)iq_scale_level(id, scales[ib], 15) << 28;
+        for (int i = 0; i < 16; ++i) put_u32(out + 2 + 4 * i, q2[i]);
+    }
+    return 0;
+}
+
+/* The 16-element sub-block search shared by IQ2_XS and IQ2_S: scale and levels (L) of the best of 19 trial
+   scales around max/5, the off-grid halves re-rounded with that scale. Returns 0, or -3. */
+static int iq2_search16(const Tables *t, const float *xval, const float *weight, const float *waux, float max,
+                        float *scale_out, int8_t *L) {
+    int8_t Laux[16];
+    int on_grid[2] = {1, 1}, on_grid_aux[2];
+    float best = 0, scale = max / 5;
+    memset(L, 0, 16);
+    for (int is = -9; is <= 9; ++is) {
+        float id = (5 + (float)is * 0.1f) / max;
+        float this_scale = 1 / id;
+        for (int k = 0; k < 2; ++k) {
+            on_grid_aux[k] = iq2_levels(t, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k);
+            if (on_grid_aux[k] < 0) return -3;
+        }
+        float sumqx, sumq2;
+        iq2_sums(16, weight, xval, Laux, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(L, Laux, 16);
+            on_grid[0] = on_grid_aux[0];
+            on_grid[1] = on_grid_aux[1];
+        }
+    }
+    if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
+        float id = 1 / scale;
+        for (int k = 0; k < 2; ++k) {
+            if (on_grid[k]) continue;
+            if (iq2_levels(t, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k) < 0) return -3;
+        }
+        float sumqx, sumq2;
+        iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
+        if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    *scale_out = scale;
+    return 0;
+}
+
+/* IQ2_XS: 16-element sub-blocks: per 8 values a uint16 of a 9-bit grid index and 7 sign bits; 4-bit scales. */
+static int iq2_xs_row(const Tables *t, const float *x, uint8_t *y, int64_t n, const float *imp) {
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *out = y + 74 * ibl;
+        uint16_t q2[32] = {0};
+        float scales[16], max_scale = 0;
+        float sigma2 = sum_sq(xbl, QK_K) / QK_K;
+        for (int ib = 0; ib < 16; ++ib) {
+            const float *xb = xbl + 16 * ib, *qw = imp + QK_K * ibl + 16 * ib;
+            float weight[16], waux[16], xval[16], scale;
+            int8_t L[16];
+            uint8_t signs[2];
+            for (int i = 0; i < 16; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
+            for (int k = 0; k < 2; ++k) signs[k] = iq2_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k, 1) & 127;
+            float max = xval[0];
+            for (int i = 1; i < 16; ++i) max = maxf(max, xval[i]);
+            scales[ib] = 0;
+            if (max < GROUP_MAX_EPS) continue;
+            if (iq2_search16(t, xval, weight, waux, max, &scale, L)) return -3;
+            if (scale < 0) {
+                scale = -scale;
+                for (int k = 0; k < 2; ++k) signs[k] = (uint8_t)(~signs[k] & 127);
+            }
+            for (int k = 0; k < 2; ++k) {
+                int index = t->map[level_code(L + 8 * k)];
+                if (index < 0) return -3;
+                q2[2 * ib + k] = (uint16_t)(index | signs[k] << 9);
+            }
+            scales[ib] = scale;
+            max_scale = maxf(max_scale, scale);
+        }
+        memset(out, 0, 74);
+        if (!max_scale) continue;
+        float d = max_scale / 31;
+        put_u16(out, fp32_to_fp16(d));
+        float id = 1 / d;
+        for (int ib = 0; ib < 16; ++ib) {
+            out[66 + ib / 2] |= (uint8_t)(iq_scale_level(id, scales[ib], 15) << 4 * (ib % 2));
+        }
+        for (int i = 0; i < 32; ++i) put_u16(out + 2 + 2 * i, q2[i]);
+    }
+    return 0;
+}
+
+/* IQ2_S: as IQ2_XS with a 10-bit grid index (low byte in qs, 2 high bits in qh), 8 stored sign bits, weights
+   without importance, and d = max/31 * 0.9875. */
+static int iq2_s_row(const Tables *t, const float *x, uint8_t *y, int64_t n, const float *imp) {
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *out = y + 82 * ibl, *qs = out + 2, *sg = out + 34, *qh = out + 66, *sc = out + 74;
+        memset(out, 0, 82);
+        float scales[16], max_scale = 0;
+        float sigma2 = 2 * sum_sq(xbl, QK_K) / QK_K;
+        for (int ib = 0; ib < 16; ++ib) {
+            const float *xb = xbl + 16 * ib;
+            float weight[16], waux[16], xval[16], scale;
+            int8_t L[16];
+            uint8_t signs[2];
+            if (imp) {
+                const float *qw = imp + QK_K * ibl + 16 * ib;
+                for (int i = 0; i < 16; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            } else {
+                for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
+            }
+            for (int i = 0; i < 16; ++i) waux[i] = sqrtf(weight[i]);
+            for (int k = 0; k < 2; ++k) signs[k] = iq2_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k, 0);
+            float max = xval[0];
+            for (int i = 1; i < 16; ++i) max = maxf(max, xval[i]);
+            scales[ib] = 0;
+            if (max < GROUP_MAX_EPS_IQ2_S) continue;
+            if (iq2_search16(t, xval, weight, waux, max, &scale, L)) return -3;
+            if (scale < 0) {
+                scale = -scale;
+                for (int k = 0; k < 2; ++k) signs[k] = (uint8_t)~signs[k];
+            }
+            for (int k = 0; k < 2; ++k) {
+                int index = t->map[level_code(L + 8 * k)];
+                if (index < 0) return -3;
+                int i8 = 2 * ib + k;
+                qs[i8] = (uint8_t)(index & 255);
+                qh[i8 / 4] |= (uint8_t)((index >> 8) << 2 * (i8 % 4));
+                sg[i8] = signs[k];
+            }
+            scales[ib] = scale;
+            max_scale = maxf(max_scale, scale);
+        }
+        if (!max_scale) continue;
+        float d = max_scale / 31;
+        put_u16(out, fp32_to_fp16(d * 0.9875f));
+        float id = 1 / d;
+        for (int ib = 0; ib < 16; ++ib) {
+            sc[ib / 2] |= (uint8_t)(iq_scale_level(id, scales[ib], 15) << 4 * (ib % 2));
+        }
+    }
+    return 0;
+}
+
+/* ---- entry points ------------------------------------------------------------------------------------------ */
+
+int qk_iq2_supported(int type) {
+    return type == QK_IQ2_XXS || type == QK_IQ2_XS || type == QK_IQ2_S;
+}
+
+int qk_iq2_row_bytes(int type) {
+    switch (type) {
+    case QK_IQ2_XXS: return 66;
+    case QK_IQ2_XS: return 74;
+    case QK_IQ2_S: return 82;
+    case QK_IQ1_S: return 50;
+    case QK_IQ1_M: return 56;
+    default: return 0;
+    }
+}
+
+int qk_iq2_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n) {
+    int slot = table_slot(type);
+    if (slot < 0 || !qk_iq2_supported(type) || n % QK_K) return -1;
+    if (!TABLES[slot].grid) return -2;
+    if (!imp && type != QK_IQ2_S && type != QK_IQ1_M) return -4;
+    const Tables *t = &TABLES[slot];
+    int64_t row_bytes = n / QK_K * qk_iq2_row_bytes(type);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * n;
+        uint8_t *yr = y + r * row_bytes;
+        int status;
+        switch (type) {
+        case QK_IQ2_XXS: status = iq2_xxs_row(t, xr, yr, n, imp); break;
+        case QK_IQ2_XS: status = iq2_xs_row(t, xr, yr, n, imp); break;
+        default: status = iq2_s_row(t, xr, yr, n, imp); break;
+        }
+        if (status) return status;
+    }
+    return 0;
+}
