@@ -495,11 +495,306 @@ static int iq2_s_row(const Tables *t, const float *x, uint8_t *y, int64_t n, con
     return 0;
 }
 
+/* ---- IQ1: exhaustive 3-level split, then the grid --------------------------------------------------------- */
+
+/* ggml sorts a sub-block's values as (float value, int index) pairs with a comparator on the value alone */
+typedef struct {
+    float x;
+    int32_t i;
+} ValueIndex;
+
+static int by_value(const void *a, const void *b) {
+    float l = ((const ValueIndex *)a)->x, r = ((const ValueIndex *)b)->x;
+    return l < r ? -1 : l > r ? 1 : 0;
+}
+
+/* indices of xb[0..n) in increasing value, ties in the order libc's qsort leaves them (as in ggml) */
+static void sort_by_value(const float *xb, int n, int *order) {
+    ValueIndex pairs[32];
+    for (int j = 0; j < n; ++j) {
+        pairs[j].x = xb[j];
+        pairs[j].i = j;
+    }
+    qsort(pairs, (size_t)n, sizeof(ValueIndex), by_value);
+    for (int j = 0; j < n; ++j) order[j] = pairs[j].i;
+}
+
+/* The neighbour of least sum w*(scale*xx[level] - x)^2, the first on ties (ggml's iq1_find_best_neighbour2);
+   its levels into L. -1 if none compares below FLT_MAX: ggml then scans the whole grid reading x out of bounds
+   (the scan indexes x by grid point), which only non-finite or overflowing input reaches. */
+static int iq1_best_neighbour(const Tables *t, const uint16_t *nb, const float *xb, const float *w, float scale,
+                              const float *xx, int8_t *L) {
+    float best = FLT_MAX;
+    int index = -1;
+    for (int j = 1; j <= nb[0]; ++j) {
+        const int8_t *g = t->grid + 8 * nb[j];
+        float d2 = 0;
+        for (int i = 0; i < 8; ++i) {
+            float diff = scale * xx[(g[i] - 1) / 2] - xb[i];
+            d2 += w[i] * diff * diff;
+        }
+        if (d2 < best) {
+            best = d2;
+            index = nb[j];
+        }
+    }
+    if (index >= 0) {
+        const int8_t *g = t->grid + 8 * index;
+        for (int i = 0; i < 8; ++i) L[i] = (int8_t)((g[i] - 1) / 2);
+    }
+    return index;
+}
+
+/* The grid points of L's groups of 8 (neighbours where L is off the grid: `all_on_grid` cleared), xx[k] the level
+   values of group k. Returns 0 or -3. */
+static int iq1_grid_points(const Tables *t, int groups, const float *xb, const float *w, float scale,
+                           const float *const *xx, int8_t *L, int *index, int *all_on_grid) {
+    *all_on_grid = 1;
+    for (int k = 0; k < groups; ++k) {
+        int code = level_code(L + 8 * k);
+        index[k] = t->map[code];
+        if (index[k] < 0) {
+            *all_on_grid = 0;
+            index[k] = iq1_best_neighbour(t, neighbours_of(t, code), xb + 8 * k, w + 8 * k, scale, xx[k], L + 8 * k);
+            if (index[k] < 0) return -3;
+        }
+    }
+    return 0;
+}
+
+/* the least-squares scale of x against the chosen points' level values: ggml's refit after an off-grid move */
+static float iq1_refit(const Tables *t, int groups, const float *xb, const float *w, const float *const *xx,
+                       const int *index, float scale) {
+    float sumqx = 0, sumq2 = 0;
+    for (int k = 0; k < groups; ++k) {
+        const int8_t *g = t->grid + 8 * index[k];
+        for (int j = 0; j < 8; ++j) {
+            float q = xx[k][(g[j] - 1) / 2];
+            sumqx += w[8 * k + j] * q * xb[8 * k + j];
+            sumq2 += w[8 * k + j] * q * q;
+        }
+    }
+    return sumqx > 0 && sumq2 > 0 ? sumqx / sumq2 : scale;
+}
+
+/* levels 0, 1, 2 of a sub-block from the two split points of its sorted order */
+static void iq1_split_levels(const int *order, int n, int i1, int i2, int8_t *L) {
+    for (int j = 0; j < n; ++j) L[order[j]] = (int8_t)(j < i1 ? 0 : j < i2 ? 1 : 2);
+}
+
+static const float X_P[3] = {-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA};  /* levels with shift +delta */
+static const float X_M[3] = {-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA}; /* and -delta */
+
+/* IQ1_S: 32-element sub-blocks: 4 x 11-bit grid indices (low bytes in qs, 3 high bits each in qh), a 3-bit
+   scale and the shift's sign in qh's top bits; d = max/15 * 1.125. */
+static int iq1_s_row(const Tables *t, const float *x, uint8_t *y, int64_t n, const float *imp) {
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *out = y + 50 * ibl, *qs = out + 2;
+        memset(out, 0, 50);
+        uint16_t qh[8] = {0};
+        float scales[8], max_scale = 0;
+        int shifts[8];
+        float sigma2 = 2 * sum_sq(xbl, QK_K) / QK_K;
+        for (int ib = 0; ib < 8; ++ib) {
+            const float *xb = xbl + 32 * ib, *qw = imp + QK_K * ibl + 32 * ib;
+            float weight[32], sumx[33], sumw[33];
+            int order[32], index[4], all_on_grid;
+            int8_t L[32];
+            for (int i = 0; i < 32; ++i) weight[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
+            float max = fabsf(xb[0]);
+            for (int i = 1; i < 32; ++i) max = maxf(max, fabsf(xb[i]));
+            scales[ib] = 0;
+            shifts[ib] = 1;
+            if (max < GROUP_MAX_EPS_IQ1_S) continue;
+            sort_by_value(xb, 32, order);
+            sumx[0] = sumw[0] = 0;
+            for (int j = 0; j < 32; ++j) {
+                int i = order[j];
+                sumx[j + 1] = sumx[j] + weight[i] * xb[i];
+                sumw[j + 1] = sumw[j] + weight[i];
+            }
+            /* every split into levels 0 | 1 | 2 of the sorted values, with either shift */
+            float best_score = -FLT_MAX, scale = max;
+            int besti1 = -1, besti2 = -1, best_shift = 0;
+            for (int i1 = 0; i1 <= 32; ++i1) {
+                for (int i2 = i1; i2 <= 32; ++i2) {
+                    for (int shift = 1; shift >= -1; shift -= 2) {
+                        const float *v = shift == 1 ? X_P : X_M;
+                        float sumqx = (sumx[i1] - sumx[0]) * v[0] + (sumx[i2] - sumx[i1]) * v[1]
+                                      + (sumx[32] - sumx[i2]) * v[2];
+                        float sumq2 = (sumw[i1] - sumw[0]) * v[0] * v[0] + (sumw[i2] - sumw[i1]) * v[1] * v[1]
+                                      + (sumw[32] - sumw[i2]) * v[2] * v[2];
+                        if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
+                            scale = sumqx / sumq2;
+                            best_score = scale * sumqx;
+                            besti1 = i1;
+                            besti2 = i2;
+                            best_shift = shift;
+                        }
+                    }
+                }
+            }
+            if (besti1 < 0) continue;
+            iq1_split_levels(order, 32, besti1, besti2, L);
+            if (scale < 0) {
+                for (int j = 0; j < 32; ++j) L[j] = (int8_t)(2 - L[j]);
+                scale = -scale;
+                best_shift = -best_shift;
+            }
+            const float *v = best_shift == 1 ? X_P : X_M;
+            const float *xx[4] = {v, v, v, v};
+            if (iq1_grid_points(t, 4, xb, weight, scale, xx, L, index, &all_on_grid)) return -3;
+            if (!all_on_grid) scale = iq1_refit(t, 4, xb, weight, xx, index, scale);
+            for (int k = 0; k < 4; ++k) {
+                qs[4 * ib + k] = (uint8_t)(index[k] & 255);
+                qh[ib] |= (uint16_t)((index[k] >> 8) << 3 * k);
+            }
+            scales[ib] = scale;
+            shifts[ib] = best_shift;
+            max_scale = maxf(max_scale, scale);
+        }
+        if (max_scale) {
+            float d = max_scale / 15;
+            put_u16(out, fp32_to_fp16(d * 1.125f));
+            float id = 1 / d;
+            for (int ib = 0; ib < 8; ++ib) {
+                int l = iq_scale_level(id, scales[ib], 7) | (shifts[ib] == -1 ? 8 : 0);
+                qh[ib] |= (uint16_t)(l << 12);
+            }
+        }
+        for (int ib = 0; ib < 8; ++ib) put_u16(out + 34 + 2 * ib, qh[ib]);
+    }
+    return 0;
+}
+
+/* IQ1_M weights: qw * sqrtf(sigma2 + x*x), or x*x without importance */
+static void iq1_m_weights(const float *xb, const float *qw, float sigma2, float *weight) {
+    for (int i = 0; i < 16; ++i) weight[i] = qw ? qw[i] * sqrtf(sigma2 + xb[i] * xb[i]) : xb[i] * xb[i];
+}
+
+/* IQ1_M: 16-element sub-blocks, each half with its own shift sign (k: bit 1 the first half's, bit 0 the
+   second's); 3-bit scales; the fp16 super-block scale spread over the top nibbles of the four scale words. */
+static int iq1_m_row(const Tables *t, const float *x, uint8_t *y, int64_t n, const float *imp) {
+    static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *out = y + 56 * ibl, *qs = out, *qh = out + 32;
+        memset(out, 0, 56);
+        float scales[16], max_scale = 0;
+        int shifts[16];
+        float sigma2 = 2 * sum_sq(xbl, QK_K) / QK_K;
+        for (int ib = 0; ib < 16; ++ib) {
+            const float *xb = xbl + 16 * ib;
+            float weight[16];
+            int order[16], index[2], all_on_grid;
+            int8_t L[16];
+            iq1_m_weights(xb, imp ? imp + QK_K * ibl + 16 * ib : NULL, sigma2, weight);
+            float max = fabsf(xb[0]);
+            for (int i = 1; i < 16; ++i) max = maxf(max, fabsf(xb[i]));
+            scales[ib] = 0;
+            shifts[ib] = 0;
+            if (max < GROUP_MAX_EPS_IQ1_M) continue;
+            sort_by_value(xb, 16, order);
+            /* prefix sums per half (in sorted order), as ggml keeps them */
+            float px[2][17], pw[2][17];
+            px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0;
+            for (int j = 0; j < 16; ++j) {
+                int i = order[j], h = i < 8 ? 0 : 1;
+                px[h][j + 1] = px[h][j] + weight[i] * xb[i];
+                px[1 - h][j + 1] = px[1 - h][j];
+                pw[h][j + 1] = pw[h][j] + weight[i];
+                pw[1 - h][j + 1] = pw[1 - h][j];
+            }
+            const float txs[2] = {px[0][16], px[1][16]}, tws[2] = {pw[0][16], pw[1][16]};
+            const float p2 = X_P[2], m2 = X_M[2];
+            const float cp1 = X_P[0] * X_P[0] - X_P[1] * X_P[1], cp2 = X_P[1] * X_P[1] - X_P[2] * X_P[2];
+            const float cm1 = X_M[0] * X_M[0] - X_M[1] * X_M[1], cm2 = X_M[1] * X_M[1] - X_M[2] * X_M[2];
+            float best_score = -FLT_MAX, scale = max;
+            int besti1 = -1, besti2 = -1, best_k = -1;
+            for (int i1 = 0; i1 <= 16; ++i1) {
+                for (int i2 = i1; i2 <= 16; ++i2) {
+                    float qx_p[2], qx_m[2], q2_p[2], q2_m[2], sumqx[4], sumq2[4];
+                    for (int h = 0; h < 2; ++h) {
+                        float sx = px[h][i1] + px[h][i2];
+                        qx_p[h] = txs[h] * p2 - sx;
+                        qx_m[h] = txs[h] * m2 - sx;
+                        q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                        q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+                    }
+                    sumqx[0] = qx_p[0] + qx_p[1];
+                    sumqx[1] = qx_p[0] + qx_m[1];
+                    sumqx[2] = qx_m[0] + qx_p[1];
+                    sumqx[3] = qx_m[0] + qx_m[1];
+                    sumq2[0] = q2_p[0] + q2_p[1];
+                    sumq2[1] = q2_p[0] + q2_m[1];
+                    sumq2[2] = q2_m[0] + q2_p[1];
+                    sumq2[3] = q2_m[0] + q2_m[1];
+                    for (int k = 0; k < 4; ++k) {
+                        if (sumq2[k] > 0 && sumqx[k] * sumqx[k] > best_score * sumq2[k]) {
+                            scale = sumqx[k] / sumq2[k];
+                            best_score = scale * sumqx[k];
+                            besti1 = i1;
+                            besti2 = i2;
+                            best_k = k;
+                        }
+                    }
+                }
+            }
+            if (besti1 < 0) continue;
+            iq1_split_levels(order, 16, besti1, besti2, L);
+            if (scale < 0) {
+                for (int j = 0; j < 16; ++j) L[j] = (int8_t)(2 - L[j]);
+                scale = -scale;
+                best_k = 3 - best_k; /* both halves' signs flip */
+            }
+            const float *xx[2] = {best_k < 2 ? X_P : X_M, best_k % 2 == 0 ? X_P : X_M};
+            if (iq1_grid_points(t, 2, xb, weight, scale, xx, L, index, &all_on_grid)) return -3;
+            if (!all_on_grid) scale = iq1_refit(t, 2, xb, weight, xx, index, scale);
+            qs[2 * ib] = (uint8_t)(index[0] & 255);
+            qs[2 * ib + 1] = (uint8_t)(index[1] & 255);
+            qh[ib] = (uint8_t)((index[0] >> 8) | ((index[1] >> 8) << 4));
+            scales[ib] = scale;
+            shifts[ib] = best_k;
+            max_scale = maxf(max_scale, scale);
+        }
+        if (!max_scale) continue;
+        /* the super-block scale: least squares over the whole block with the 3-bit scales as stored */
+        uint16_t sc[4] = {0};
+        float d = max_scale / 15;
+        float id = 1 / d;
+        float sumqx = 0, sumq2 = 0;
+        for (int ib = 0; ib < 16; ++ib) {
+            const float *xb = xbl + 16 * ib;
+            float weight[16];
+            int l = iq_scale_level(id, scales[ib], 7);
+            sc[ib / 4] |= (uint16_t)(l << 3 * (ib % 4));
+            qh[ib] |= masks[shifts[ib]];
+            iq1_m_weights(xb, imp ? imp + QK_K * ibl + 16 * ib : NULL, sigma2, weight);
+            for (int k = 0; k < 2; ++k) {
+                const float *xx = (k == 0 ? shifts[ib] < 2 : shifts[ib] % 2 == 0) ? X_P : X_M;
+                const int8_t *g = t->grid + 8 * (qs[2 * ib + k] + ((qh[ib] << (8 - 4 * k)) & 0x700));
+                for (int j = 0; j < 8; ++j) {
+                    float q = xx[(g[j] - 1) / 2] * (float)(2 * l + 1);
+                    sumqx += weight[8 * k + j] * q * xb[8 * k + j];
+                    sumq2 += weight[8 * k + j] * q * q;
+                }
+            }
+        }
+        if (sumq2 > 0) d = sumqx / sumq2;
+        uint16_t h = fp32_to_fp16(d * 1.1125f);
+        sc[0] |= (uint16_t)((h & 0x000f) << 12);
+        sc[1] |= (uint16_t)((h & 0x00f0) << 8);
+        sc[2] |= (uint16_t)((h & 0x0f00) << 4);
+        sc[3] |= (uint16_t)(h & 0xf000);
+        for (int i = 0; i < 4; ++i) put_u16(out + 48 + 2 * i, sc[i]);
+    }
+    return 0;
+}
+
 /* ---- entry points ------------------------------------------------------------------------------------------ */
 
-int qk_iq2_supported(int type) {
-    return type == QK_IQ2_XXS || type == QK_IQ2_XS || type == QK_IQ2_S;
-}
+int qk_iq2_supported(int type) { return table_slot(type) >= 0; }
 
 int qk_iq2_row_bytes(int type) {
     switch (type) {
@@ -514,7 +809,7 @@ int qk_iq2_row_bytes(int type) {
 
 int qk_iq2_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n) {
     int slot = table_slot(type);
-    if (slot < 0 || !qk_iq2_supported(type) || n % QK_K) return -1;
+    if (slot < 0 || n % QK_K) return -1;
     if (!TABLES[slot].grid) return -2;
     if (!imp && type != QK_IQ2_S && type != QK_IQ1_M) return -4;
     const Tables *t = &TABLES[slot];
@@ -526,7 +821,9 @@ int qk_iq2_quantize(int type, const float *x, const float *imp, uint8_t *y, int6
         switch (type) {
         case QK_IQ2_XXS: status = iq2_xxs_row(t, xr, yr, n, imp); break;
         case QK_IQ2_XS: status = iq2_xs_row(t, xr, yr, n, imp); break;
-        default: status = iq2_s_row(t, xr, yr, n, imp); break;
+        case QK_IQ2_S: status = iq2_s_row(t, xr, yr, n, imp); break;
+        case QK_IQ1_S: status = iq1_s_row(t, xr, yr, n, imp); break;
+        default: status = iq1_m_row(t, xr, yr, n, imp); break;
         }
         if (status) return status;
     }

@@ -940,7 +940,7 @@ int qk_supported(int type) {
     case 2: case 3: case 6: case 7: case 8:     /* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 */
     case 10: case 11: case 12: case 13: case 14: /* Q2_K Q3_K Q4_K Q5_K Q6_K */
     case 20: case 23:                            /* IQ4_NL IQ4_XS */
-    case 16: case 17: case 22:                   /* IQ2_XXS IQ2_XS IQ2_S (_ggml_iq2.c) */
+    case 16: case 17: case 22: case 19: case 29: /* IQ2_XXS IQ2_XS IQ2_S IQ1_S IQ1_M (_ggml_iq2.c) */
         return 1;
     default:
         return 0;

@@ -36,7 +36,7 @@ def grid_levels(name: str) -> np.ndarray:
 
 
 @functools.cache
-def _grid_values(name: str, device: torch.device) -> torch.Tensor:
+def grid_values(name: str, device: torch.device) -> torch.Tensor:
     """float32 [points, 8]: the grid's element values as ggml's dequantizers read them."""
     table = getattr(gguf_quants, name)
     values = np.array(table.grid_map, dtype=np.float32)[grid_levels(name)]
@@ -48,7 +48,7 @@ def _bits(v: torch.Tensor, width: int) -> torch.Tensor:
     return (v[..., None] >> torch.arange(width, device=v.device)) & 1
 
 
-def _u16(data: torch.Tensor) -> torch.Tensor:
+def u16(data: torch.Tensor) -> torch.Tensor:
     """Little-endian bytes [..., 2k] -> int64 [..., k]."""
     b = data.to(torch.int64)
     return b[..., 0::2] | (b[..., 1::2] << 8)
@@ -66,7 +66,7 @@ def _decode(name: str, d: torch.Tensor, sub_scales: torch.Tensor, index: torch.T
     [blocks, 32, 8] sign bits -> float32 [blocks, 256]: d * (0.5 + s) * 0.25 * grid value * sign."""
     db = d * (sub_scales.to(torch.float32) + 0.5) * 0.25  # [blocks, S]
     db = db.repeat_interleave(32 // sub_scales.shape[1], dim=1)  # one per group of 8
-    grid = _grid_values(name, index.device)[index]  # [blocks, 32, 8]
+    grid = grid_values(name, index.device)[index]  # [blocks, 32, 8]
     y = db[..., None] * grid
     return torch.where(negative.bool(), -y, y).reshape(-1, 256)
 
@@ -85,7 +85,7 @@ class IQ2_XXS(Codec):
     def decode_blocks(cls, data):
         d = f16_from(data[:, :2])
         q = data[:, 2:].reshape(-1, 8, 8)  # per 32 weights: 4 grid-index bytes, then a uint32 of signs + scale
-        aux = _u16(q[..., 4:])
+        aux = u16(q[..., 4:])
         aux = aux[..., 0] | (aux[..., 1] << 16)  # [blocks, 8]
         index = q[..., :4].to(torch.int64).reshape(-1, 32)
         signs = (aux[..., None] >> (7 * torch.arange(4, device=data.device))) & 127  # [blocks, 8, 4]
@@ -99,7 +99,7 @@ class IQ2_XS(Codec):
     @classmethod
     def decode_blocks(cls, data):
         d = f16_from(data[:, :2])
-        q = _u16(data[:, 2:66])  # [blocks, 32]: 9-bit grid index | 7 sign bits << 9
+        q = u16(data[:, 2:66])  # [blocks, 32]: 9-bit grid index | 7 sign bits << 9
         return _decode(cls.name, d, _nibbles(data[:, 66:74]), q & 511, _with_parity(q >> 9))
 
 
