@@ -51,7 +51,8 @@ setup(
         "lm-eval": ["lm-eval==0.4.13"],
         "publish": ["huggingface_hub>=0.24", "pyyaml>=6"],  # quantkit publish (the upload; staging needs neither)
     },
-    ext_modules=[Extension("quantkit.quant._ggml_kernels", ["quantkit/quant/_ggml_kernels.c", "quantkit/quant/_ggml_iq2.c"],
+    ext_modules=[Extension("quantkit.quant._ggml_kernels",
+                           ["quantkit/quant/_ggml_kernels.c", "quantkit/quant/_ggml_iq2.c"],
                            depends=["quantkit/quant/_ggml_iq2.h"], optional=True)],
     cmdclass={"build_ext": BuildKernels},
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},

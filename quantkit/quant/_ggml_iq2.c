@@ -796,7 +796,7 @@ static int iq1_m_row(const Tables *t, const float *x, uint8_t *y, int64_t n, con
 
 int qk_iq2_supported(int type) { return table_slot(type) >= 0; }
 
-int qk_iq2_row_bytes(int type) {
+static int row_bytes_per_block(int type) {
     switch (type) {
     case QK_IQ2_XXS: return 66;
     case QK_IQ2_XS: return 74;
@@ -813,7 +813,7 @@ int qk_iq2_quantize(int type, const float *x, const float *imp, uint8_t *y, int6
     if (!TABLES[slot].grid) return -2;
     if (!imp && type != QK_IQ2_S && type != QK_IQ1_M) return -4;
     const Tables *t = &TABLES[slot];
-    int64_t row_bytes = n / QK_K * qk_iq2_row_bytes(type);
+    int64_t row_bytes = n / QK_K * row_bytes_per_block(type);
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * n;
         uint8_t *yr = y + r * row_bytes;

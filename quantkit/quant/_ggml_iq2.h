@@ -14,7 +14,6 @@ float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *q
 enum { QK_IQ2_XXS = 16, QK_IQ2_XS = 17, QK_IQ1_S = 19, QK_IQ2_S = 22, QK_IQ1_M = 29 };
 
 int qk_iq2_supported(int type);
-int qk_iq2_row_bytes(int type);  /* bytes per 256 elements */
 int qk_iq_grid_init(int type, const uint8_t *levels, int n);
 /* qk_quantize for these types: 0, -1 (type or n), -2 (grid not initialised: qk_iq_grid_init), -3 (no grid
    point found: non-finite input), -4 (importance required but NULL) */

@@ -5,6 +5,10 @@ The library is a C extension that setup.py builds (optional: without a compiler 
 this module loads through ctypes, which releases the GIL for the whole call: a chunk encodes on a thread while
 other threads run, so ChunkEncoder needs no worker processes for it.
 
+The grid i-quants (IQ2_XXS/XS/S, IQ1_S/M, in _ggml_iq2.c of the same library) have no torch encoder: their
+codecs (Codec.kernel_only) take the kernels whatever is chosen below, and their grids reach the library through
+register_grid before the first encode.
+
 QUANTKIT_CODEC_IMPL chooses the implementation: `auto` (default: the kernels where built, for the types they
 encode, on CPU tensors), `torch` (never the kernels), `kernel` (the kernels, an error where they are not built).
 The tests run every codec test under `torch` and `kernel`."""
