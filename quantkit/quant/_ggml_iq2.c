@@ -188,7 +188,7 @@ static inline int level_code(const int8_t *L) {
 /* ---- IQ2: grid search ---------------------------------------------------------------------------------------- */
 
 /* The neighbour of least sum w*(scale*q - x)^2 (the first on ties); its levels into L. -1 if none compares
-   below FLT_MAX (non-finite input: ggml aborts there). */
+   below FLT_MAX (the sum overflows for |x| around 1e15, or the input is not finite): ggml aborts there. */
 static int iq2_best_neighbour(const Tables *t, const uint16_t *nb, const float *xval, const float *w, float scale,
                               int8_t *L) {
     float best = FLT_MAX;

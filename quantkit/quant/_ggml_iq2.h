@@ -16,7 +16,8 @@ enum { QK_IQ2_XXS = 16, QK_IQ2_XS = 17, QK_IQ1_S = 19, QK_IQ2_S = 22, QK_IQ1_M =
 int qk_iq2_supported(int type);
 int qk_iq_grid_init(int type, const uint8_t *levels, int n);
 /* qk_quantize for these types: 0, -1 (type or n), -2 (grid not initialised: qk_iq_grid_init), -3 (no grid
-   point found: non-finite input), -4 (importance required but NULL) */
+   point scores below FLT_MAX: |x| around 1e15 and up, or non-finite input, where ggml aborts), -4 (importance
+   required but NULL) */
 int qk_iq2_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n);
 
 #endif

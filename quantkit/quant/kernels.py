@@ -122,7 +122,8 @@ def encode(type_id: int, x: torch.Tensor, importance: torch.Tensor | None, row_b
         status = library().qk_quantize(type_id, x.data_ptr(), None if imp is None else imp.data_ptr(),
                                        out.data_ptr(), rows, n)
         if status != 0:
-            why = {-3: "no grid point fits a block (non-finite values?)",
+            why = {-3: "no grid point scores below FLT_MAX in a block (values so large that the weighted "
+                       "squared error overflows float32, or non-finite; ggml aborts on such rows)",
                    -4: "it needs an importance vector"}.get(status, f"for rows of {n}")
             raise QuantkitError(f"compiled codec refused ggml type {type_id}: {why}")
     return out
