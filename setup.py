@@ -52,8 +52,9 @@ setup(
         "publish": ["huggingface_hub>=0.24", "pyyaml>=6"],  # quantkit publish (the upload; staging needs neither)
     },
     ext_modules=[Extension("quantkit.quant._ggml_kernels",
-                           ["quantkit/quant/_ggml_kernels.c", "quantkit/quant/_ggml_iq3.c"],
-                           depends=["quantkit/quant/_ggml_iq3.h"], optional=True)],
+                           ["quantkit/quant/_ggml_kernels.c", "quantkit/quant/_ggml_iq2.c",
+                            "quantkit/quant/_ggml_iq3.c"],
+                           depends=["quantkit/quant/_ggml_kernels.h"], optional=True)],
     cmdclass={"build_ext": BuildKernels},
     entry_points={"console_scripts": ["quantkit=quantkit.cli:main"]},
 )

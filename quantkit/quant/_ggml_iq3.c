@@ -11,7 +11,7 @@
    the 8^4 combinations allowed (256 for IQ3_XXS, 512 for IQ3_S). A combination off the lattice is replaced by
    the best of its neighbours: the allowed points at the nearest few squared distances. */
 
-#include "_ggml_iq3.h"
+#include "_ggml_kernels.h"
 
 #include <float.h>
 #include <math.h>
@@ -34,34 +34,6 @@ static Lattice LATTICES[2];
 
 static Lattice *lattice(int type) { return type == 18 ? &LATTICES[0] : type == 21 ? &LATTICES[1] : NULL; }
 
-static inline int nearest_int(float f) {  /* ggml's: 1.5 * 2^23 added, low mantissa bits read */
-    float v = f + 12582912.f;
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return (int)(u & 0x007fffff) - 0x00400000;
-}
-
-static inline float maxf(float a, float b) { return a > b ? a : b; }  /* ggml's MAX(a, b) */
-
-/* float32 -> binary16 bits, round to nearest even: _ggml_kernels.c's conversion, kept private so that file's
-   edit for these types stays two switch lines. Only for the non-negative super-block scales. */
-static uint16_t half_bits(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00;
-    if (ax >= 0x477ff000u) return sign | 0x7c00;
-    if (ax < 0x38800000u) {
-        float a;
-        memcpy(&a, &ax, 4);
-        return sign | (uint16_t)nearest_int(a * 16777216.0f);
-    }
-    uint32_t r = ax - 0x38000000u;
-    r += 0xfffu + ((r >> 13) & 1u);
-    return sign | (uint16_t)(r >> 13);
-}
-
 /* ---- the lattice tables ------------------------------------------------------------------------------------ */
 
 typedef struct { int d2, point; } Candidate;
@@ -72,14 +44,14 @@ static int by_distance(const void *a, const void *b) {  /* (distance, point): a 
     return (l->point > r->point) - (l->point < r->point);
 }
 
-/* levels: `count` = 4 * points level indices 0..7, point-major. Builds the point map and, for every combination
+/* levels: `points` x 4 level indices 0..7, point-major. Builds the point map and, for every combination
    off the lattice, the points at its `nwant` nearest distinct squared distances (2 for IQ3_XXS, 3 for IQ3_S),
    sorted by (distance, point). Returns 0, or -1 for a wrong type, size or level. Not thread-safe: kernels.py
    calls it once per type, under a lock, before any encode of that type. */
-int qk_iq3_grid_init(int type, const uint8_t *levels, int count) {
+int qk_iq3_grid_init(int type, const uint8_t *levels, int points) {
     Lattice *g = lattice(type);
     int size = type == 18 ? 256 : 512;
-    if (!g || count != 4 * size) return -1;
+    if (!g || points != size) return -1;
     if (g->size) return 0;
     for (int k = 0; k < 4 * size; ++k)
         if (levels[k] > 7) return -1;
@@ -318,7 +290,7 @@ static int super_block(const Lattice *g, int xxs, const float *x, const float *q
     uint16_t dh = 0;
     if (max_scale) {
         float d = max_scale / 31;
-        dh = half_bits(d * (xxs ? 1.0125f : 1.033f));
+        dh = fp32_to_fp16(d * (xxs ? 1.0125f : 1.033f));
         float id = 1 / d;
         for (int ib = 0; ib < QK_K / SUB; ++ib) {
             int l = nearest_int(0.5f * (id * scales[ib] - 1));

@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "_ggml_iq3.h"
+#include "_ggml_kernels.h"
 
 
 #define QK_K 256
@@ -33,17 +33,8 @@ static const float KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 1
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-/* ggml's nearest_int: add 1.5 * 2^23 in float32 and read the low mantissa bits (round half to even inside
-   +-2^22, the same bit arithmetic outside it). */
-static inline int nearest_int(float f) {
-    float v = f + 12582912.f;
-    return (int)(f2u(v) & 0x007fffff) - 0x00400000;
-}
-
-static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
 /* IEEE float32 -> binary16, round to nearest even (overflow to inf, NaN to a quiet NaN). */
-static uint16_t fp32_to_fp16(float f) {
+uint16_t fp32_to_fp16(float f) {
     uint32_t x = f2u(f);
     uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
     uint32_t ax = x & 0x7fffffffu;
@@ -266,7 +257,7 @@ static void make_qkx_lanes(int n, int nmax, const float *x, const float *w, floa
 
 /* ---- make_qp_quants: non-negative values (sub-block scales or mins) -> 0..nmax ------------------------------ */
 
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
+float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
     float max = 0;
     for (int i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;
     if (max < GROUP_MAX_EPS) {
@@ -934,6 +925,13 @@ static void legacy_impl_row(const float *x, uint8_t *y, int64_t n, const float *
 
 /* ---- entry points ----------------------------------------------------------------------------------------- */
 
+/* The grid i-quants' codebook (level indices, `points` x values per point), once per type before its first
+   encode; kernels.py takes it from gguf-py. */
+int qk_iq_grid_init(int type, const uint8_t *levels, int points) {
+    if (type == QK_IQ3_XXS || type == QK_IQ3_S) return qk_iq3_grid_init(type, levels, points);
+    return qk_iq2_grid_init(type, levels, points);
+}
+
 /* ggml type ids this library encodes (ggml.h enum ggml_type) */
 int qk_supported(int type) {
     switch (type) {
@@ -941,6 +939,7 @@ int qk_supported(int type) {
     case 10: case 11: case 12: case 13: case 14: /* Q2_K Q3_K Q4_K Q5_K Q6_K */
     case 20: case 23:                            /* IQ4_NL IQ4_XS */
     case 18: case 21:                            /* IQ3_XXS IQ3_S (_ggml_iq3.c) */
+    case 16: case 17: case 22: case 19: case 29: /* IQ2_XXS IQ2_XS IQ2_S IQ1_S IQ1_M (_ggml_iq2.c) */
         return 1;
     default:
         return 0;
@@ -951,7 +950,8 @@ int qk_supported(int type) {
    or NULL. Returns 0, or -1 for a type this library does not encode or n not a multiple of its block. */
 int qk_quantize(int type, const float *x, const float *imp, uint8_t *y, int64_t rows, int64_t n) {
     if (!qk_supported(type)) return -1;
-    if (type == 18 || type == 21) return qk_iq3_quantize(type, x, imp, y, rows, n);
+    if (type == QK_IQ3_XXS || type == QK_IQ3_S) return qk_iq3_quantize(type, x, imp, y, rows, n);
+    if (qk_iq2_supported(type)) return qk_iq2_quantize(type, x, imp, y, rows, n);
     int super = (type >= 10 && type <= 14) || type == 23;
     if (n % (super ? QK_K : 32)) return -1;
     int64_t bytes;

@@ -19,9 +19,10 @@ class Codec:
     block_size: ClassVar[int]  # elements per block
     block_bytes: ClassVar[int]  # bytes per block
     scale_search: ClassVar[bool] = False  # see searches()
-    # Encoded only by the compiled kernels (no torch encoder), whatever QUANTKIT_CODEC_IMPL says; CUDA tensors
-    # are encoded on the CPU. The i-quants' lattice searches are branchy scalar code that torch cannot batch.
+    # Encoded only by the compiled kernels (the grid i-quants: scalar, branchy neighbour searches), whatever
+    # QUANTKIT_CODEC_IMPL says; CUDA tensors are encoded on CPU. Decoding stays in torch.
     kernel_only: ClassVar[bool] = False
+    requires_importance: ClassVar[bool] = False  # ggml asserts an imatrix for the type
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -37,9 +38,14 @@ class Codec:
         if importance is not None and importance.shape != (n,):
             raise QuantkitError(f"{cls.name}: importance vector has shape {list(importance.shape)}, "
                                 f"expected [{n}] (one value per input column)")
+        if cls.requires_importance and importance is None:
+            raise QuantkitError(f"{cls.name} needs an importance matrix: pass --imatrix")
         row_bytes = n // cls.block_size * cls.block_bytes
         if cls.kernel_only:
-            kernels.require(cls.type_id, cls.name)
+            if not kernels.supports(cls.type_id):
+                raise QuantkitError(f"{cls.name} is encoded only by quantkit's compiled codecs, which are not "
+                                    "built here: reinstall quantkit with a C compiler, or run `python setup.py "
+                                    "build_ext --inplace` in a checkout")
             imp = None if importance is None else importance.cpu()
             return kernels.encode(cls.type_id, x.cpu(), imp, row_bytes).to(x.device)
         if kernels.handles(cls.type_id, x.device):

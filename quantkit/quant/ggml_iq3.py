@@ -1,6 +1,6 @@
 """ggml's 3-bit lattice types IQ3_XXS (3.0625 bpw) and IQ3_S (3.4375 bpw): 256-value super-blocks of eight
-32-value sub-blocks, each group of 4 magnitudes one point of a lattice (gguf-py's grids), signs and a 4-bit
-sub-block scale beside it. Layouts: ggml-common.h `block_iq3_xxs`, `block_iq3_s`.
+32-value sub-blocks, each group of 4 magnitudes one point of a lattice (gguf-py's grids, as for the IQ2 types:
+ggml_iq2.grid_levels), signs and a 4-bit sub-block scale beside it. Layouts: ggml-common.h `block_iq3_xxs`, `block_iq3_s`.
 
 Encoding is the compiled kernels' only (quantkit/quant/_ggml_iq3.c, byte-exact with quantize_iq3_xxs /
 quantize_iq3_s, with and without importance: both fall back to weights x^2 without one); decoding is torch,
@@ -12,19 +12,11 @@ import functools
 
 import torch
 
+from quantkit.quant import kernels
 from quantkit.quant.codec import Codec, f16_from, unpack_bits_le
+from quantkit.quant.ggml_iq2 import grid_levels, grid_values
 
 SUB = 32  # values per sub-block scale
-
-
-@functools.cache
-def _grid(name: str, device: torch.device) -> torch.Tensor:
-    """float32 [points, 4]: gguf-py's decoded grid values."""
-    from gguf import quants
-
-    quant = getattr(quants, name)
-    quant.init_grid()
-    return torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy()).to(device)
 
 
 def _le32(data: torch.Tensor) -> torch.Tensor:
@@ -39,7 +31,7 @@ class IQ3_XXS(Codec):
 
     @classmethod
     def decode_blocks(cls, data):
-        grid = _grid(cls.name, data.device)
+        grid = grid_values(cls.name, data.device)
         d = f16_from(data[:, :2])  # [blocks, 1]
         points = grid[data[:, 2:66].long()].reshape(-1, 8, SUB)  # [blocks, sub-blocks, 32]
         words = _le32(data[:, 66:98])  # [blocks, 8]: 4 x 7 sign bits, the 4-bit scale on top
@@ -60,7 +52,7 @@ class IQ3_S(Codec):
 
     @classmethod
     def decode_blocks(cls, data):
-        grid = _grid(cls.name, data.device)
+        grid = grid_values(cls.name, data.device)
         d = f16_from(data[:, :2])
         high = unpack_bits_le(data[:, 66:74]).long()  # bit 8 of each point index
         points = grid[data[:, 2:66].long() | (high << 8)].reshape(-1, 8, SUB)
@@ -68,3 +60,7 @@ class IQ3_S(Codec):
         db = d * (1 + 2 * nibbles.to(torch.float32))
         sign = 1 - 2 * unpack_bits_le(data[:, 74:106]).to(torch.float32).reshape(-1, 8, SUB)
         return (db[..., None] * points * sign).reshape(-1, cls.block_size)
+
+
+for _codec in (IQ3_XXS, IQ3_S):
+    kernels.register_grid(_codec.type_id, functools.partial(grid_levels, _codec.name))

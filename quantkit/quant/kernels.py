@@ -5,6 +5,10 @@ The library is a C extension that setup.py builds (optional: without a compiler 
 this module loads through ctypes, which releases the GIL for the whole call: a chunk encodes on a thread while
 other threads run, so ChunkEncoder needs no worker processes for it.
 
+The grid i-quants (IQ2_XXS/XS/S, IQ1_S/M, in _ggml_iq2.c of the same library) have no torch encoder: their
+codecs (Codec.kernel_only) take the kernels whatever is chosen below, and their grids reach the library through
+register_grid before the first encode.
+
 QUANTKIT_CODEC_IMPL chooses the implementation: `auto` (default: the kernels where built, for the types they
 encode, on CPU tensors), `torch` (never the kernels), `kernel` (the kernels, an error where they are not built).
 The tests run every codec test under `torch` and `kernel`."""
@@ -16,6 +20,7 @@ import functools
 import importlib.machinery
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +45,8 @@ def library() -> ctypes.CDLL | None:
                                         ctypes.c_int64, ctypes.c_int64]
             lib.qk_supported.restype = ctypes.c_int
             lib.qk_supported.argtypes = [ctypes.c_int]
-            lib.qk_iq3_grid_init.restype = ctypes.c_int
-            lib.qk_iq3_grid_init.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+            lib.qk_iq_grid_init.restype = ctypes.c_int
+            lib.qk_iq_grid_init.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             return lib
     return None
 
@@ -63,6 +68,36 @@ def _supported(type_id: int) -> bool:
     return lib is not None and bool(lib.qk_supported(type_id))
 
 
+def supports(type_id: int) -> bool:
+    """Whether the kernels are built and encode this ggml type, whatever QUANTKIT_CODEC_IMPL says."""
+    return available() and _supported(type_id)
+
+
+# The grid i-quants' codebooks, passed to the library before its first encode of the type: ggml type id ->
+# a function returning the grid's levels (uint8 [points, 8], each 0..2, in grid order).
+_GRIDS: dict[int, Callable[[], np.ndarray]] = {}
+_grids_set: set[int] = set()
+_grid_lock = threading.Lock()
+
+
+def register_grid(type_id: int, levels: Callable[[], np.ndarray]) -> None:
+    _GRIDS[type_id] = levels
+
+
+def _set_grid(lib: ctypes.CDLL, type_id: int) -> None:
+    """qk_iq_grid_init once per type, under a lock: encodes on other threads may be waiting."""
+    if type_id not in _GRIDS or type_id in _grids_set:
+        return
+    with _grid_lock:
+        if type_id in _grids_set:
+            return
+        levels = np.ascontiguousarray(_GRIDS[type_id](), dtype=np.uint8)
+        if lib.qk_iq_grid_init(type_id, levels.ctypes.data, levels.shape[0]) != 0:
+            raise QuantkitError(f"compiled codecs: the grid of ggml type {type_id} was refused "
+                                f"({levels.shape[0]} points)")
+        _grids_set.add(type_id)
+
+
 def handles(type_id: int, device: torch.device | str = "cpu") -> bool:
     """Whether encode() of this ggml type on this device goes through the compiled kernels."""
     if torch.device(device).type != "cpu":
@@ -76,59 +111,19 @@ def handles(type_id: int, device: torch.device | str = "cpu") -> bool:
     return _supported(type_id)
 
 
-def require(type_id: int, name: str) -> None:
-    """For the codecs that only the kernels encode (Codec.kernel_only): a clear error where they are not built."""
-    lib = library()
-    if lib is None or not lib.qk_supported(type_id):
-        raise QuantkitError(f"{name} is encoded only by quantkit's compiled codecs, which are not built (reinstall "
-                            "quantkit with a C compiler, or `python setup.py build_ext --inplace` in a checkout)")
-
-
-# The lattice types' grids, taken from gguf-py (its grid_map values, indexed by the level 0..7 of each element)
-# and handed to the library once per type before its first encode.
-_LATTICE_GRIDS = {18: "IQ3_XXS", 21: "IQ3_S"}
-_lattice_lock = threading.Lock()
-_lattices_ready: set[int] = set()
-
-
-def lattice_levels(name: str) -> np.ndarray:
-    """uint8 [points * 4]: the level index (position in grid_map) of every element of gguf-py's grid."""
-    from gguf import quants
-
-    quant = getattr(quants, name)
-    quant.init_grid()
-    grid = quant.grid.reshape(quant.grid_shape)
-    values = np.asarray(quant.grid_map, dtype=np.float32)
-    levels = np.searchsorted(values, grid)
-    assert np.array_equal(values[levels], grid)
-    return np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1)
-
-
-def _prepare(type_id: int) -> None:
-    if type_id not in _LATTICE_GRIDS or type_id in _lattices_ready:
-        return
-    with _lattice_lock:
-        if type_id in _lattices_ready:
-            return
-        levels = lattice_levels(_LATTICE_GRIDS[type_id])
-        if library().qk_iq3_grid_init(type_id, levels.ctypes.data, levels.size) != 0:
-            raise QuantkitError(f"compiled codec rejected gguf-py's {_LATTICE_GRIDS[type_id]} grid")
-        _lattices_ready.add(type_id)
-
-
 def encode(type_id: int, x: torch.Tensor, importance: torch.Tensor | None, row_bytes: int) -> torch.Tensor:
     """float32 [rows, n] on CPU -> uint8 [rows, row_bytes] through qk_quantize."""
-    _prepare(type_id)
     x = x.to(torch.float32).contiguous()
     imp = None if importance is None else importance.to(torch.float32).contiguous()
     rows, n = x.shape
     out = torch.empty(rows, row_bytes, dtype=torch.uint8)
     if rows:
+        _set_grid(library(), type_id)
         status = library().qk_quantize(type_id, x.data_ptr(), None if imp is None else imp.data_ptr(),
                                        out.data_ptr(), rows, n)
-        if status == -3:  # ggml itself aborts the process on such rows
-            raise QuantkitError(f"ggml type {type_id}: values too large to encode (a lattice search found no finite "
-                                "distance)")
         if status != 0:
-            raise QuantkitError(f"compiled codec refused ggml type {type_id} for rows of {n}")
+            why = {-3: "no grid point scores below FLT_MAX in a block (values so large that the weighted "
+                       "squared error overflows float32, or non-finite; ggml aborts on such rows)",
+                   -4: "it needs an importance vector"}.get(status, f"for rows of {n}")
+            raise QuantkitError(f"compiled codec refused ggml type {type_id}: {why}")
     return out
