@@ -32,11 +32,15 @@ from quantkit.quant import get_codec
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+# Also measured on MoE models, for the tensors the imatrix covers (they need it): the 1.5-3.4 bit types that let
+# the routed experts (most of the weights) go low while what every token passes through stays high.
+I_QUANT_CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 _CHUNK_ELEMENTS = 1 << 20  # rows encoded at a time, as the writer does on CPU
 # general.file_type of a mix: the file type named after the type holding most of its weights
 _FILE_TYPE_OF = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
                  "Q8_0": "Q8_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
-                 "Q5_0": "Q5_0", "Q5_1": "Q5_1", "F16": "F16", "BF16": "BF16"}
+                 "Q5_0": "Q5_0", "Q5_1": "Q5_1", "F16": "F16", "BF16": "BF16", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M",
+                 "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S"}
 
 
 def stage_of(name: str, n_layers: int) -> int:
@@ -64,10 +68,12 @@ class Candidates:
         self.tensors = {t.name: t for t in self.mapping.tensors()}
         self.weights = model.weights()
         self.importance = importance or {}
+        self.moe = any(spec.routed_experts for spec in self.arch.layers())
 
     def group(self, name: str) -> Group:
         t = self.tensors[name]
-        schemes = list(dict.fromkeys(row_fallback(name, t.shape[-1], c) for c in CANDIDATES))
+        types = CANDIDATES + (I_QUANT_CANDIDATES if self.moe and name in self.importance else ())
+        schemes = list(dict.fromkeys(row_fallback(name, t.shape[-1], c) for c in types))
         return Group(name, stage_of(name, self.arch.num_layers), tuple(schemes),
                      tuple(tensor_nbytes(s, t.shape) for s in schemes))
 
@@ -183,4 +189,4 @@ def _tensor_budget(model: Model, base: Plan, budget: Budget, metadata: dict[str,
     return budget.gpus * budget.vram - _overhead(model, base, budget)
 
 
-__all__ = ["CANDIDATES", "Candidates", "auto_file_type", "auto_metadata", "plan_auto", "stage_of"]
+__all__ = ["CANDIDATES", "I_QUANT_CANDIDATES", "Candidates", "auto_file_type", "auto_metadata", "plan_auto", "stage_of"]
