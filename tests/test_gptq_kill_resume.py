@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-COMMAND = ["convert", "tiny-deepseek", "--to", "gptq:w4g64-act", "--calib-samples", "12", "--calib-ctx", "256"]
+COMMAND = ["convert", "tiny-deepseek", "--to", "gptq:w4g64-act", "--calib-samples", "8", "--calib-ctx", "128"]
 
 
 def _run(out: Path, env: dict) -> subprocess.CompletedProcess:
