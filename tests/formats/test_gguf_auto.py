@@ -184,3 +184,18 @@ def test_another_imatrix_is_measured_again(tmp_path, sensitivity, monkeypatch):
     with pytest.raises(AssertionError, match="not reused"):
         api.convert(model_path("tiny-llama"), ["gguf:auto"], dry_run=True, imatrix=tmp_path / "other.imatrix.gguf",
                     sensitivity=sensitivity[0], budget=Budget.from_options(target_bpw=4.5), **MEASURE)
+
+
+def test_i_quants_are_candidates_on_moe_models_where_the_imatrix_reaches():
+    """They need importance data: only the tensors the imatrix covers get them, and only on MoE models, whose
+    routed experts are what they are for."""
+    import torch
+
+    with Model(model_path("tiny-deepseek")) as moe, Model(model_path("tiny-llama")) as dense:
+        covered = {"blk.2.ffn_up_exps.weight": torch.ones(8 * 256), "blk.0.attn_q_a.weight": torch.ones(256),
+                   "blk.0.attn_q.weight": torch.ones(256)}
+        experts = Candidates(moe, covered).group("blk.2.ffn_up_exps.weight").schemes
+        assert {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"} <= set(experts)
+        assert set(CANDIDATES) <= set(experts)
+        assert Candidates(moe, covered).group("blk.2.ffn_down_exps.weight").schemes == CANDIDATES  # not covered
+        assert not {"IQ1_S", "IQ2_XXS"} & set(Candidates(dense, covered).group("blk.0.attn_q.weight").schemes)
