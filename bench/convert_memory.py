@@ -397,7 +397,7 @@ def _git() -> dict:
 
 def _steps_table(sizes: list[dict]) -> list[str]:
     lines = ["| checkpoint | step | peak | above baseline | ru_maxrss / process-tree PSS | sampled anon / file RSS | "
-             "time | CPU time | writes |", "|---|---|---|---|---|---|---|---|---|"]
+             "time | CPU time | cores busy | load | writes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sizes:
         ll = r["llama_cpp"]
         rows = [("**quantkit** `convert --to gguf:Q4_K_M`", r["quantkit"]),
@@ -408,10 +408,11 @@ def _steps_table(sizes: list[dict]) -> list[str]:
                          f"{m['peak'] / MiB:.0f} MiB | {m['peak_above_baseline'] / MiB:.0f} MiB | "
                          f"{m['peak_rss'] / MiB:.0f} / {m['sampled_tree_pss'] / MiB:.0f} MiB | "
                          f"{m['sampled_rss_anon'] / MiB:.0f} / {m['sampled_rss_file'] / MiB:.0f} MiB | "
-                         f"{m['seconds']:.1f} s | {m['cpu_seconds']:.1f} s | {m['output_bytes'] / GB:.3f} GB |")
+                         f"{m['seconds']:.1f} s | {m['cpu_seconds']:.1f} s | {m['cpu_seconds'] / m['seconds']:.2f} | "
+                         f"{m['load_avg_1min']:.1f} | {m['output_bytes'] / GB:.3f} GB |")
         lines.append(f"| | **llama.cpp total** | {ll['peak'] / MiB:.0f} MiB | "
                      f"{ll['peak_above_baseline'] / MiB:.0f} MiB | | | {ll['seconds']:.1f} s | "
-                     f"{ll['cpu_seconds']:.1f} s | |")
+                     f"{ll['cpu_seconds']:.1f} s | | | |")
     return lines
 
 
@@ -438,21 +439,23 @@ def _differences_table(c: dict) -> list[str]:
     """The differing tensors of a detailed comparison, pooled over layers by kind."""
     kinds: dict[str, dict] = {}
     for name, d in c["differ"].items():
-        k = kinds.setdefault(_kind(name), {"type": d["type"], "n": 0, "blocks_differ": 0, "blocks": 0,
+        k = kinds.setdefault(_kind(name), {"types": set(), "n": 0, "blocks_differ": 0, "blocks": 0,
                                            "max_abs_delta": 0.0, "max_abs_bf16_rounding": 0.0,
                                            "w2": 0.0, "err_quantkit": 0.0, "err_llama": 0.0, "err_bf16": 0.0})
         k["n"] += 1
+        k["types"].add(d["type"])  # one kind can fall back to different types by layer (Q6_K -> Q8_0)
         for key in ("blocks_differ", "blocks", "w2", "err_quantkit", "err_llama", "err_bf16"):
             k[key] += d.get(key, 0)
         for key in ("max_abs_delta", "max_abs_bf16_rounding"):
             k[key] = max(k[key], d.get(key, 0.0))
-    lines = ["| tensor (layers pooled) | type | blocks that differ | max abs difference of the dequantized weights | "
-             "relative RMS error vs float32: quantkit / llama.cpp | BF16 rounding alone: relative RMS / max abs |",
+    lines = ["| tensor (layers pooled) | type | ggml blocks that differ | max abs difference of the dequantized "
+             "weights | relative RMS error vs float32: quantkit / llama.cpp | "
+             "BF16 rounding alone: relative RMS / max abs |",
              "|---|---|---|---|---|---|"]
     for kind, k in sorted(kinds.items()):
         rel = {key: (k[key] / k["w2"]) ** 0.5 if k["w2"] else float("nan")
                for key in ("err_quantkit", "err_llama", "err_bf16")}
-        lines.append(f"| {kind} ({k['n']}) | {k['type']} | {k['blocks_differ']} of {k['blocks']} "
+        lines.append(f"| {kind} ({k['n']}) | {', '.join(sorted(k['types']))} | {k['blocks_differ']} of {k['blocks']} "
                      f"({100 * k['blocks_differ'] / k['blocks']:.1f}%) | {k['max_abs_delta']:.2e} | "
                      f"{rel['err_quantkit']:.5f} / {rel['err_llama']:.5f} | "
                      f"{rel['err_bf16']:.2e} / {k['max_abs_bf16_rounding']:.2e} |")
@@ -514,7 +517,16 @@ def _markdown(report: dict) -> str:
         lines.append(f"- {r['size_on_disk'] / GB:.2f} GB on disk: {r['num_hidden_layers']} layers, "
                      f"{r['float32_bytes'] / GB:.2f} GB as float32; llama.cpp's intermediate BF16 GGUF "
                      f"{r['llama_cpp']['intermediate_bytes'] / GB:.2f} GB")
-    lines += ["", "## Time", "", *_summary_table(sizes), "", "## Every step", "", *_steps_table(sizes), "",
+    busy = {who: [m["cpu_seconds"] / m["seconds"] for m in ms] for who, ms in (
+        ("quantkit", [r["quantkit"] for r in sizes]),
+        ("llama", [r["llama_cpp"]["llama_model_quantize"] for r in sizes]))}
+    lines += ["", "## Time", "", *_summary_table(sizes), "",
+              f"Wall time depends on what else runs: with {m['cores']} cores shared (load above), "
+              f"llama_model_quantize's {report['threads']} threads kept "
+              f"{min(busy['llama']):.2f}-{max(busy['llama']):.2f} cores busy on average and quantkit's "
+              f"{min(busy['quantkit']):.2f}-{max(busy['quantkit']):.2f} (cores busy = CPU time / wall time). The "
+              "CPU-time ratio is the figure that depends least on the load.", "",
+              "## Every step", "", *_steps_table(sizes), "",
               "## Do the two Q4_K_M files agree?", ""]
     for r in sizes:
         lines.append(f"- {r['size_on_disk'] / GB:.2f} GB: {_comparison_line(r['comparison'])}")
