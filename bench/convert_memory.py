@@ -23,9 +23,9 @@ padded vocabulary is). For each size, each step in a fresh process:
   it has touched.
 
 RssAnon and RssFile are sampled every 0.1 s from /proc (a lower bound of their peaks) to tell heap from mapped
-file pages, and so is the PSS summed over the process and its descendants: quantkit encodes k-quants in forked
-worker processes, whose own pages wait4's ru_maxrss (a maximum over processes) would not add. Page cache is
-warm: every input was just written.
+file pages, and so is the PSS summed over the process and its descendants: quantkit's torch codecs encode in
+forked worker processes (the compiled ones on threads), whose own pages wait4's ru_maxrss (a maximum over
+processes) would not add. Page cache is warm: every input was just written.
 
 The two Q4_K_M files are compared tensor by tensor (types and bytes). At the smaller size, tensors that differ
 are also measured against the float32 weights (FP8 x scale, what quantkit encodes), and quantkit requantizes
