@@ -1,6 +1,7 @@
 """ggml's 3-bit lattice types IQ3_XXS (3.0625 bpw) and IQ3_S (3.4375 bpw): 256-value super-blocks of eight
 32-value sub-blocks, each group of 4 magnitudes one point of a lattice (gguf-py's grids, as for the IQ2 types:
-ggml_iq2.grid_levels), signs and a 4-bit sub-block scale beside it. Layouts: ggml-common.h `block_iq3_xxs`, `block_iq3_s`.
+ggml_iq2.grid_levels), signs and a 4-bit sub-block scale beside it. Layouts: ggml-common.h `block_iq3_xxs`,
+`block_iq3_s`.
 
 Encoding is the compiled kernels' only (quantkit/quant/_ggml_iq3.c, byte-exact with quantize_iq3_xxs /
 quantize_iq3_s, with and without importance: both fall back to weights x^2 without one); decoding is torch,
