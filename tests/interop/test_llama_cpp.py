@@ -67,14 +67,20 @@ def test_tokenization_matches_hf(model, gguf_files):
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_llama_cpp_logits_match_quantkit_forward(model, gguf_files, type_name):
+    assert_logits_match_quantkit_forward(model, gguf_files[type_name], type_name)
+
+
+def assert_logits_match_quantkit_forward(model, gguf, type_name):
+    """llama.cpp's logits of the GGUF file `gguf` (of the model folder `model`, quantized as `type_name`) are
+    quantkit's forward on its dequantized weights, within BOUNDS. Also used by test_llama_quantize."""
     config = json.loads((model / "config.json").read_text())
     vocab = config["vocab_size"]
     ids = torch.randint(3, vocab, (CONTEXT,), generator=torch.Generator().manual_seed(1))
-    llm = _llama(gguf_files[type_name])
+    llm = _llama(gguf)
     llm.eval(ids.tolist())
     theirs = torch.from_numpy(np.array(llm.scores[:CONTEXT], dtype=np.float32))
     arch = load_architecture(config)
-    ours = arch.forward(mapping_for(arch).weights_from_gguf(GGUFFile(gguf_files[type_name]).read), ids)[0]
+    ours = arch.forward(mapping_for(arch).weights_from_gguf(GGUFFile(gguf).read), ids)[0]
     per_position = (theirs - ours).abs().max(-1).values / ours.abs().max()
     bound = BOUNDS.get(type_name, QUANTIZED_BOUND)
     if config.get("n_routed_experts") and type_name not in BOUNDS:
