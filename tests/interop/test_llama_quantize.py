@@ -27,8 +27,9 @@ IQ1_IQ2 = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS"]  
 TRAINED = [n for n in MODEL_NAMES if (MODELS_DIR / n / "config.json").is_file()]
 # Both quantizers are slowest at these types (ggml also builds its IQ1 / IQ2 tables: ~40 s once per process, which
 # tests/quant's comparisons with ggml need too), so whole files of the smallest model at each, and of the MoE one
-# (experts with importances of their own) at the two with the fewest bits
-IQ_FILES = {"tiny-llama": IQ1_IQ2, "tiny-deepseek": ["IQ1_S", "IQ2_XXS"]}
+# (experts with importances of their own) at the two with the fewest bits. IQ3_M (IQ3_S and Q4_K tensors, compared
+# on every model above) rides along: one more type in the same pass, a second or two.
+IQ_FILES = {"tiny-llama": [*IQ1_IQ2, "IQ3_M"], "tiny-deepseek": ["IQ1_S", "IQ2_XXS"]}
 IQ_CASES = [(name, t) for name, types in IQ_FILES.items() if name in TRAINED for t in types]
 
 
