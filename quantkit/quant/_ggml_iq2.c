@@ -175,17 +175,19 @@ static inline int level_code(const int8_t *L) {
 
 /* ---- IQ2: grid search ---------------------------------------------------------------------------------------- */
 
-/* The neighbour of least sum w*(scale*q - x)^2 (the first on ties); its levels into L. -1 if none compares
-   below FLT_MAX (the sum overflows for |x| around 1e15, or the input is not finite): ggml aborts there. */
-static int iq2_best_neighbour(const Tables *t, const uint16_t *nb, const float *xval, const float *w, float scale,
-                              int8_t *L) {
+/* The neighbour of least sum w*(scale*values[level] - x)^2, the first on ties (ggml's iq2_find_best_neighbour with
+   values 1, 3, 5; iq1_find_best_neighbour2 with a group's IQ1 values); its levels into L. -1 if none compares
+   below FLT_MAX (the sum overflows for |x| around 1e15, or the input is not finite): ggml aborts there, or for IQ1
+   scans the whole grid reading x out of bounds. */
+static int best_neighbour(const Tables *t, const uint16_t *nb, const float *x, const float *w, float scale,
+                          const float *values, int8_t *L) {
     float best = FLT_MAX;
     int index = -1;
     for (int j = 1; j <= nb[0]; ++j) {
         const int8_t *g = t->grid + 8 * nb[j];
         float d2 = 0;
         for (int i = 0; i < 8; ++i) {
-            float diff = scale * (float)g[i] - xval[i];
+            float diff = scale * values[(g[i] - 1) / 2] - x[i];
             d2 += w[i] * diff * diff;
         }
         if (d2 < best) {
@@ -200,13 +202,15 @@ static int iq2_best_neighbour(const Tables *t, const uint16_t *nb, const float *
     return index;
 }
 
+static const float IQ2_VALUES[3] = {1, 3, 5};  /* the 2-bit grids' levels 0..2, as the stored 2l+1 */
+
 /* Levels of the 8 values for 1/scale `id` (nearest of 1, 3, 5); off the grid, the best neighbour's levels.
    Returns whether the rounded point was on the grid, or -1 when no neighbour could be chosen. */
 static int iq2_levels(const Tables *t, const float *xval, const float *waux, float id, float scale, int8_t *L) {
     for (int i = 0; i < 8; ++i) L[i] = (int8_t)clampi(nearest_int(0.5f * (id * xval[i] - 1)), 0, 2);
     int code = level_code(L);
     if (t->map[code] >= 0) return 1;
-    return iq2_best_neighbour(t, neighbours_of(t, code), xval, waux, scale, L) < 0 ? -1 : 0;
+    return best_neighbour(t, neighbours_of(t, code), xval, waux, scale, IQ2_VALUES, L) < 0 ? -1 : 0;
 }
 
 /* sum w*x*q and sum w*q*q over n values with q = 2*L + 1 */
@@ -507,32 +511,6 @@ static void sort_by_value(const float *xb, int n, int *order) {
     for (int j = 0; j < n; ++j) order[j] = pairs[j].i;
 }
 
-/* The neighbour of least sum w*(scale*xx[level] - x)^2, the first on ties (ggml's iq1_find_best_neighbour2);
-   its levels into L. -1 if none compares below FLT_MAX: ggml then scans the whole grid reading x out of bounds
-   (the scan indexes x by grid point), which only non-finite or overflowing input reaches. */
-static int iq1_best_neighbour(const Tables *t, const uint16_t *nb, const float *xb, const float *w, float scale,
-                              const float *xx, int8_t *L) {
-    float best = FLT_MAX;
-    int index = -1;
-    for (int j = 1; j <= nb[0]; ++j) {
-        const int8_t *g = t->grid + 8 * nb[j];
-        float d2 = 0;
-        for (int i = 0; i < 8; ++i) {
-            float diff = scale * xx[(g[i] - 1) / 2] - xb[i];
-            d2 += w[i] * diff * diff;
-        }
-        if (d2 < best) {
-            best = d2;
-            index = nb[j];
-        }
-    }
-    if (index >= 0) {
-        const int8_t *g = t->grid + 8 * index;
-        for (int i = 0; i < 8; ++i) L[i] = (int8_t)((g[i] - 1) / 2);
-    }
-    return index;
-}
-
 /* The grid points of L's groups of 8 (neighbours where L is off the grid: `all_on_grid` cleared), xx[k] the level
    values of group k. Returns 0 or -3. */
 static int iq1_grid_points(const Tables *t, int groups, const float *xb, const float *w, float scale,
@@ -543,7 +521,7 @@ static int iq1_grid_points(const Tables *t, int groups, const float *xb, const f
         index[k] = t->map[code];
         if (index[k] < 0) {
             *all_on_grid = 0;
-            index[k] = iq1_best_neighbour(t, neighbours_of(t, code), xb + 8 * k, w + 8 * k, scale, xx[k], L + 8 * k);
+            index[k] = best_neighbour(t, neighbours_of(t, code), xb + 8 * k, w + 8 * k, scale, xx[k], L + 8 * k);
             if (index[k] < 0) return -3;
         }
     }
