@@ -5,19 +5,17 @@ on the first call (about half a minute on one core): the byte-exact tests share 
 import numpy as np
 import pytest
 import torch
+from codec_checks import needs_ggml, needs_kernels, student_t2
 from gguf import GGMLQuantizationType, quants
 
 from quantkit.errors import QuantkitError
-from quantkit.quant import get_codec, kernels
+from quantkit.quant import get_codec
 from quantkit.testing import ggml_reference
 
 TYPES = ["IQ1_S", "IQ1_M"]
 WIDE = 1024
 NARROW = 256
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled codecs not built")
-needs_ggml = pytest.mark.skipif(not ggml_reference.available(),
-                                reason="llama-cpp-python's libggml-base is not installed (the byte-exact reference)")
 
 
 def _tricky(gen: torch.Generator) -> torch.Tensor:
@@ -51,9 +49,8 @@ def _tricky(gen: torch.Generator) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(12, WIDE, generator=gen)
-    u = torch.rand(12, WIDE, generator=gen).clamp_min(1e-30)
-    return {"normal": torch.randn(12, WIDE, generator=gen), "heavy_tailed": z / torch.sqrt(-torch.log(u)),
+    heavy_tailed = student_t2(gen, (12, WIDE))
+    return {"normal": torch.randn(12, WIDE, generator=gen), "heavy_tailed": heavy_tailed,
             "tricky": _tricky(gen)}
 
 
@@ -124,25 +121,6 @@ def test_decode_arbitrary_bytes(name):
 def test_iq1_s_requires_importance():
     with pytest.raises(QuantkitError, match="IQ1_S needs an importance matrix: pass --imatrix"):
         get_codec("IQ1_S").encode(torch.randn(2, 256))
-
-
-@needs_kernels
-def test_kernel_only_ignores_torch_choice(monkeypatch, inputs):
-    x, imp = inputs["normal"][:4], _importance("positive", WIDE)
-    for name in TYPES:
-        codec = get_codec(name)
-        monkeypatch.setenv(kernels.ENV, "kernel")
-        want = codec.encode(x, imp)
-        monkeypatch.setenv(kernels.ENV, "torch")
-        assert torch.equal(codec.encode(x, imp), want)
-        assert not codec.searches(imp)
-
-
-def test_missing_library_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
-    for name in TYPES:
-        with pytest.raises(QuantkitError, match=r"compiled codecs.*build_ext --inplace"):
-            get_codec(name).encode(torch.randn(2, 256), torch.ones(256))
 
 
 @needs_kernels

@@ -4,10 +4,11 @@ decoding against gguf-py's numpy dequantizers, and the kernel-only encoding path
 import numpy as np
 import pytest
 import torch
+from codec_checks import needs_ggml, needs_kernels, student_t2
 from gguf import GGMLQuantizationType, quants
 
 from quantkit.errors import QuantkitError
-from quantkit.quant import get_codec, kernels
+from quantkit.quant import get_codec
 from quantkit.quant.ggml_iq2 import grid_levels
 from quantkit.testing import ggml_reference
 
@@ -15,15 +16,7 @@ TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
 WIDE = 1024  # four super-blocks per row
 NARROW = 256
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled codecs not built")
-needs_ggml = pytest.mark.skipif(not ggml_reference.available(),
-                                reason="llama-cpp-python's libggml-base is not installed (the byte-exact reference)")
 
-
-def _student_t2(gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor:
-    z = torch.randn(shape, generator=gen)
-    u = torch.rand(shape, generator=gen).clamp_min(1e-30)
-    return z / torch.sqrt(-torch.log(u))
 
 
 def _tricky(gen: torch.Generator) -> torch.Tensor:
@@ -59,7 +52,7 @@ def _tricky(gen: torch.Generator) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"normal": torch.randn(12, WIDE, generator=gen), "heavy_tailed": _student_t2(gen, (12, WIDE)),
+    return {"normal": torch.randn(12, WIDE, generator=gen), "heavy_tailed": student_t2(gen, (12, WIDE)),
             "tricky": _tricky(gen)}
 
 
@@ -147,27 +140,6 @@ def test_grid_levels_are_gguf_py_grid(name):
 def test_importance_is_required(name):
     with pytest.raises(QuantkitError, match=f"{name} needs an importance matrix: pass --imatrix"):
         get_codec(name).encode(torch.randn(2, 256))
-
-
-@needs_kernels
-def test_kernel_only_ignores_torch_choice(monkeypatch, inputs):
-    """No torch encoder: QUANTKIT_CODEC_IMPL=torch still encodes through the kernels, and ChunkEncoder keeps them
-    on threads (searches() is False)."""
-    x, imp = inputs["normal"][:4], _importance("positive", WIDE)
-    for name in TYPES:
-        codec = get_codec(name)
-        monkeypatch.setenv(kernels.ENV, "kernel")
-        want = codec.encode(x, imp)
-        monkeypatch.setenv(kernels.ENV, "torch")
-        assert torch.equal(codec.encode(x, imp), want)
-        assert not codec.searches(imp)
-
-
-def test_missing_library_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
-    for name in TYPES:
-        with pytest.raises(QuantkitError, match=r"compiled codecs.*build_ext --inplace"):
-            get_codec(name).encode(torch.randn(2, 256), torch.ones(256))
 
 
 @needs_kernels

@@ -5,24 +5,17 @@ implementation setting."""
 import numpy as np
 import pytest
 import torch
+from codec_checks import needs_ggml, needs_kernels, student_t2
 from gguf import GGMLQuantizationType, quants
 
 from quantkit.errors import QuantkitError
-from quantkit.quant import get_codec, kernels
+from quantkit.quant import get_codec
 from quantkit.testing import ggml_reference
 
 TYPES = ["IQ3_XXS", "IQ3_S"]
 N = 512
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled codecs not built")
-needs_ggml = pytest.mark.skipif(not ggml_reference.available(),
-                                reason="llama-cpp-python's libggml-base is not installed (the byte-exact reference)")
 
-
-def _student_t2(gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor:
-    z = torch.randn(shape, generator=gen)
-    u = torch.rand(shape, generator=gen).clamp_min(1e-30)
-    return z / torch.sqrt(-torch.log(u))
 
 
 def _tricky(gen: torch.Generator) -> torch.Tensor:
@@ -53,9 +46,9 @@ def _tricky(gen: torch.Generator) -> torch.Tensor:
 
 def _inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"normal": torch.randn(16, N, generator=gen), "heavy_tailed": _student_t2(gen, (16, N)),
+    return {"normal": torch.randn(16, N, generator=gen), "heavy_tailed": student_t2(gen, (16, N)),
             "tricky": _tricky(gen), "one_block": torch.randn(8, 256, generator=gen),
-            "wide": _student_t2(gen, (8, 2048))}
+            "wide": student_t2(gen, (8, 2048))}
 
 
 def _importance(kind: str, n: int) -> torch.Tensor | None:
@@ -124,25 +117,6 @@ def test_zero_blocks_are_all_zero_bytes(name):
     """Read off ggml: an all-zero super-block keeps d = 0 and no point, sign or scale bit is set (IQ3_XXS
     clears the block; IQ3_S skips every sub-block)."""
     assert not get_codec(name).encode(torch.zeros(2, 512)).any()
-
-
-@needs_kernels
-@pytest.mark.parametrize("name", TYPES)
-def test_kernel_only_whatever_the_implementation_setting(name, monkeypatch):
-    codec = get_codec(name)
-    x = _inputs()["heavy_tailed"][:4]
-    monkeypatch.setenv(kernels.ENV, "kernel")
-    expected = codec.encode(x)
-    monkeypatch.setenv(kernels.ENV, "torch")
-    assert torch.equal(codec.encode(x), expected)
-    assert not codec.searches(None) and not codec.searches(torch.ones(N))
-
-
-@pytest.mark.parametrize("name", TYPES)
-def test_missing_library_is_one_clear_error(name, monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
-    with pytest.raises(QuantkitError, match=rf"{name} is encoded only by .*build_ext --inplace"):
-        get_codec(name).encode(torch.zeros(1, 256))
 
 
 @needs_kernels

@@ -4,6 +4,7 @@ against gguf-py's numpy dequantizers."""
 import numpy as np
 import pytest
 import torch
+from codec_checks import student_t2
 from gguf import GGMLQuantizationType, quants
 
 from quantkit.quant import get_codec, ggml_iq4
@@ -15,12 +16,6 @@ pytestmark = pytest.mark.usefixtures("codec_impl")  # every test on the torch co
 TYPES = ["IQ4_NL", "IQ4_XS"]
 N = 512
 
-
-def _student_t2(gen: torch.Generator, shape: tuple[int, int]) -> torch.Tensor:
-    """StudentT(2) from a seeded generator: z / sqrt(chi2_2 / 2), chi2_2 = -2 log U."""
-    z = torch.randn(shape, generator=gen)
-    u = torch.rand(shape, generator=gen).clamp_min(1e-30)
-    return z / torch.sqrt(-torch.log(u))
 
 
 def _tricky(gen: torch.Generator) -> torch.Tensor:
@@ -51,7 +46,7 @@ def _tricky(gen: torch.Generator) -> torch.Tensor:
 
 def _inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"normal": torch.randn(32, N, generator=gen), "heavy_tailed": _student_t2(gen, (32, N)),
+    return {"normal": torch.randn(32, N, generator=gen), "heavy_tailed": student_t2(gen, (32, N)),
             "tricky": _tricky(gen), "many_blocks": torch.randn(128, N, generator=gen)}
 
 

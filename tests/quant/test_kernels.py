@@ -6,14 +6,14 @@ import threading
 
 import pytest
 import torch
+from codec_checks import needs_kernels
 
 from quantkit.errors import QuantkitError
-from quantkit.quant import get_codec, kernels
+from quantkit.quant import CODECS, get_codec, kernels
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 N = 768  # three super-blocks; the 32-element types take rows of 288 (9 blocks: the kernels search 8 side by side)
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled codecs not built")
 
 
 def _rows(n: int) -> dict[str, torch.Tensor]:
@@ -139,3 +139,28 @@ def test_kernel_codecs_run_on_threads(monkeypatch, tmp_path):
     assert seen and threading.main_thread().name not in seen
     monkeypatch.setenv(kernels.ENV, "torch")
     assert sink.parts == [bytes(original(codec, c, imp).numpy()) for c in chunks]
+
+
+# the codecs with no torch encoder (the i-quants' lattice searches)
+KERNEL_ONLY = [name for name, codec in CODECS.items() if codec.kernel_only]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", KERNEL_ONLY)
+def test_kernel_only_codecs_ignore_the_torch_choice(name, monkeypatch):
+    """QUANTKIT_CODEC_IMPL=torch still encodes through the kernels, and ChunkEncoder keeps them on threads
+    (searches() is False)."""
+    codec = get_codec(name)
+    x, imp = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)), torch.rand(512) + 0.1
+    monkeypatch.setenv(kernels.ENV, "kernel")
+    want = codec.encode(x, imp)
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert torch.equal(codec.encode(x, imp), want)
+    assert not codec.searches(None) and not codec.searches(imp)
+
+
+@pytest.mark.parametrize("name", KERNEL_ONLY)
+def test_kernel_only_codecs_without_the_library_are_one_clear_error(name, monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    with pytest.raises(QuantkitError, match=rf"{name} is encoded only by .*build_ext --inplace"):
+        get_codec(name).encode(torch.zeros(1, 256), torch.ones(256))
