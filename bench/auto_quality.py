@@ -196,6 +196,22 @@ def run_model(name: str, args, result: dict) -> None:
              for g in json.loads(sens.read_text())["groups"]}
     for v in files.values():
         v |= gguf_facts(Path(v["path"]), costs)
+    score_files(files, src, work, args, m)
+    print(f"{name}: convert {m['convert_s']:.0f} s, eval {m['eval_s']:.0f} s", flush=True)
+
+
+# ---- analysis ----------------------------------------------------------------------------------------------
+def spearman(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def score_files(files: dict, src, work: Path, args, m: dict) -> None:
+    """One `quantkit eval` (llama.cpp backend, no multiple choice) of every file against `src`: each file's
+    record gains its KLD, top-1, PPL, bpw and size; `m` the eval's time, settings and baseline PPL."""
     ev = work / "eval"
     r = timed([sys.executable, "-m", "quantkit.cli", "eval", *(v["path"] for v in files.values()), "--baseline",
                str(src), "--ctx", str(args.ctx), "--windows", str(args.windows), "--mc-items", "0", "--backend",
@@ -212,16 +228,6 @@ def run_model(name: str, args, result: dict) -> None:
         v |= {"kld_mean": e["kld"]["mean"], "kld_p99": e["kld"]["p99"], "top1_pct": e["top1_pct"],
               "ppl": e["ppl"], "delta_ppl_pct": e["delta_ppl_pct"], "bpw": e["bpw"], "size_bytes": e["size_bytes"]}
     m["files"] = files
-    print(f"{name}: convert {m['convert_s']:.0f} s, eval {m['eval_s']:.0f} s", flush=True)
-
-
-# ---- analysis ----------------------------------------------------------------------------------------------
-def spearman(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
-        return None
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic)
 
 
 def prediction(files: dict) -> dict:

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from auto_quality import IMATRIX, MATCH, SENS_CTX, SENS_SAMPLES, gguf_facts, measure_timed  # noqa: E402
-from peer_common import fmt, quantkit_env, report_head, timed  # noqa: E402
+from auto_quality import IMATRIX, MATCH, SENS_CTX, SENS_SAMPLES, gguf_facts, measure_timed, score_files  # noqa: E402
+from peer_common import fmt, report_head  # noqa: E402
 
 MODEL = "tiny-deepseek"
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "Q2_K",
@@ -158,22 +158,7 @@ def run(args, m: dict) -> None:
     for v in files.values():
         v |= gguf_facts(Path(v["path"]), costs) | {"experts": expert_types(Path(v["path"]))}
     print(f"convert {m['convert_s']:.0f} s; eval of {len(files)} files", flush=True)
-    ev = work / "eval"
-    r = timed([sys.executable, "-m", "quantkit.cli", "eval", *(v["path"] for v in files.values()), "--baseline",
-               str(src), "--ctx", str(args.ctx), "--windows", str(args.windows), "--mc-items", "0", "--backend",
-               "llama.cpp", "--device", "cpu", "-o", str(ev), "--force"], quantkit_env(), work / "eval.log")
-    if r["rc"]:
-        raise SystemExit(f"eval failed: {r.get('error')} (see {work / 'eval.log'})")
-    m["eval_s"] = r["wall_s"]
-    data = json.loads((ev / "report.json").read_text())
-    m["eval_settings"] = data["settings"]
-    m["baseline_ppl"] = data["baseline"]["ppl"]
-    by_path = {v["path"]: v for v in data["variants"]}
-    for v in files.values():
-        e = by_path[v["path"]]
-        v |= {"kld_mean": e["kld"]["mean"], "kld_p99": e["kld"]["p99"], "top1_pct": e["top1_pct"],
-              "ppl": e["ppl"], "delta_ppl_pct": e["delta_ppl_pct"], "bpw": e["bpw"], "size_bytes": e["size_bytes"]}
-    m["files"] = files
+    score_files(files, src, work, args, m)
     print(f"eval {m['eval_s']:.0f} s", flush=True)
 
 
