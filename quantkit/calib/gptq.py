@@ -65,32 +65,33 @@ class _Hessians(Observer):
             acc.add(x[None])
 
 
-class GPTQ:
-    """The GPTQ method of a layerwise Stream (quantkit.calib.layerwise): `rtn` rounds to nearest instead, with
-    no calibration. Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or
-    "rtn"); `propagate` "quantized" (GPTQ's sequential mode) or "float" outputs to the next layer. Notes in the
-    stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping).
-    `scale_dtype`: the dtype the output stores scales in (the quantized forward uses them so rounded). `configs`:
-    per-linear settings replacing `config` (None: the linear stays unquantized, stored and used in `kept_dtype`)."""
+class HessianLayers:
+    """Base of the layerwise methods (quantkit.calib.layerwise) that quantize each linear from the Hessian of its
+    inputs: the float pass that collects them, routed experts' Hessians from their routed tokens, the pass that
+    gives the next layer's inputs. Subclasses implement `quantize(job, name, w, acc)` (acc None: no calibration).
+    Routed experts under `min_expert_tokens` get the `fallback` ("all" of the layer's tokens, or "rtn": no
+    Hessian); `propagate` "quantized" (GPTQ's sequential mode: the layer's weights as the subclass set them) or
+    "float" outputs to the next layer."""
 
-    def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
-                 fallback: str = "all", propagate: str = "quantized", scale_dtype: torch.dtype = torch.float16,
-                 configs: Mapping[str, GPTQConfig | None] | None = None, kept_dtype: torch.dtype = torch.bfloat16):
+    calibrated = True
+
+    def __init__(self, *, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, fallback: str = "all",
+                 propagate: str = "quantized"):
         if fallback not in ("all", "rtn"):
             raise ConfigError(f"unknown expert fallback {fallback!r}; use 'all' (the layer's tokens) or 'rtn'")
         if propagate not in ("quantized", "float"):
             raise ConfigError(f"unknown propagation {propagate!r}; use 'quantized' or 'float'")
-        self.config, self.rtn, self.min_expert_tokens = config, rtn, min_expert_tokens
-        self.fallback, self.propagate, self.scale_dtype = fallback, propagate, scale_dtype
-        self.configs, self.kept_dtype = configs or {}, kept_dtype
-        self.calibrated = not rtn
+        self.min_expert_tokens, self.fallback, self.propagate = min_expert_tokens, fallback, propagate
+
+    def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
+        raise NotImplementedError
 
     def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
         began = time.perf_counter()
         arch = job.arch
         if getattr(arch, "fused_experts", False):
-            raise ConfigError("routed experts are stored fused (transformers 5 layout); GPTQ checkpoints name each "
-                              "expert's linears, so convert from the per-expert checkpoint")
+            raise ConfigError("routed experts are stored fused (transformers 5 layout); calibrated quantization "
+                              "calibrates each expert's linears by name, so convert from the per-expert checkpoint")
         if not self.calibrated:
             for lin in arch.layer_spec(job.layer).linears:
                 self.quantize(job, lin.name, job(lin.name), None)
@@ -124,30 +125,6 @@ class GPTQ:
         del hessians
         run.advance(float_outputs if self.propagate == "float" else run.forward(job))
 
-    def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
-        config, stats, layer = self.configs.get(name, self.config), job.stream.stats, job.layer
-        if config is None:  # kept: stored as the runtime will use it
-            job.set(name, w.to(self.kept_dtype).float())
-            job.emit(name, job(name))
-            return
-        if self.rtn:
-            result = rtn_quantize(w, config)
-        elif acc is None or acc.n == 0:
-            stats.note(layer, "round_to_nearest", name, "no calibration input")
-            result = rtn_quantize(w, config)
-        else:
-            try:
-                result = gptq_quantize(w, acc.H, config)
-            except QuantkitError as exc:  # an all-zero or unusable Hessian: the weight still gets quantized
-                log.warning("%s: %s; using round-to-nearest", name, exc)
-                stats.note(layer, "round_to_nearest", name, str(exc))
-                result = rtn_quantize(w, config)
-            if result.damp_retries:
-                log.warning("%s: Hessian not positive definite; damping raised to %g", name, result.damp_percent)
-                stats.note(layer, "damping_raised", name, float(result.damp_percent))
-        job.emit(name, result)
-        if self.calibrated and self.propagate == "quantized":
-            job.set(name, runtime_weight(result, self.scale_dtype))
     def _quantize_experts(self, job: LayerJob, groups: list[InputGroup], hessians: _Hessians,
                           routing: Routing) -> None:
         stats = job.stream.stats
@@ -179,3 +156,44 @@ class GPTQ:
             acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])  # the float MLP's down_proj input
             self.quantize(job, down_name, job(down_name), acc)
         stats.expert_tokens[job.layer] = counts
+
+
+class GPTQ(HessianLayers):
+    """The GPTQ method of a layerwise Stream: `rtn` rounds to nearest instead, with no calibration. Notes in the
+    stream's stats: "round_to_nearest" (weights without a usable Hessian), "damping_raised" (weight -> damping).
+    `scale_dtype`: the dtype the output stores scales in (the quantized forward uses them so rounded). `configs`:
+    per-linear settings replacing `config` (None: the linear stays unquantized, stored and used in `kept_dtype`)."""
+
+    def __init__(self, config: GPTQConfig, *, rtn: bool = False, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+                 fallback: str = "all", propagate: str = "quantized", scale_dtype: torch.dtype = torch.float16,
+                 configs: Mapping[str, GPTQConfig | None] | None = None, kept_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(min_expert_tokens=min_expert_tokens, fallback=fallback, propagate=propagate)
+        self.config, self.rtn, self.scale_dtype = config, rtn, scale_dtype
+        self.configs, self.kept_dtype = configs or {}, kept_dtype
+        self.calibrated = not rtn
+
+    def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
+        config, stats, layer = self.configs.get(name, self.config), job.stream.stats, job.layer
+        if config is None:  # kept: stored as the runtime will use it
+            job.set(name, w.to(self.kept_dtype).float())
+            job.emit(name, job(name))
+            return
+        if self.rtn:
+            result = rtn_quantize(w, config)
+        elif acc is None or acc.n == 0:
+            stats.note(layer, "round_to_nearest", name, "no calibration input")
+            result = rtn_quantize(w, config)
+        else:
+            try:
+                result = gptq_quantize(w, acc.H, config)
+            except QuantkitError as exc:  # an all-zero or unusable Hessian: the weight still gets quantized
+                log.warning("%s: %s; using round-to-nearest", name, exc)
+                stats.note(layer, "round_to_nearest", name, str(exc))
+                result = rtn_quantize(w, config)
+            if result.damp_retries:
+                log.warning("%s: Hessian not positive definite; damping raised to %g", name, result.damp_percent)
+                stats.note(layer, "damping_raised", name, float(result.damp_percent))
+        job.emit(name, result)
+        if self.calibrated and self.propagate == "quantized":
+            job.set(name, runtime_weight(result, self.scale_dtype))
+

@@ -23,6 +23,11 @@ class Codec:
     # QUANTKIT_CODEC_IMPL says; CUDA tensors are encoded on CPU. Decoding stays in torch.
     kernel_only: ClassVar[bool] = False
     requires_importance: ClassVar[bool] = False  # ggml asserts an imatrix for the type
+    # Set where every element decodes to scale * level_values[L] + offset, with scale and offset from its block's
+    # header and L an index stored apart from them: levels() and with_levels() then let a quantizer choose each
+    # element's level itself under the header ggml's search chose (quantkit.quant.ggml_gptq). None: the grid
+    # i-quants (levels are vectors of 4 or 8 elements) and the float types.
+    level_values: ClassVar[tuple[int, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -75,6 +80,17 @@ class Codec:
         """uint8 [rows, bytes per row] -> float32 [rows, n]."""
         rows = data.shape[0]
         return cls.decode_blocks(data.reshape(-1, cls.block_bytes)).reshape(rows, n)
+
+    @classmethod
+    def levels(cls, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [blocks, block_bytes] -> (scale, offset, L), each [blocks, block_size]: element e decodes to
+        scale[e] * level_values[L[e]] + offset[e] (float32; L int64). Only where level_values is set."""
+        raise NotImplementedError
+
+    @classmethod
+    def with_levels(cls, data: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """The blocks `data` with their levels replaced by L [blocks, block_size] (headers kept)."""
+        raise NotImplementedError
 
     @classmethod
     def encode_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,17 @@ class IQ4_NL(Codec):
         kv = torch.tensor(KVALUES, dtype=torch.float32, device=data.device)
         return f16_from(data[:, :2]) * kv[unpack_nibbles(data[:, 2:]).long()]
 
+    level_values = KVALUES
+
+    @classmethod
+    def levels(cls, data):
+        d = f16_from(data[:, :2]).expand(-1, SUB)
+        return d, torch.zeros_like(d), unpack_nibbles(data[:, 2:]).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :2], pack_nibbles(L)), dim=1)
+
 
 class IQ4_XS(Codec):
     name, type_id, block_size, block_bytes = "IQ4_XS", 23, 256, 136
@@ -207,13 +218,31 @@ class IQ4_XS(Codec):
     @classmethod
     def decode_blocks(cls, data):
         kv = torch.tensor(KVALUES, dtype=torch.float32, device=data.device)
+        return (cls._scales(data)[..., None] * kv[cls._unpack_levels(data)]).reshape(-1, cls.block_size)
+
+    @classmethod
+    def _scales(cls, data):
+        """dl = d * (ls - 32) per sub-block [blocks, 8]."""
         nsub = cls.block_size // SUB
         d = f16_from(data[:, :2])  # [blocks, 1]
         h = data[:, 2].to(torch.int32) | (data[:, 3].to(torch.int32) << 8)
         ib = torch.arange(nsub, device=data.device)
         low = (data[:, 4:8].to(torch.int32)[:, ib // 2] >> (4 * (ib % 2))) & 0xF
         ls = low | (((h[:, None] >> (2 * ib)) & 3) << 4)
-        dl = d * (ls - 32).to(torch.float32)  # dl = d * (ls - 32)
-        qs = data[:, 8:].reshape(-1, nsub, SUB // 2)
-        q = torch.cat((qs & 0xF, qs >> 4), dim=-1).long()  # [blocks, 8, 32]
-        return (dl[..., None] * kv[q]).reshape(-1, cls.block_size)
+        return d * (ls - 32).to(torch.float32)
+
+    @classmethod
+    def _unpack_levels(cls, data):
+        qs = data[:, 8:].reshape(-1, cls.block_size // SUB, SUB // 2)
+        return torch.cat((qs & 0xF, qs >> 4), dim=-1).long()  # [blocks, 8, 32]
+
+    level_values = KVALUES
+
+    @classmethod
+    def levels(cls, data):
+        dl = cls._scales(data)[..., None].expand(-1, -1, SUB).reshape(-1, cls.block_size)
+        return dl, torch.zeros_like(dl), cls._unpack_levels(data).reshape(-1, cls.block_size)
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :8], pack_nibbles(L.reshape(-1, SUB)).reshape(-1, cls.block_size // 2)), dim=1)

@@ -95,6 +95,17 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     return ((qs.reshape(-1, 2, 1, 32) >> _shifts([0, 2, 4, 6], qs.device).reshape(1, 1, 4, 1)) & 3).reshape(-1, 256)
 
 
+def _per_element(t: torch.Tensor) -> torch.Tensor:
+    """[S, nsub] or [S, nsub, 1] sub-block values -> [S, 256]."""
+    t = t.reshape(t.shape[0], -1, 1)
+    return t.expand(-1, -1, QK_K // t.shape[1]).reshape(-1, QK_K)
+
+
+def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
+    """[S, 8, 32] bits -> [S, 32] bytes, bit j of byte l = bits[:, j, l] (Q3_K's hmask, Q5_K's qh)."""
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device).reshape(1, 8, 1)).sum(1, dtype=torch.uint8)
+
+
 def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K scales[12] from 8 scales and 8 mins (int tensors [S, 8]), with the same uint8 truncation as
     the C packing loop (values above 63 spill exactly as they do there)."""
@@ -194,12 +205,26 @@ class Q2_K(_KQuant, Codec):
 
     @classmethod
     def decode_blocks(cls, data):
-        sc = data[:, :16]
+        dl, ml = cls._scales(data)
         q = _unpack_2bit(data[:, 16:80]).reshape(-1, 16, 16).to(torch.float32)
-        d, dmin = f16_from(data[:, 80:82]), f16_from(data[:, 82:84])
-        dl = (d * (sc & 0xF).to(torch.float32))[..., None]
-        ml = (dmin * (sc >> 4).to(torch.float32))[..., None]
         return (dl * q - ml).reshape(-1, 256)
+
+    @classmethod
+    def _scales(cls, data):
+        sc = data[:, :16]
+        d, dmin = f16_from(data[:, 80:82]), f16_from(data[:, 82:84])
+        return (d * (sc & 0xF).to(torch.float32))[..., None], (dmin * (sc >> 4).to(torch.float32))[..., None]
+
+    level_values = tuple(range(4))
+
+    @classmethod
+    def levels(cls, data):
+        dl, ml = cls._scales(data)
+        return _per_element(dl), -_per_element(ml), _unpack_2bit(data[:, 16:80]).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :16], _pack_2bit(L), data[:, 80:84]), dim=1)
 
 
 class Q3_K(_KQuant, Codec):
@@ -228,21 +253,42 @@ class Q3_K(_KQuant, Codec):
             l6 = l6.t().to(torch.int32)
         d = _f16(d)
         levels = _requant_sym(xs.reshape(nsb, 16, 16), _block_major(levels, 16), d, l6 - 32, -4, 3)
-        levels = levels.reshape(nsb, 256).to(torch.uint8)
-        hbits = (levels >> 2).reshape(nsb, 8, 32)
-        hmask = (hbits << torch.arange(8, dtype=torch.uint8, device=xs.device).reshape(1, 8, 1)).sum(
-            1, dtype=torch.uint8)
-        return torch.cat((hmask, _pack_2bit(levels & 3), _pack_q3_scales(l6), f16_bytes(d[:, None])), dim=1)
+        return torch.cat((cls._pack_levels(levels.reshape(nsb, 256)), _pack_q3_scales(l6), f16_bytes(d[:, None])),
+                         dim=1)
+
+    @staticmethod
+    def _pack_levels(levels: torch.Tensor) -> torch.Tensor:
+        """[S, 256] levels 0..7 -> hmask (the third bits) and qs (the low two)."""
+        levels = levels.to(torch.uint8)
+        return torch.cat((_bit_planes((levels >> 2).reshape(-1, 8, 32)), _pack_2bit(levels & 3)), dim=1)
 
     @classmethod
     def decode_blocks(cls, data):
-        hmask, qs, scales = data[:, :32], data[:, 32:96], data[:, 96:108]
+        q = cls._unpack_levels(data) - 4
+        return (cls._scales(data) * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, 256)
+
+    @classmethod
+    def _scales(cls, data):
         d = f16_from(data[:, 108:110])
-        sc = (_unpack_q3_scales(scales) - 32).to(torch.float32)
-        hbit = (hmask.reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(1, 8, 1)) & 1
-        q = _unpack_2bit(qs).to(torch.int32) - 4 * (1 - hbit.reshape(-1, 256).to(torch.int32))
-        dl = (d * sc)[..., None]
-        return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, 256)
+        return (d * (_unpack_q3_scales(data[:, 96:108]) - 32).to(torch.float32))[..., None]
+
+    @classmethod
+    def _unpack_levels(cls, data):
+        """The stored 0..7 levels (value level - 4) [S, 256]."""
+        hbit = (data[:, :32].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(
+            1, 8, 1)) & 1
+        return _unpack_2bit(data[:, 32:96]).to(torch.int32) + 4 * hbit.reshape(-1, 256).to(torch.int32)
+
+    level_values = tuple(range(-4, 4))
+
+    @classmethod
+    def levels(cls, data):
+        dl = _per_element(cls._scales(data))
+        return dl, torch.zeros_like(dl), cls._unpack_levels(data).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((cls._pack_levels(L), data[:, 96:110]), dim=1)
 
 
 class _Q45K(_KQuant):
@@ -291,46 +337,63 @@ class _Q45K(_KQuant):
         sc, m = _unpack_scale_min_k4(data[:, 4:16])
         return (d * sc.to(torch.float32))[..., None], (dmin * m.to(torch.float32))[..., None]
 
-
-class Q4_K(_Q45K, Codec):
-    name, type_id, block_size, block_bytes = "Q4_K", 12, 256, 144
-    nmax, ref_search = 15, (-1.0, 0.1, 20)
-
     @classmethod
     def _encode_superblocks(cls, xs, qw):
         head, q = cls._levels(xs, qw)
-        return torch.cat((head, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)), dim=1)
+        return torch.cat((head, cls._pack_levels(q)), dim=1)
 
     @classmethod
     def decode_blocks(cls, data):
         dl, ml = cls._decode_scales(data)
-        qs = data[:, 16:144].reshape(-1, 4, 1, 32)
-        q = ((qs >> _shifts([0, 4], data.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 8, 32)
-        return (dl * q.to(torch.float32) - ml).reshape(-1, 256)
+        return (dl * cls._unpack_levels(data).to(torch.float32) - ml).reshape(-1, 256)
+
+    @classmethod
+    def levels(cls, data):
+        dl, ml = cls._decode_scales(data)
+        return _per_element(dl), -_per_element(ml), cls._unpack_levels(data).reshape(-1, 256).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :16], cls._pack_levels(L.to(torch.uint8).reshape(-1, 4, 2, 32))), dim=1)
+
+
+def _unpack_nibble_pairs(qs: torch.Tensor) -> torch.Tensor:
+    """[S, 128] bytes -> [S, 8, 32]: byte 32j + l holds elements 64j + l (low nibble) and 64j + 32 + l."""
+    return ((qs.reshape(-1, 4, 1, 32) >> _shifts([0, 4], qs.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 8, 32)
+
+
+class Q4_K(_Q45K, Codec):
+    name, type_id, block_size, block_bytes = "Q4_K", 12, 256, 144
+    nmax, ref_search = 15, (-1.0, 0.1, 20)
+    level_values = tuple(range(16))
+
+    @staticmethod
+    def _pack_levels(q):
+        """[S, 4, 2, 32] levels -> qs[128]."""
+        return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+    @staticmethod
+    def _unpack_levels(data):
+        return _unpack_nibble_pairs(data[:, 16:144])
 
 
 class Q5_K(_Q45K, Codec):
     name, type_id, block_size, block_bytes = "Q5_K", 13, 256, 176
     nmax, ref_search = 31, (-0.5, 0.1, 15)
+    level_values = tuple(range(32))
 
-    @classmethod
-    def _encode_superblocks(cls, xs, qw):
-        head, q = cls._levels(xs, qw)
+    @staticmethod
+    def _pack_levels(q):
+        """[S, 4, 2, 32] levels -> qh[32] (the fifth bits), qs[128] (the low nibbles)."""
         low = q & 0xF
         qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
-        hbits = (q >> 4).reshape(-1, 8, 32)
-        qh = (hbits << torch.arange(8, dtype=torch.uint8, device=xs.device).reshape(1, 8, 1)).sum(
-            1, dtype=torch.uint8)
-        return torch.cat((head, qh, qs), dim=1)
+        return torch.cat((_bit_planes((q >> 4).reshape(-1, 8, 32)), qs), dim=1)
 
-    @classmethod
-    def decode_blocks(cls, data):
-        dl, ml = cls._decode_scales(data)
-        qh, qs = data[:, 16:48], data[:, 48:176].reshape(-1, 4, 1, 32)
-        low = ((qs >> _shifts([0, 4], data.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 8, 32)
-        high = (qh.reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(1, 8, 1)) & 1
-        q = low | (high << 4)
-        return (dl * q.to(torch.float32) - ml).reshape(-1, 256)
+    @staticmethod
+    def _unpack_levels(data):
+        high = (data[:, 16:48].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(
+            1, 8, 1)) & 1
+        return _unpack_nibble_pairs(data[:, 48:176]) | (high << 4)
 
 
 class Q6_K(_KQuant, Codec):
@@ -349,21 +412,43 @@ class Q6_K(_KQuant, Codec):
         d = _f16(iscale.reciprocal())
         sc = wrap_i8(nearest_int(iscale[:, None] * scales).clamp_(max=127))
         levels = _requant_sym(xs.reshape(nsb, 16, 16), _block_major(levels, 16), d, sc, -32, 31)
-        q = levels.reshape(nsb, 2, 4, 32).to(torch.uint8)
+        out = torch.cat((cls._pack_levels(levels), wrap_u8(sc).to(torch.uint8), f16_bytes(d[:, None])), dim=1)
+        return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+    @staticmethod
+    def _pack_levels(levels: torch.Tensor) -> torch.Tensor:
+        """Levels 0..63 (any shape of S x 256) -> ql[128] (low nibbles), qh[64] (high two bits)."""
+        q = levels.reshape(-1, 2, 4, 32).to(torch.uint8)
         low, high = q & 0xF, q >> 4
         ql = torch.cat((low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)), dim=2)
         qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-        out = torch.cat((ql.reshape(nsb, 128), qh.reshape(nsb, 64), wrap_u8(sc).to(torch.uint8),
-                         f16_bytes(d[:, None])), dim=1)
-        return torch.where(zero[:, None], torch.zeros_like(out), out)
+        return torch.cat((ql.reshape(-1, 128), qh.reshape(-1, 64)), dim=1)
+
+    @staticmethod
+    def _unpack_levels(data):
+        ql = data[:, :128].reshape(-1, 2, 1, 64)
+        qh = data[:, 128:192].reshape(-1, 2, 1, 32)
+        low = ((ql >> _shifts([0, 4], data.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 2, 4, 32)
+        high = ((qh >> _shifts([0, 2, 4, 6], data.device).reshape(1, 1, 4, 1)) & 3).reshape(-1, 2, 4, 32)
+        return (low | (high << 4)).reshape(-1, 256)
+
+    @staticmethod
+    def _scales(data):
+        sc = data[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        return (f16_from(data[:, 208:210]) * sc)[..., None]
 
     @classmethod
     def decode_blocks(cls, data):
-        ql = data[:, :128].reshape(-1, 2, 1, 64)
-        qh = data[:, 128:192].reshape(-1, 2, 1, 32)
-        sc = data[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-        d = f16_from(data[:, 208:210])
-        low = ((ql >> _shifts([0, 4], data.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 2, 4, 32)
-        high = ((qh >> _shifts([0, 2, 4, 6], data.device).reshape(1, 1, 4, 1)) & 3).reshape(-1, 2, 4, 32)
-        q = (low | (high << 4)).to(torch.float32) - 32
-        return ((d * sc)[..., None] * q.reshape(-1, 16, 16)).reshape(-1, 256)
+        q = cls._unpack_levels(data).to(torch.float32) - 32
+        return (cls._scales(data) * q.reshape(-1, 16, 16)).reshape(-1, 256)
+
+    level_values = tuple(range(-32, 32))
+
+    @classmethod
+    def levels(cls, data):
+        dl = _per_element(cls._scales(data))
+        return dl, torch.zeros_like(dl), cls._unpack_levels(data).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((cls._pack_levels(L), data[:, 192:210]), dim=1)

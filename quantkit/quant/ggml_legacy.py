@@ -68,6 +68,11 @@ def _unpack5(packed: torch.Tensor) -> torch.Tensor:
     return (unpack_nibbles(packed[:, 4:]) | (unpack_bits_le(packed[:, :4]) << 4)).to(torch.float32)
 
 
+def _per_element(values: torch.Tensor) -> torch.Tensor:
+    """[blocks, 1] block values -> [blocks, 32]."""
+    return values.expand(-1, 32)
+
+
 def _row_sigma2(x: torch.Tensor) -> torch.Tensor:
     """[rows, n] -> [rows]: `sum_x2 += x[j]*x[j]` over the whole row, sigma2 = sum_x2/n_per_row."""
     xt = x.t().contiguous()
@@ -141,6 +146,17 @@ class Q8_0(Codec):
     def decode_blocks(cls, data):
         return f16_from(data[:, :2]) * data[:, 2:].contiguous().view(torch.int8).to(torch.float32)
 
+    level_values = tuple(range(-128, 128))
+
+    @classmethod
+    def levels(cls, data):
+        d = _per_element(f16_from(data[:, :2]))
+        return d, torch.zeros_like(d), data[:, 2:].contiguous().view(torch.int8).long() + 128
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :2], (L - 128).to(torch.int8).view(torch.uint8)), dim=1)
+
 
 class Q4_0(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q4_0", 2, 32, 18
@@ -154,6 +170,17 @@ class Q4_0(_Weighted, Codec):
     @classmethod
     def decode_blocks(cls, data):
         return f16_from(data[:, :2]) * (unpack_nibbles(data[:, 2:]).to(torch.float32) - 8)
+
+    level_values = tuple(range(-8, 8))
+
+    @classmethod
+    def levels(cls, data):
+        d = _per_element(f16_from(data[:, :2]))
+        return d, torch.zeros_like(d), unpack_nibbles(data[:, 2:]).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :2], pack_nibbles(L)), dim=1)
 
 
 class Q4_1(_Weighted, Codec):
@@ -169,6 +196,17 @@ class Q4_1(_Weighted, Codec):
     def decode_blocks(cls, data):
         return f16_from(data[:, :2]) * unpack_nibbles(data[:, 4:]).to(torch.float32) + f16_from(data[:, 2:4])
 
+    level_values = tuple(range(16))
+
+    @classmethod
+    def levels(cls, data):
+        return (_per_element(f16_from(data[:, :2])), _per_element(f16_from(data[:, 2:4])),
+                unpack_nibbles(data[:, 4:]).long())
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :4], pack_nibbles(L)), dim=1)
+
 
 class Q5_0(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q5_0", 6, 32, 22
@@ -183,6 +221,17 @@ class Q5_0(_Weighted, Codec):
     def decode_blocks(cls, data):
         return f16_from(data[:, :2]) * (_unpack5(data[:, 2:]) - 16)
 
+    level_values = tuple(range(-16, 16))
+
+    @classmethod
+    def levels(cls, data):
+        d = _per_element(f16_from(data[:, :2]))
+        return d, torch.zeros_like(d), _unpack5(data[:, 2:]).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :2], _pack5(L.to(torch.uint8))), dim=1)
+
 
 class Q5_1(_Weighted, Codec):
     name, type_id, block_size, block_bytes = "Q5_1", 7, 32, 24
@@ -196,3 +245,14 @@ class Q5_1(_Weighted, Codec):
     @classmethod
     def decode_blocks(cls, data):
         return f16_from(data[:, :2]) * _unpack5(data[:, 4:]) + f16_from(data[:, 2:4])
+
+    level_values = tuple(range(32))
+
+    @classmethod
+    def levels(cls, data):
+        return (_per_element(f16_from(data[:, :2])), _per_element(f16_from(data[:, 2:4])),
+                _unpack5(data[:, 4:]).long())
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((data[:, :4], _pack5(L.to(torch.uint8))), dim=1)

@@ -217,7 +217,7 @@ def rtn_quantize(W: torch.Tensor, config: GPTQConfig) -> GPTQResult:
     return _result(q, scales, zeros, g_idx.to(torch.int32), None, None, 0)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float, int]:
+def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + damp * I)^-1, damp = damp_percent * mean(diag(H)), retrying with more damping
     while either factorisation fails. Returns the factor, the damp_percent used and the number of retries."""
     mean = torch.diagonal(H).mean()
@@ -281,7 +281,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> GPTQR
     if config.desc_act:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp_percent, retries = _inverse_cholesky(H, config.damp_percent)
+    Hinv, damp_percent, retries = inverse_cholesky(H, config.damp_percent)
     del H
 
     # the group (column of scales/zeros) each permuted position uses

@@ -9,6 +9,7 @@ from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.gguf import writer
 from quantkit.formats.gguf.auto import auto_file_type, auto_metadata, plan_auto
+from quantkit.formats.gguf.calibrated import calibrate, wants_gptq
 from quantkit.formats.gguf.file import Value, string, u32
 from quantkit.formats.gguf.mixtures import ModelFacts, file_type, is_ggml_type, plan_types
 from quantkit.formats.gguf.tensors import mapping_for
@@ -58,9 +59,12 @@ class GGUFFormat(OutputFormat):
         self._auto: dict[Plan, dict[str, Value]] = {}  # an automatic plan -> its quantize.auto.* metadata
 
     def parse_spec(self, spec: str) -> Target:
-        if spec.strip().lower() == "auto":  # convert names it after its budget (auto-4.00bpw)
-            return Target(self.name, "auto")
-        return Target(self.name, file_type(spec).name)
+        base, gptq = spec.strip(), ""
+        if base.lower().endswith("-gptq"):  # levels chosen by GPTQ on calibration (quantkit.formats.gguf.calibrated)
+            base, gptq = base[:-len("-gptq")], "-gptq"
+        if base.lower() == "auto":  # convert names it after its budget (auto-4.00bpw)
+            return Target(self.name, "auto" + gptq)
+        return Target(self.name, file_type(base).name + gptq)
 
     def file_name(self, model_name: str, target: Target) -> str:
         return f"{model_name}-{target.spec}.gguf"
@@ -89,7 +93,10 @@ class GGUFFormat(OutputFormat):
         else:
             shapes, facts = {t.name: t.shape for t in mapping_for(source.arch).tensors()}, model_facts(source)
         # options.imatrix, not the loaded file: a recipe's dry run plans variants before their imatrix exists
-        return plan_types(shapes, facts, target.spec, imatrix=options.imatrix is not None,
+        if wants_gptq(target.spec) and not isinstance(source, Model):
+            raise ConfigError(f"gguf:{target.spec} calibrates on the model's forward: give the HF checkpoint, not a "
+                              "GGUF file")
+        return plan_types(shapes, facts, target.spec.removesuffix("-gptq"), imatrix=options.imatrix is not None,
                           tensor_types=[t for t in options.tensor_types if self.reads_scheme(parse_override(t).scheme)],
                           output_tensor_type=options.output_tensor_type,
                           token_embedding_type=options.token_embedding_type, pure=options.pure)
@@ -125,8 +132,20 @@ class GGUFFormat(OutputFormat):
                       progress=options.progress)
         if isinstance(source, GGUFFile):
             return writer.requantize(source, outputs, device=options.device, **common)
+        calibrated_jobs = [i for i, job in enumerate(jobs) if wants_gptq(job.target.spec)]
+        encoded: list = [None] * len(jobs)
+        if calibrated_jobs:
+            writer.check_outputs([outputs[i] for i in calibrated_jobs], options.force)  # before hours of calibration
+            spools = calibrate(source, [(jobs[i].path, jobs[i].plan.schemes) for i in calibrated_jobs],
+                               importance or {}, calib=options.calib, samples=options.calib_samples,
+                               ctx=options.calib_ctx, damp=options.damp, progress=options.progress)
+            for i, spool in zip(calibrated_jobs, spools, strict=True):
+                encoded[i] = spool
         written = writer.convert(source, outputs, name=options.name or source.source.path.name,
-                                 tokenizer_pre=options.tokenizer_pre, **common)
+                                 tokenizer_pre=options.tokenizer_pre, encoded=encoded, **common)
+        for spool in encoded:
+            if spool is not None:
+                spool.remove()
         for job in jobs:
             if job.plan in self._auto:  # the chosen mix, reviewable and reusable beside the file
                 job.plan.save(plan_file(job.path))

@@ -31,19 +31,25 @@ class GGUFTensor:
     `pieces(weights)` yields 2-D float32 pieces [rows, ne0] whose concatenation is the tensor in row-major
     order: the whole tensor for 1-D/2-D ones, one expert or head at a time for 3-D ones, so a stacked
     expert tensor never exists in memory at once and an importance vector applies per piece.
-    `unpack(tensor)` is the inverse: the GGUF tensor (torch order) back to its `sources`, in order."""
+    `unpack(tensor)` is the inverse: the GGUF tensor (torch order) back to its `sources`, in order.
+
+    `per_source`: piece i is source i's rows, reordered by `row_order` (a row permutation that applies to any
+    [rows, ...] tensor, float weights or encoded rows alike; None: as they are). Such a tensor can be quantized
+    from its sources' own calibration (quantkit.formats.gguf.calibrated)."""
 
     name: str
     shape: tuple[int, ...]  # torch order; ggml's ne is the reverse
     pieces: Callable[[Weights], Iterator[torch.Tensor]]
     sources: tuple[str, ...] = ()
     unpack: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+    per_source: bool = False
+    row_order: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def gguf_tensor(name: str, source: str, shape: tuple[int, ...],
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 inverse: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GGUFTensor:
-    """A GGUF tensor that is one checkpoint tensor, optionally transformed (e.g. Llama's q/k row order)."""
+    """A GGUF tensor that is one checkpoint tensor, optionally with its rows reordered (Llama's q/k rope pairs)."""
 
     def pieces(weights: Weights) -> Iterator[torch.Tensor]:
         w = weights(source)
@@ -54,7 +60,7 @@ def gguf_tensor(name: str, source: str, shape: tuple[int, ...],
     def unpack(t: torch.Tensor) -> list[torch.Tensor]:
         return [inverse(t) if inverse is not None else t]
 
-    return GGUFTensor(name, shape, pieces, (source,), unpack)
+    return GGUFTensor(name, shape, pieces, (source,), unpack, per_source=True, row_order=transform)
 
 
 def gguf_stacked(name: str, sources: list[str], shape: tuple[int, ...]) -> GGUFTensor:
@@ -64,7 +70,7 @@ def gguf_stacked(name: str, sources: list[str], shape: tuple[int, ...]) -> GGUFT
         for source in sources:
             yield weights(source)
 
-    return GGUFTensor(name, shape, pieces, tuple(sources), lambda t: list(t.unbind(0)))
+    return GGUFTensor(name, shape, pieces, tuple(sources), lambda t: list(t.unbind(0)), per_source=True)
 
 
 @dataclass(frozen=True)

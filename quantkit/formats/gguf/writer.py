@@ -129,11 +129,12 @@ def importance_rows(importance: torch.Tensor | None, n_pieces: int, width: int, 
 
 def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, torch.Tensor] | None = None,
             name: str | None = None, tokenizer_pre: str | None = None, split_max_bytes: int | None = None,
-            force: bool = False, threads: int | None = None,
-            progress: ProgressCallback | None = None) -> list[list[Path]]:
+            force: bool = False, threads: int | None = None, progress: ProgressCallback | None = None,
+            encoded: list | None = None) -> list[list[Path]]:
     """Write every output from one pass over the checkpoint; returns each output's file paths. `threads`:
     CPU encoding threads (default: torch's thread count). `progress`: stage "quantize", in weights (tensors
-    differ in size by 1000x, so a count of tensors gives no ETA)."""
+    differ in size by 1000x, so a count of tensors gives no ETA). `encoded`: per output, the tensors encoded
+    before (a quantkit.formats.gguf.calibrated.Spool, copied as they are) or None."""
     check_outputs(outputs, force)
     tensors = mapping_for(model.arch).tensors()
     importance = importance or {}
@@ -149,9 +150,10 @@ def convert(model: Model, outputs: list[GGUFOutput], *, importance: dict[str, to
         encoder = ChunkEncoder(threads)
         stack.callback(encoder.close)
         report = _quantize_progress(progress, [t.shape for t in tensors])
+        spools = encoded or [None] * len(outputs)
         for tensor in tensors:
             report(tensor.shape)
-            _write_tensor(tensor, weights, outputs, writers, importance.get(tensor.name), encoder)
+            _write_tensor(tensor, weights, outputs, writers, importance.get(tensor.name), encoder, spools)
         encoder.flush()
         report(None)
         paths = [w.finish() for w in writers]
@@ -295,7 +297,17 @@ def _quantize_progress(progress: ProgressCallback | None, shapes: list[tuple[int
 
 
 def _write_tensor(tensor: GGUFTensor, weights, outputs: list[GGUFOutput], writers: list[GGUFWriter],
-                  importance: torch.Tensor | None, encoder: ChunkEncoder) -> None:
+                  importance: torch.Tensor | None, encoder: ChunkEncoder, spools: list | None = None) -> None:
+    ready = [None if spool is None else spool.pieces(tensor) for spool in spools or [None] * len(outputs)]
+    if any(pieces is not None for pieces in ready):
+        encoder.flush()  # a writer takes its tensors' data in order
+        for pieces, writer in zip(ready, writers, strict=True):
+            for index in range(len(pieces or {})):
+                writer.write(tensor.name, pieces[index])
+        outputs = [out for out, pieces in zip(outputs, ready, strict=True) if pieces is None]
+        writers = [w for w, pieces in zip(writers, ready, strict=True) if pieces is None]
+        if not outputs:
+            return
     width = tensor.shape[-1]
     n_pieces = tensor.shape[0] if len(tensor.shape) == 3 else 1
     vectors = importance_rows(importance, n_pieces, width, tensor.name)
