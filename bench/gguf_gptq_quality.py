@@ -75,7 +75,8 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`", "", __doc__.split("\n\n", 2)[2].rsplit("\n\nResults", 1)[0], ""]
     for name, m in report["models"].items():
         s = m["eval_settings"]
-        lines += [f"## {name} (baseline PPL {m['baseline_ppl']:.3f}; {s['windows']} windows of {s['ctx']} tokens)", "",
+        lines += [f"## {name} (baseline PPL {m['baseline_ppl']:.3f}; {s['windows']} windows of {s['ctx']} tokens; "
+                  f"commit {m['commit']}, {m['date']})", "",
                   "| file | bpw | KLD mean | KLD p99 | top-1 % | PPL |", "|---|---|---|---|---|---|"]
         for key, f in m["files"].items():
             bold = "**" if f["kind"] == "gptq" else ""
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(store.read_text())
     else:
         report = report_head("bench/gguf_gptq_quality.py", argv)
-        report["models"] = {}
+        # models not run this time keep their stored results (each model records its own commit and date)
+        report["models"] = json.loads(store.read_text())["models"] if store.is_file() else {}
         for name in args.models.split(","):
-            m = report["models"][name] = {}
+            m = report["models"][name] = {"commit": report["commit"], "date": report["date"]}
             run(name, args, m)
             m["verdicts"] = verdicts(m["files"], args.bpw)
             store.write_text(json.dumps(report, indent=1))

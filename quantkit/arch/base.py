@@ -164,10 +164,13 @@ class Architecture:
                       positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def final_norm(self, weights: Weights, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output as the head's matmul sees it."""
+        return rms_norm(hidden, weights("model.norm.weight"), self.rms_norm_eps)
+
     def head(self, weights: Weights, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = rms_norm(hidden, weights("model.norm.weight"), self.rms_norm_eps)
         head_name = "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
-        return hidden @ weights(head_name).T
+        return self.final_norm(weights, hidden) @ weights(head_name).T
 
     @torch.no_grad()
     def forward(self, weights: Weights, input_ids: torch.Tensor,

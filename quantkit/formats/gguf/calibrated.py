@@ -4,8 +4,9 @@ blocks (quantkit.quant.ggml_gptq), from a calibration pass run before the writer
 The pass is layerwise (quantkit.calib.layerwise, one decoder layer at a time, several outputs in one pass): every
 linear whose GGUF tensor is made of its rows (GGUFTensor.per_source) is encoded from the Hessian of its inputs at
 the type the output's plan gives it, and the layer's decoded weights give the next layer's inputs (GPTQ's
-sequential mode). The rest is left to the writer's usual encoding: the embeddings and the head (no layer input),
-norms and biases, DeepSeek's k_b/v_b (llama.cpp applies them to other inputs than kv_b's) and float types.
+sequential mode); after the last layer, an untied head (output.weight) from the final norm's outputs. The rest is
+left to the writer's usual encoding: the token embeddings (a lookup, tied heads included), norms and biases,
+DeepSeek's k_b/v_b (llama.cpp applies them to other inputs than kv_b's) and float types.
 
 Encoded rows are kept per layer under <output>.gptq.part/ (one file per layer, written whole, behind a key of
 everything they depend on), and the writer copies them in place of encoding those tensors. A killed run resumes
@@ -26,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantkit.calib import layerwise
 from quantkit.calib.cache import StatisticsCache
 from quantkit.calib.data import calibration_samples
+from quantkit.calib.engine import CalibrationRun
 from quantkit.calib.gptq import HessianLayers
-from quantkit.calib.layerwise import LayerJob, Stream, run_layers
+from quantkit.calib.layerwise import LayerJob, Stream
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.writer import importance_rows
 from quantkit.model import Model
@@ -41,6 +44,7 @@ from quantkit.quant.gptq import HessianAccumulator
 log = logging.getLogger(__name__)
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
+HEAD, HEAD_SOURCE = "output.weight", "lm_head.weight"
 
 
 def wants_gptq(spec: str) -> bool:
@@ -50,10 +54,10 @@ def wants_gptq(spec: str) -> bool:
 
 class Spool:
     """One output's encoded rows, a file per decoder layer: {GGUF tensor name: {piece: uint8 [rows, bytes]}}, rows
-    in the source's order (the writer applies the tensor's row_order)."""
+    in the source's order (the writer applies the tensor's row_order); the head's in the last layer's file."""
 
-    def __init__(self, folder: Path, key: str):
-        self.folder, self.key = folder, key
+    def __init__(self, folder: Path, key: str, n_layers: int):
+        self.folder, self.key, self.n_layers = folder, key, n_layers
         stamp = folder / "key"
         if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != key):
             log.info("%s: from another run (other model, plan or calibration); starting over", folder)
@@ -89,9 +93,12 @@ class Spool:
 
     def pieces(self, tensor: GGUFTensor) -> dict[int, np.ndarray] | None:
         """The tensor's encoded pieces in GGUF row order, or None when the pass left it to the writer."""
-        if not tensor.name.startswith("blk."):
+        if tensor.name.startswith("blk."):
+            layer = int(tensor.name.split(".")[1])
+        elif tensor.name == HEAD:
+            layer = self.n_layers - 1
+        else:
             return None
-        layer = int(tensor.name.split(".")[1])
         if not self.has(layer):
             return None
         pieces = self.load(layer).get(tensor.name)
@@ -119,6 +126,14 @@ class GGMLGPTQ(HessianLayers):
         self.types, self.importance, self.damp = types, importance, damp
         self.by_source = {source: (tensor, piece) for tensor in mapping.tensors() if tensor.per_source
                           for piece, source in enumerate(tensor.sources)}
+
+    def quantize_layer(self, job: LayerJob, run: CalibrationRun | None) -> None:
+        super().quantize_layer(job, run)
+        if job.layer == job.arch.num_layers - 1 and HEAD_SOURCE in self.by_source:
+            acc = HessianAccumulator(job.arch.hidden_size, job.device)
+            for hidden in run.hidden:  # the last layer's quantized outputs, as the head will see them
+                acc.add(job.arch.final_norm(job, hidden.to(job.device)))
+            self.quantize(job, HEAD_SOURCE, job(HEAD_SOURCE), acc)
 
     def quantize(self, job: LayerJob, name: str, w: torch.Tensor, acc: HessianAccumulator | None) -> None:
         found = self.by_source.get(name)
@@ -152,7 +167,7 @@ def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importan
     for path, types in outputs:
         key = cache.key(model, "gguf-gptq", torch.cat(tokens), types=json.dumps(types, sort_keys=True), damp=damp,
                         importance=digest.hexdigest())
-        spool = Spool(spool_folder(path), key)
+        spool = Spool(spool_folder(path), key, model.arch.num_layers)
         start = next((i for i in range(model.arch.num_layers) if not spool.has(i)), model.arch.num_layers)
         collected: dict[int, dict[str, dict[int, np.ndarray]]] = {}
 
@@ -171,7 +186,8 @@ def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importan
         if progress is not None:
             progress(Progress("gptq calibration", done, total, "layers"))
 
-    for layer in run_layers(model, [s for s, _ in streams], tokens, progress=report):
+    # layerwise.run_layers looked up per call: tests interpose on it
+    for layer in layerwise.run_layers(model, [s for s, _ in streams], tokens, progress=report):
         for spool, (stream, collected) in zip(spools, streams, strict=True):
             if layer >= stream.start_layer:
                 spool.save(layer, collected.pop(layer, {}))
@@ -182,6 +198,8 @@ def _restore(mapping, spool: Spool, types: dict[str, str], layer: int, device) -
     """A finished layer's decoded weights, by source name (what the pass had set)."""
     weights = {}
     tensors = {t.name: t for t in mapping.layer_tensors(layer)}
+    if layer == spool.n_layers - 1:
+        tensors.update((t.name, t) for t in mapping.tensors() if t.name == HEAD)
     for name, pieces in spool.load(layer).items():
         codec, tensor = get_codec(types[name]), tensors[name]
         for piece, rows in pieces.items():

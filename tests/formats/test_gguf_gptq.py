@@ -1,0 +1,112 @@
+"""`--to gguf:TYPE-gptq` / `gguf:auto-gptq`: GPTQ-chosen levels in plain llama.cpp types, from a calibration
+pass (quantkit.formats.gguf.calibrated) that spools encoded rows per layer and resumes."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantkit import convert as api
+from quantkit.arch import load_architecture
+from quantkit.bundled import model_path, textsets
+from quantkit.errors import ConfigError
+from quantkit.formats import get_format
+from quantkit.formats.gguf.calibrated import Spool, calibrate, spool_folder
+from quantkit.formats.gguf.tensors import mapping_for
+from quantkit.model import Model
+from quantkit.source.gguf_file import GGUFFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interop"))
+from test_llama_cpp import assert_logits_match_quantkit_forward  # noqa: E402
+
+IMATRIX = Path(__file__).resolve().parents[1] / "data" / "llama_imatrix" / "tiny-llama.imatrix.gguf"
+CALIB = dict(calib_samples=4, calib_ctx=128)  # small: what is tested is the mechanism, not the amount
+
+
+@pytest.fixture(scope="module")
+def llama_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf-gptq")
+    written = api.convert(model_path("tiny-llama"), ["gguf:Q4_K_M", "gguf:Q4_K_M-gptq"], out, imatrix=IMATRIX,
+                          **CALIB)
+    return {plan.target + ("-gptq" if "gptq" in path.name else ""): path for path, plan in written}
+
+
+def test_spec_names_and_file(llama_files):
+    fmt = get_format("gguf")
+    assert fmt.parse_spec("q4_k_m-gptq").spec == "Q4_K_M-gptq"
+    assert fmt.parse_spec("AUTO-gptq").spec == "auto-gptq"
+    path = llama_files["Q4_K_M-gptq"]
+    assert path.name == "tiny-llama-Q4_K_M-gptq.gguf"
+    assert not spool_folder(path).exists()  # removed once the file is complete
+
+
+def test_same_types_other_levels_where_calibrated(llama_files):
+    plain, gptq = GGUFFile(llama_files["Q4_K_M"]), GGUFFile(llama_files["Q4_K_M-gptq"])
+    assert {n: (plain.type_name(n), plain.shape(n)) for n in plain.tensors} == \
+           {n: (gptq.type_name(n), gptq.shape(n)) for n in gptq.tensors}
+    for name in plain.tensors:
+        same = (plain.data(name) == gptq.data(name)).all()
+        calibrated = (name.startswith("blk.") or name == "output.weight") and plain.type_name(name) not in (
+            "F32", "F16", "BF16")
+        assert same != calibrated, name  # token embeddings and norms as llama-quantize; linears and head re-chosen
+
+
+def test_llama_cpp_loads_it_and_agrees(llama_files):
+    assert_logits_match_quantkit_forward(model_path("tiny-llama"), llama_files["Q4_K_M-gptq"], "Q4_K_M")
+
+
+def _kld(model_dir: Path, gguf: Path, windows: torch.Tensor) -> float:
+    arch = load_architecture(json.loads((model_dir / "config.json").read_text()))
+    with Model(model_dir) as model:
+        base = F.log_softmax(arch.forward(model.weights(), windows), -1)
+    quant = F.log_softmax(arch.forward(mapping_for(arch).weights_from_gguf(GGUFFile(gguf).read), windows), -1)
+    return float((base.exp() * (base - quant)).sum(-1).mean())
+
+
+def test_gptq_levels_beat_llama_quantize_s_on_held_out_text(llama_files):
+    with Model(model_path("tiny-llama")) as model:
+        ids = model.tokenizer().encode(textsets.text("heldout")[:40000], add_special_tokens=False).ids
+    windows = torch.tensor(ids[:4 * 128]).reshape(4, 128)
+    plain = _kld(model_path("tiny-llama"), llama_files["Q4_K_M"], windows)
+    gptq = _kld(model_path("tiny-llama"), llama_files["Q4_K_M-gptq"], windows)
+    assert gptq < 0.85 * plain, (gptq, plain)
+
+
+def test_a_killed_pass_resumes_with_identical_bytes(tmp_path, killed_at_layer):
+    with Model(model_path("tiny-llama")) as model:
+        [(path, plan)] = api.convert(model_path("tiny-llama"), ["gguf:Q3_K_M-gptq"], tmp_path, dry_run=True)
+        outputs = [(path, plan.schemes)]
+        with killed_at_layer(1):  # dies as layer 1 is finished, before it is spooled
+            calibrate(model, outputs, {}, calib=None, samples=2, ctx=64, damp=None)
+        folder = spool_folder(path)
+        assert sorted(p.name for p in folder.glob("layer-*.npz")) == ["layer-00000.npz"]
+        calibrate(model, outputs, {}, calib=None, samples=2, ctx=64, damp=None)  # resumes at layer 1
+        resumed = {p.name: p.read_bytes() for p in folder.glob("layer-*.npz")}
+        assert len(resumed) == model.arch.num_layers
+        for p in folder.glob("layer-*.npz"):
+            p.unlink()
+        calibrate(model, outputs, {}, calib=None, samples=2, ctx=64, damp=None)  # from the start
+        assert resumed == {p.name: p.read_bytes() for p in folder.glob("layer-*.npz")}
+
+
+def test_a_spool_of_another_run_is_not_reused(tmp_path):
+    """The key covers the model, the calibration tokens, the plan's types, damping and the imatrix."""
+    folder = tmp_path / "out.gguf.gptq.part"
+    Spool(folder, "one", 2).save(0, {"blk.0.attn_q.weight": {0: np.zeros((2, 144), np.uint8)}})
+    assert Spool(folder, "one", 2).has(0)
+    assert not Spool(folder, "two", 2).has(0)
+
+
+def test_moe_model_experts_and_mla(tmp_path):
+    """tiny-deepseek: routed experts from their routed tokens' Hessians, k_b/v_b left to the writer."""
+    [(path, _)] = api.convert(model_path("tiny-deepseek"), ["gguf:Q4_K_M-gptq"], tmp_path, **CALIB)
+    assert_logits_match_quantkit_forward(model_path("tiny-deepseek"), path, "Q4_K_M")
+
+
+def test_refused_on_a_gguf_source(llama_files, tmp_path):
+    with pytest.raises(ConfigError, match="give the HF checkpoint"):
+        api.convert(llama_files["Q4_K_M"], ["gguf:Q4_K_M-gptq"], tmp_path, dry_run=True)
