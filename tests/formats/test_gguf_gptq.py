@@ -42,6 +42,11 @@ def test_spec_names_and_file(llama_files):
     path = llama_files["Q4_K_M-gptq"]
     assert path.name == "tiny-llama-Q4_K_M-gptq.gguf"
     assert not spool_folder(path).exists()  # removed once the file is complete
+    meta = GGUFFile(path)
+    assert (meta.metadata("quantize.gptq.samples"), meta.metadata("quantize.gptq.ctx")) == (4, 128)
+    assert meta.metadata("quantize.gptq.damp_percent") == pytest.approx(0.01)
+    assert meta.metadata("quantize.imatrix.file")  # the imatrix's provenance as llama-quantize writes it
+    assert GGUFFile(llama_files["Q4_K_M"]).metadata("quantize.gptq.samples") is None
 
 
 def test_same_types_other_levels_where_calibrated(llama_files):

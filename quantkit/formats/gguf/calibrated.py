@@ -29,10 +29,11 @@ import torch
 
 from quantkit.calib import layerwise
 from quantkit.calib.cache import StatisticsCache
-from quantkit.calib.data import calibration_samples
+from quantkit.calib.data import calibration_samples, read_calibration
 from quantkit.calib.engine import CalibrationRun
 from quantkit.calib.gptq import HessianLayers
 from quantkit.calib.layerwise import LayerJob, Stream
+from quantkit.formats.gguf.file import Value, f32, string, u32
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.writer import importance_rows
 from quantkit.model import Model
@@ -110,6 +111,14 @@ class Spool:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def gptq_metadata(calib: Path | None, samples: int, ctx: int, damp: float | None) -> dict[str, Value]:
+    """What a -gptq file's levels were chosen from (llama.cpp ignores keys it does not know, as it does
+    llama-quantize's quantize.imatrix.* provenance)."""
+    return {"quantize.gptq.dataset": string(str(calib) if calib else read_calibration(None)[1]),
+            "quantize.gptq.samples": u32(samples), "quantize.gptq.ctx": u32(ctx),
+            "quantize.gptq.damp_percent": f32(DEFAULT_DAMP_PERCENT if damp is None else damp)}
 
 
 def spool_folder(path: Path) -> Path:

@@ -9,7 +9,7 @@ from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target
 from quantkit.formats.gguf import writer
 from quantkit.formats.gguf.auto import auto_file_type, auto_metadata, plan_auto
-from quantkit.formats.gguf.calibrated import calibrate, wants_gptq
+from quantkit.formats.gguf.calibrated import calibrate, gptq_metadata, wants_gptq
 from quantkit.formats.gguf.file import Value, string, u32
 from quantkit.formats.gguf.mixtures import ModelFacts, file_type, is_ggml_type, plan_types
 from quantkit.formats.gguf.tensors import mapping_for
@@ -125,8 +125,11 @@ class GGUFFormat(OutputFormat):
         if self._imatrix is not None:
             importance = self._imatrix[1].importances()
             extra = imatrix_metadata(*self._imatrix)
+        gptq = gptq_metadata(options.calib, options.calib_samples, options.calib_ctx, options.damp) \
+            if any(wants_gptq(job.target.spec) for job in jobs) else {}
         outputs = [writer.GGUFOutput(job.path, self._file_type(job.plan), job.plan.schemes,
-                                     {**extra, **self._auto.get(job.plan, {})}) for job in jobs]
+                                     {**extra, **self._auto.get(job.plan, {}),
+                                      **(gptq if wants_gptq(job.target.spec) else {})}) for job in jobs]
         split = writer.parse_size(options.split_max_size) if options.split_max_size else None
         common = dict(importance=importance, split_max_bytes=split, force=options.force, threads=options.threads,
                       progress=options.progress)
