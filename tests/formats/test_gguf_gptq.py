@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.bundled import model_path, textsets
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, QuantkitError
 from quantkit.formats import get_format
 from quantkit.formats.gguf.calibrated import Spool, calibrate, spool_folder
 from quantkit.formats.gguf.tensors import mapping_for
@@ -115,3 +115,18 @@ def test_moe_model_experts_and_mla(tmp_path):
 def test_refused_on_a_gguf_source(llama_files, tmp_path):
     with pytest.raises(ConfigError, match="give the HF checkpoint"):
         api.convert(llama_files["Q4_K_M"], ["gguf:Q4_K_M-gptq"], tmp_path, dry_run=True)
+
+
+def test_nan_weight_is_named_and_nothing_is_written(copy_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model("llama")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = load_file(folder / index[name])
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, folder / index[name], metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(QuantkitError, match=r"blk\.1\.ffn_down\.weight has 1 NaN/Inf"):
+        api.convert(folder, ["gguf:Q4_K_M-gptq"], out, **CALIB)
+    assert not list(out.glob("*.gguf"))

@@ -33,6 +33,7 @@ from quantkit.calib.data import calibration_samples, read_calibration
 from quantkit.calib.engine import CalibrationRun
 from quantkit.calib.gptq import HessianLayers
 from quantkit.calib.layerwise import LayerJob, Stream
+from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.file import Value, f32, string, u32
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
 from quantkit.formats.gguf.writer import importance_rows
@@ -149,6 +150,10 @@ class GGMLGPTQ(HessianLayers):
         if found is None or self.types[found[0].name] in _FLOAT_TYPES:
             return
         tensor, piece = found
+        if not torch.isfinite(w).all():
+            raise QuantkitError(f"tensor {tensor.name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s) (from "
+                                f"{name}); the checkpoint is corrupt or was saved from a diverged run; nothing was "
+                                "written")
         codec = get_codec(self.types[tensor.name])
         n_pieces = tensor.shape[0] if len(tensor.shape) == 3 else 1
         vector = importance_rows(self.importance.get(tensor.name), n_pieces, tensor.shape[-1], tensor.name)[piece]
