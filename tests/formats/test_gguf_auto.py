@@ -199,3 +199,6 @@ def test_i_quants_are_candidates_on_moe_models_where_the_imatrix_reaches():
         assert set(CANDIDATES) <= set(experts)
         assert Candidates(moe, covered).group("blk.2.ffn_down_exps.weight").schemes == CANDIDATES  # not covered
         assert not {"IQ1_S", "IQ2_XXS"} & set(Candidates(dense, covered).group("blk.0.attn_q.weight").schemes)
+        # gguf:auto-gptq: GPTQ cannot choose the grid i-quants' levels, so they are no candidates there
+        gptq = Candidates(moe, covered, grid_iquants=False)
+        assert gptq.group("blk.2.ffn_up_exps.weight").schemes == CANDIDATES

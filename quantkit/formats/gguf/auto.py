@@ -63,12 +63,12 @@ class Candidates:
     """The measurement's view of a model in llama.cpp's layout: one group per GGUF tensor, and each candidate's
     decoded weights mapped back to the checkpoint tensors the forward reads."""
 
-    def __init__(self, model: Model, importance: dict[str, torch.Tensor] | None):
+    def __init__(self, model: Model, importance: dict[str, torch.Tensor] | None, grid_iquants: bool = True):
         self.arch, self.mapping = model.arch, mapping_for(model.arch)
         self.tensors = {t.name: t for t in self.mapping.tensors()}
         self.weights = model.weights()
         self.importance = importance or {}
-        self.moe = any(spec.routed_experts for spec in self.arch.layers())
+        self.moe = grid_iquants and any(spec.routed_experts for spec in self.arch.layers())
 
     def group(self, name: str) -> Group:
         t = self.tensors[name]
@@ -132,13 +132,15 @@ def auto_metadata(budget: Budget, predicted: float, sensitivity_key: str) -> dic
             "quantize.auto.sensitivity_key": string(sensitivity_key)}
 
 
-def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, metadata: dict[str, Value]
-              ) -> tuple[Plan, float, Sensitivity]:
+def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, metadata: dict[str, Value],
+              gptq: bool = False) -> tuple[Plan, float, Sensitivity]:
     """The mix of least predicted KLD within the budget: (plan, predicted KLD, the measurement used).
     `base`: the plan of every tensor as a pure Q8_0 file with the command's overrides (which stay fixed);
-    `metadata`: the file's other metadata (for --target-size)."""
+    `metadata`: the file's other metadata (for --target-size). `gptq`: for a -gptq file, without the grid
+    i-quants, whose levels GPTQ cannot choose (measured on tiny-deepseek: with them auto-gptq gained 13-18% over
+    auto, where uniform -gptq files gain 34%)."""
     metadata = {**metadata, **auto_metadata(budget, 0.0, "0" * 32)}  # the same size as the keys written
-    candidates = Candidates(model, importance)
+    candidates = Candidates(model, importance, grid_iquants=not gptq)
     # every quantizable tensor is measured, overridden or not, so one measurement serves any set of overrides
     groups = [candidates.group(e.name) for e in base.entries if e.quantized and allows_quantization(e.name, e.shape)]
     free = {e.name for e in base.entries if e.quantized and not e.note.startswith("--")} & {g.name for g in groups}

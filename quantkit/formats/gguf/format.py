@@ -116,7 +116,8 @@ class GGUFFormat(OutputFormat):
         metadata = writer.model_metadata(source, 0, options.name or source.source.path.name, options.tokenizer_pre)
         if self._imatrix is not None:
             metadata.update(imatrix_metadata(*self._imatrix))
-        plan, predicted, sensitivity = plan_auto(source, base, options.budget, options, importance, metadata)
+        plan, predicted, sensitivity = plan_auto(source, base, options.budget, options, importance, metadata,
+                                                 gptq=wants_gptq(target.spec))
         self._auto[plan] = auto_metadata(options.budget, predicted, sensitivity.key)
         return plan
 
