@@ -106,6 +106,27 @@ def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
     return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device).reshape(1, 8, 1)).sum(1, dtype=torch.uint8)
 
 
+def _from_bit_planes(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of _bit_planes: [S, 32] bytes -> [S, 8, 32] bits."""
+    return (planes.reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=planes.device).reshape(1, 8, 1)) & 1
+
+
+class _SymmetricLevels:
+    """levels()/with_levels() of Q3_K and Q6_K: element = d * sc * level (no offset); the levels fill the block up to
+    `scales_at`, the scales and d follow."""
+
+    scales_at: int
+
+    @classmethod
+    def levels(cls, data):
+        dl = _per_element(cls._scales(data))
+        return dl, torch.zeros_like(dl), cls._unpack_levels(data).long()
+
+    @classmethod
+    def with_levels(cls, data, L):
+        return torch.cat((cls._pack_levels(L), data[:, cls.scales_at:]), dim=1)
+
+
 def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K scales[12] from 8 scales and 8 mins (int tensors [S, 8]), with the same uint8 truncation as
     the C packing loop (values above 63 spill exactly as they do there)."""
@@ -227,7 +248,7 @@ class Q2_K(_KQuant, Codec):
         return torch.cat((data[:, :16], _pack_2bit(L), data[:, 80:84]), dim=1)
 
 
-class Q3_K(_KQuant, Codec):
+class Q3_K(_SymmetricLevels, _KQuant, Codec):
     name, type_id, block_size, block_bytes = "Q3_K", 11, 256, 110
     chunk_cpu = 2048  # mostly the element-by-element descent on [blocks] rows: larger rows amortise better
 
@@ -275,20 +296,10 @@ class Q3_K(_KQuant, Codec):
     @classmethod
     def _unpack_levels(cls, data):
         """The stored 0..7 levels (value level - 4) [S, 256]."""
-        hbit = (data[:, :32].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(
-            1, 8, 1)) & 1
-        return _unpack_2bit(data[:, 32:96]).to(torch.int32) + 4 * hbit.reshape(-1, 256).to(torch.int32)
+        hbit = _from_bit_planes(data[:, :32]).reshape(-1, 256).to(torch.int32)
+        return _unpack_2bit(data[:, 32:96]).to(torch.int32) + 4 * hbit
 
-    level_values = tuple(range(-4, 4))
-
-    @classmethod
-    def levels(cls, data):
-        dl = _per_element(cls._scales(data))
-        return dl, torch.zeros_like(dl), cls._unpack_levels(data).long()
-
-    @classmethod
-    def with_levels(cls, data, L):
-        return torch.cat((cls._pack_levels(L), data[:, 96:110]), dim=1)
+    level_values, scales_at = tuple(range(-4, 4)), 96
 
 
 class _Q45K(_KQuant):
@@ -391,12 +402,10 @@ class Q5_K(_Q45K, Codec):
 
     @staticmethod
     def _unpack_levels(data):
-        high = (data[:, 16:48].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=data.device).reshape(
-            1, 8, 1)) & 1
-        return _unpack_nibble_pairs(data[:, 48:176]) | (high << 4)
+        return _unpack_nibble_pairs(data[:, 48:176]) | (_from_bit_planes(data[:, 16:48]) << 4)
 
 
-class Q6_K(_KQuant, Codec):
+class Q6_K(_SymmetricLevels, _KQuant, Codec):
     name, type_id, block_size, block_bytes = "Q6_K", 14, 256, 210
 
     @classmethod
@@ -442,13 +451,4 @@ class Q6_K(_KQuant, Codec):
         q = cls._unpack_levels(data).to(torch.float32) - 32
         return (cls._scales(data) * q.reshape(-1, 16, 16)).reshape(-1, 256)
 
-    level_values = tuple(range(-32, 32))
-
-    @classmethod
-    def levels(cls, data):
-        dl = _per_element(cls._scales(data))
-        return dl, torch.zeros_like(dl), cls._unpack_levels(data).long()
-
-    @classmethod
-    def with_levels(cls, data, L):
-        return torch.cat((cls._pack_levels(L), data[:, 192:210]), dim=1)
+    level_values, scales_at = tuple(range(-32, 32)), 192
