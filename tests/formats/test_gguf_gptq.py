@@ -64,6 +64,13 @@ def test_llama_cpp_loads_it_and_agrees(llama_files):
     assert_logits_match_quantkit_forward(model_path("tiny-llama"), llama_files["Q4_K_M-gptq"], "Q4_K_M")
 
 
+def test_eval_names_the_encoding(llama_files):
+    from quantkit.evaluation.variants import _file_type_name
+
+    assert _file_type_name(GGUFFile(llama_files["Q4_K_M-gptq"])) == "Q4_K_M-gptq"
+    assert _file_type_name(GGUFFile(llama_files["Q4_K_M"])) == "Q4_K_M"
+
+
 def _kld(model_dir: Path, gguf: Path, windows: torch.Tensor) -> float:
     arch = load_architecture(json.loads((model_dir / "config.json").read_text()))
     with Model(model_dir) as model:
