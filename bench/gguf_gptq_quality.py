@@ -83,6 +83,7 @@ def markdown(report: dict) -> str:
             bold = "**" if f["kind"] == "gptq" else ""
             lines.append(f"| {bold}{key}{bold} | {f['bpw']:.3f} | {f['kld_mean']:.5f} | {f['kld_p99']:.4f} | "
                          f"{f['top1_pct']:.2f} | {f['ppl']:.3f} |")
+        lines.append("")
         for t in UNIFORM:
             plain, gptq = m["files"][t], m["files"][f"{t}-gptq"]
             lines.append(f"- {t}: -gptq's mean KLD x{gptq['kld_mean'] / plain['kld_mean']:.2f}, p99 "
