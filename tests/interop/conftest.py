@@ -1,8 +1,10 @@
 """Consumer environments for the interop tests: cached venvs outside the repo, built by envs/build_env.sh
 from pinned requirements (torch==2.13.0 CPU in each), so the first run pays for the install and later ones
-start at once. Drivers under drivers/ run inside them as subprocesses."""
+start at once. Drivers under drivers/ run inside them, in one long-lived interpreter per venv (drivers/host.py)."""
 
+import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +26,58 @@ def build_env(name: str, cached_only: bool = False) -> Path | None:
     return Path(done.stdout.strip().splitlines()[-1]) / "bin" / "python"
 
 
-def _runner(python: Path, env: dict):
-    """run(driver, *args): a driver under drivers/ in that venv; a non-zero exit fails the test."""
+class _Host:
+    """run(driver, *args): a driver under drivers/ run in the venv by its host process (drivers/host.py), started on
+    first use and kept for the session, so the consumer's imports (about 10 s) are paid once per venv, not once per
+    run (the GPTQ and AWQ modules share the GPTQModel venv; the compressed-tensors tests make two runs). A non-zero
+    exit fails the test; a host that died or timed out is replaced at the next run."""
 
-    def run(driver: str, *args) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(python), str(HERE / "drivers" / driver), *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=1800)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            pytest.fail(f"{driver} failed in the consumer env (rc {done.returncode}):\n{done.stderr[-4000:]}",
-                        pytrace=False)
-        return done
+    TIMEOUT = 1800
 
-    return run
+    def __init__(self, python: Path, env: dict, logs: Path):
+        self.python, self.env, self.logs = python, env, logs
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    def __call__(self, driver: str, *args) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([str(self.python), str(HERE / "drivers" / "host.py")], env=self.env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.runs += 1
+        log = self.logs / f"{self.runs}-{driver}.log"
+        request = [os.getcwd(), str(log), str(HERE / "drivers" / driver), *map(str, args)]
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the host died starting up: no answer below, and its log says why if it got that far
+        if not select.select([self.process.stdout], [], [], self.TIMEOUT)[0]:
+            self.process.kill()
+            reason = f"no answer in {self.TIMEOUT} s"
+        else:
+            status = self.process.stdout.readline().strip()
+            if status == "0":
+                return
+            reason = f"rc {status}" if status else f"its host died, rc {self.process.wait()}"
+        output = log.read_text() if log.exists() else ""
+        sys.stderr.write(output)
+        pytest.fail(f"{driver} failed in the consumer env ({reason}):\n{output[-4000:]}", pytrace=False)
+
+    def close(self) -> None:
+        """Every run is answered, its files written: the host is killed, not asked to exit (an interpreter holding
+        torch and transformers took 3-5 s to shut down)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _hosted(python: Path, env: dict, scratch: Path):
+    """The fixtures' body: a _Host of that venv for the session, closed at its end."""
+    logs = scratch / "logs"
+    logs.mkdir()
+    host = _Host(python, env, logs)
+    yield host
+    host.close()
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +90,7 @@ def gptqmodel_env(tmp_path_factory):
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "GPTQMODEL_CPU_WORKERS": "2",
            "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(python.parent.parent / "torch_extensions"),
            "OMP_NUM_THREADS": "2", "PYTHONPATH": ""}
-    return _runner(python, env)
+    yield from _hosted(python, env, scratch)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +106,7 @@ def autogptq_env(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
            "PYTHONPATH": ""}
-    return _runner(python, env)
+    yield from _hosted(python, env, scratch)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +121,7 @@ def autoawq_env(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
            "PYTHONPATH": ""}
-    return _runner(python, env)
+    yield from _hosted(python, env, scratch)
 
 
 @pytest.fixture(scope="session")
@@ -92,4 +133,4 @@ def ct_env(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
            "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
            "PYTHONPATH": ""}
-    return _runner(python, env)
+    yield from _hosted(python, env, scratch)
