@@ -2,6 +2,7 @@
 from pinned requirements (torch==2.13.0 CPU in each), so the first run pays for the install and later ones
 start at once. Drivers under drivers/ run inside them, in one long-lived interpreter per venv (drivers/host.py)."""
 
+import fcntl
 import json
 import os
 import select
@@ -16,9 +17,18 @@ HERE = Path(__file__).parent
 
 def build_env(name: str, cached_only: bool = False) -> Path | None:
     """The venv's python, built or reused (stamp = requirements + build script + Python version); with
-    cached_only, None unless it is already built and current."""
-    done = subprocess.run(["bash", str(HERE / "envs" / "build_env.sh"), name, *(["--cached"] if cached_only else [])],
-                          capture_output=True, text=True)
+    cached_only, None unless it is already built and current. A build holds a lock in the cache folder: under
+    pytest -n 2 both workers may ask for the same venv, and the second must wait for the first build, not swap in
+    its own beside it (the lock is here, not in build_env.sh, whose every byte is in the venvs' stamps)."""
+    command = ["bash", str(HERE / "envs" / "build_env.sh"), name]
+    if cached_only:
+        done = subprocess.run([*command, "--cached"], capture_output=True, text=True)
+    else:
+        root = Path(os.environ.get("QUANTKIT_ENV_CACHE") or Path.home() / ".cache" / "quantkit" / "envs")
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = subprocess.run(command, capture_output=True, text=True)
     if cached_only and done.returncode == 3:
         return None
     if done.returncode:
