@@ -45,8 +45,9 @@ setup(
     # (about 40 s to install).
     extras_require={
         # sentencepiece trains and checks the SentencePiece test tokenizers; quantkit reads tokenizer.model itself
-        "test": ["pytest>=7", "psutil>=5", "transformers>=4.57", "sentencepiece>=0.2", "llama-cpp-python==0.3.36",
-                 "lm-eval==0.4.13", "huggingface_hub>=0.24"],
+        # pytest-xdist: the README's test command runs two test files at a time (-n 2 --dist loadfile)
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "psutil>=5", "transformers>=4.57", "sentencepiece>=0.2",
+                 "llama-cpp-python==0.3.36", "lm-eval==0.4.13", "huggingface_hub>=0.24"],
         "interop": ["transformers>=4.57", "llama-cpp-python==0.3.36"],
         "lm-eval": ["lm-eval==0.4.13"],
         "publish": ["huggingface_hub>=0.24", "pyyaml>=6"],  # quantkit publish (the upload; staging needs neither)

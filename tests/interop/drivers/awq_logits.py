@@ -6,9 +6,9 @@ logits on given token windows.
 LOADER: "transformers" (GPTQModel env: AutoModelForCausalLM.from_pretrained, which hands AWQ to gptqmodel's
 kernels; they take bfloat16 or float16 only, and on CPU bfloat16, PEERS.md §6) or "autoawq" (AutoAWQ env:
 AutoAWQForCausalLM.from_quantized with PEERS.md §6's CPU workaround; it computes in float16). WINDOWS.json: a
-list of token-id lists. Each OUT.pt: {"logits": [float32 [T, vocab]], "kernels": sorted names of the quantized
-linear classes the consumer chose, "versions": {...}}, or {"error": the loader's exception}. All folders share
-one interpreter start (30-70 s of imports on a busy 2-core machine).
+list of token-id lists of one length. Each OUT.pt: {"logits": [float32 [T, vocab]], "kernels": sorted names of
+the quantized linear classes the consumer chose, "versions": {...}}, or {"error": the loader's exception}. All
+folders share one interpreter start (30-70 s of imports on a busy 2-core machine).
 """
 
 import json
@@ -40,10 +40,9 @@ def run(loader: str, folder: str, windows: list[list[int]]) -> dict:
     except Exception as exc:  # reported to the test, which decides what is expected to load
         return {"error": f"{type(exc).__name__}: {exc}"}
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-    logits = []
+    # All windows (equal lengths) as one batch: both loaders' CPU kernels dequantize every linear on each call.
     with torch.inference_mode():
-        for ids in windows:
-            logits.append(model(input_ids=torch.tensor([ids])).logits[0].float())
+        logits = list(model(input_ids=torch.tensor(windows)).logits.float())
     return {"logits": logits, "kernels": kernels}
 
 
