@@ -33,10 +33,9 @@ from quantkit.calib.data import calibration_samples, read_calibration
 from quantkit.calib.engine import CalibrationRun
 from quantkit.calib.gptq import HessianLayers
 from quantkit.calib.layerwise import LayerJob, Stream
-from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.file import Value, f32, string, u32
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
-from quantkit.formats.gguf.writer import importance_rows
+from quantkit.formats.gguf.writer import checked_float32, importance_rows
 from quantkit.model import Model
 from quantkit.progress import Progress
 from quantkit.quant import get_codec
@@ -150,16 +149,13 @@ class GGMLGPTQ(HessianLayers):
         if found is None or self.types[found[0].name] in _FLOAT_TYPES:
             return
         tensor, piece = found
-        if not torch.isfinite(w).all():
-            raise QuantkitError(f"tensor {tensor.name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s) (from "
-                                f"{name}); the checkpoint is corrupt or was saved from a diverged run; nothing was "
-                                "written")
+        w = checked_float32(w, tensor.name, piece)  # read here before the writer reads it
         codec = get_codec(self.types[tensor.name])
         n_pieces = tensor.shape[0] if len(tensor.shape) == 3 else 1
         vector = importance_rows(self.importance.get(tensor.name), n_pieces, tensor.shape[-1], tensor.name)[piece]
         if acc is None or acc.n == 0:
             job.stream.stats.note(job.layer, "round_to_nearest", name, "no calibration input")
-            data = codec.encode(w.float(), vector)
+            data = codec.encode(w, vector)
         else:
             data = gptq_encode(codec, w, acc.H, vector, self.damp)
         job.set(name, codec.decode(data, w.shape[1]))
@@ -194,9 +190,7 @@ def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importan
                                restore=lambda layer, spool=spool, types=types: _restore(mapping, spool, types, layer,
                                                                                  model.device)),
                         collected))
-    total = model.arch.num_layers
-
-    def report(done: int, _total: int) -> None:
+    def report(done: int, total: int) -> None:
         if progress is not None:
             progress(Progress("gptq calibration", done, total, "layers"))
 

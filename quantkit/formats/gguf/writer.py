@@ -186,11 +186,11 @@ class ChunkEncoder:
         may be in any float dtype (a GGUF's stored F16): it becomes float32, checked for NaN/Inf, on the worker."""
         if self.threads == 1 or chunk.device.type != "cpu":
             self.flush()
-            writer.write(name, codec.encode(_checked(chunk, name, piece), vector).cpu().numpy())
+            writer.write(name, codec.encode(checked_float32(chunk, name, piece), vector).cpu().numpy())
             return
         if not single and codec.searches(vector) and _CAN_FORK:
             # by value through the pipe: torch's shared-memory tensors outlived their use and piled up
-            chunk = _checked(chunk, name, piece)
+            chunk = checked_float32(chunk, name, piece)
             with _stop_signals_deferred():  # the first submit forks the workers
                 future = self._processes().submit(_encode_in_process, codec, chunk.numpy(),
                                                   None if vector is None else vector.numpy())
@@ -268,10 +268,10 @@ def _encode_in_process(codec, chunk: np.ndarray, vector: np.ndarray | None) -> n
 def _encode_single_threaded(codec, chunk: torch.Tensor, vector: torch.Tensor | None, name: str,
                             piece: int) -> torch.Tensor:
     torch.set_num_threads(1)  # per worker thread: the calling thread keeps its setting
-    return codec.encode(_checked(chunk, name, piece), vector)
+    return codec.encode(checked_float32(chunk, name, piece), vector)
 
 
-def _checked(chunk: torch.Tensor, name: str, piece: int) -> torch.Tensor:
+def checked_float32(chunk: torch.Tensor, name: str, piece: int) -> torch.Tensor:
     """The chunk in float32, refused if it holds NaN/Inf."""
     x = chunk.to(torch.float32)
     if not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN propagates; 30x isfinite's speed
