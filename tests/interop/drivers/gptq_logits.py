@@ -4,7 +4,7 @@ load a GPTQ folder with a real consumer and write its logits on given token wind
     python gptq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [LOADER WINDOWS.json MODEL_DIR OUT.pt ...]
 
 LOADER: "transformers" (AutoModelForCausalLM.from_pretrained; optimum + gptqmodel's CPU kernels) or "gptqmodel"
-(GPTQModel.load(device="cpu")). WINDOWS.json: a list of token-id lists of one length. Each OUT.pt: {"logits":
+(GPTQModel.load(device="cpu") with its plain torch kernel, run in float32). WINDOWS.json: a list of token-id lists of one length. Each OUT.pt: {"logits":
 [float32 [T, vocab]], "kernels": sorted names of the quantized linear classes the consumer chose, "versions":
 {...}}, or {"error": the loader's exception} when that folder does not load. Several folders (and loaders) share
 one interpreter start.
@@ -22,9 +22,13 @@ def load(loader: str, folder: str):
 
         return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32)
     if loader == "gptqmodel":
-        from gptqmodel import GPTQModel
+        from gptqmodel import BACKEND, GPTQModel
 
-        return GPTQModel.load(folder, device="cpu", dtype=torch.float32)
+        # GPTQModel's plain torch kernel (dequantize, then matmul in the input's dtype). Its load accepts only 16-bit
+        # dtypes for it: float16 keeps the folder's fp16 scales exact, then the model runs in float32. Auto picks
+        # TorchFusedLinear, which computes in bfloat16 through the CPU's own int4pack path: its logits moved with
+        # the machine (6e-3 of max |logit| on AMD, 0.13 on a CI host where bfloat16 flipped an MoE routing choice).
+        return GPTQModel.load(folder, device="cpu", dtype=torch.float16, backend=BACKEND.GPTQ_TORCH).float()
     raise SystemExit(f"unknown loader {loader!r}")
 
 
