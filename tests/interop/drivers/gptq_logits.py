@@ -4,10 +4,10 @@ load a GPTQ folder with a real consumer and write its logits on given token wind
     python gptq_logits.py LOADER WINDOWS.json MODEL_DIR OUT.pt [LOADER WINDOWS.json MODEL_DIR OUT.pt ...]
 
 LOADER: "transformers" (AutoModelForCausalLM.from_pretrained; optimum + gptqmodel's CPU kernels) or "gptqmodel"
-(GPTQModel.load(device="cpu") with its plain torch kernel, run in float32). WINDOWS.json: a list of token-id lists of one length. Each OUT.pt: {"logits":
-[float32 [T, vocab]], "kernels": sorted names of the quantized linear classes the consumer chose, "versions":
-{...}}, or {"error": the loader's exception} when that folder does not load. Several folders (and loaders) share
-one interpreter start.
+(GPTQModel.load(device="cpu") with its plain torch kernel, run in float32). WINDOWS.json: a list of token-id lists
+of one length. Each OUT.pt: {"logits": [float32 [T, vocab]], "kernels": sorted names of the quantized linear
+classes the consumer chose, "versions": {...}}, or {"error": the loader's exception} when that folder does not
+load. Several folders (and loaders) share one interpreter start.
 """
 
 import json
