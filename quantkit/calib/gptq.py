@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from quantkit.arch.base import InputGroup
+from quantkit.arch.base import InputGroup, Weights
 from quantkit.calib.engine import CalibrationRun, Observer, Routing
 from quantkit.calib.layerwise import LayerJob
 from quantkit.errors import ConfigError, QuantkitError
@@ -128,34 +128,103 @@ class HessianLayers:
     def _quantize_experts(self, job: LayerJob, groups: list[InputGroup], hessians: _Hessians,
                           routing: Routing) -> None:
         stats = job.stream.stats
-        tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
-        hessians.router_inputs.clear()  # held once, concatenated
-        choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(tokens.device)
-        by_expert = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
-        downs = {g.expert: g for g in groups if g.expert is not None and g.key.endswith("down_proj")}
+        experts = RoutedTokens(groups, hessians, routing)
         counts = []
-        for expert in sorted(by_expert):
-            gate_name, up_name = by_expert[expert].linears
-            (down_name,) = downs[expert].linears
-            mine = (choices == expert).any(-1)
-            counts.append(int(mine.sum()))
-            x = tokens[mine]
-            if len(x) < self.min_expert_tokens:
+        for expert in sorted(experts.gate_up):
+            gate_name, up_name = experts.gate_up[expert]
+            down_name = experts.down[expert]
+            x, routed = experts.inputs(expert, self.min_expert_tokens)
+            counts.append(routed)
+            if x is None:
                 stats.fallbacks.setdefault(job.layer, []).append(gate_name.rsplit(".", 2)[0])
                 if self.fallback == "rtn":
                     for name in (gate_name, up_name, down_name):
                         self.quantize(job, name, job(name), None)
                     continue
-                x = tokens
+                x = experts.tokens
             acc = HessianAccumulator(x.shape[-1], x.device)
             acc.add(x[None])
             gate, up = job(gate_name), job(up_name)  # the float ones, still needed for down's inputs
             self.quantize(job, gate_name, gate, acc)
             self.quantize(job, up_name, up, acc)
-            acc = HessianAccumulator(gate.shape[0], x.device)
-            acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])  # the float MLP's down_proj input
-            self.quantize(job, down_name, job(down_name), acc)
+            self.quantize(job, down_name, job(down_name), down_hessian(x, gate, up))
         stats.expert_tokens[job.layer] = counts
+
+
+class RoutedTokens:
+    """One MoE layer's router inputs and routing decisions, and its experts' linears: what each expert's Hessians
+    are built from, one expert at a time."""
+
+    def __init__(self, groups: list[InputGroup], hessians: _Hessians, routing: Routing):
+        self.tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
+        hessians.router_inputs.clear()  # held once, concatenated
+        self.choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(self.tokens.device)
+        self.gate_up = {g.expert: g.linears for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
+        self.down = {g.expert: g.linears[0] for g in groups if g.expert is not None and g.key.endswith("down_proj")}
+
+    def inputs(self, expert: int, min_tokens: int) -> tuple[torch.Tensor | None, int]:
+        """(the tokens routed to `expert`, or None when fewer than `min_tokens`; how many were routed)."""
+        mine = (self.choices == expert).any(-1)
+        routed = int(mine.sum())
+        return (self.tokens[mine] if routed >= min_tokens else None), routed
+
+
+def down_hessian(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> HessianAccumulator:
+    """The Hessian of an expert's down_proj: its inputs in the float MLP (SwiGLU) on tokens x."""
+    acc = HessianAccumulator(gate.shape[0], x.device)
+    acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])
+    return acc
+
+
+class FloatLayerHessians:
+    """Every linear's Hessian in one decoder layer from given float inputs, as HessianLayers would build it for
+    that linear (routed experts from their routed tokens, with the same fallback): what a measurement of GPTQ-
+    encoded candidates (quantkit.calib.sensitivity's `prepare`) encodes each linear with. Shared input groups are
+    accumulated in one forward; experts' are built when asked, so only one expert's are held at a time."""
+
+    def __init__(self, arch, index: int, layer: Weights, hidden: torch.Tensor, positions: torch.Tensor, *,
+                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, fallback: str = "all"):
+        groups = arch.layer_spec(index).input_groups
+        hessians, routing = _Hessians(groups, hidden.device), Routing()
+        has_router = hasattr(arch, "on_route")
+        arch.observe = lambda key, x, i, count: hessians.observe(index, key, x, i, count)
+        if has_router:
+            arch.on_route = routing
+        try:
+            with torch.no_grad():
+                arch.layer_forward(index, layer, hidden, positions)
+        finally:
+            arch.observe = None
+            if has_router:
+                arch.on_route = None
+        self.layer, self.min_expert_tokens, self.fallback = layer, min_expert_tokens, fallback
+        self.dense = {name: hessians.hessians.get(key) for key, group in hessians.by_key.items()
+                      if key != hessians.router_key for name in group.linears}
+        self.experts = RoutedTokens(groups, hessians, routing) if hessians.router_inputs else None
+
+    def __contains__(self, name: str) -> bool:
+        """Whether HessianLayers quantizes `name` from a Hessian (the router is left as it is)."""
+        return name in self.dense or (self.experts is not None and any(
+            name in (*linears, self.experts.down[e]) for e, linears in self.experts.gate_up.items()))
+
+    def __getitem__(self, name: str) -> HessianAccumulator | None:
+        """The linear's Hessian; None when it gets no calibration (an expert under the threshold with "rtn")."""
+        if name in self.dense:
+            return self.dense[name]
+        experts = self.experts
+        for expert, (gate_name, up_name) in (experts.gate_up.items() if experts is not None else ()):
+            if name in (gate_name, up_name, experts.down[expert]):
+                x, _ = experts.inputs(expert, self.min_expert_tokens)
+                if x is None:
+                    if self.fallback == "rtn":
+                        return None
+                    x = experts.tokens
+                if name == experts.down[expert]:
+                    return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float())
+                acc = HessianAccumulator(x.shape[-1], x.device)
+                acc.add(x[None])
+                return acc
+        raise KeyError(f"{name} is no linear of this layer")
 
 
 class GPTQ(HessianLayers):

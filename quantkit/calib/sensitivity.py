@@ -52,6 +52,10 @@ class Group:
 
 # degrade(group, scheme) -> the checkpoint tensors (float32) the group changes, quantized with `scheme` and decoded
 Degrade = Callable[[Group, str], "dict[str, torch.Tensor]"]
+# prepare(stage, weights, float inputs, positions): called before a decoder layer's or the head's candidates are
+# degraded, with that stage's weights and the float model's hidden states entering it (for the head: the last
+# layer's outputs), for a degrade that depends on them (GPTQ encodes from the Hessian of the float inputs)
+Prepare = Callable[[int, Weights, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -118,7 +122,8 @@ def _overlay(base: Weights, replaced: dict[str, torch.Tensor]) -> Weights:
 def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor], groups: Sequence[Group],
             degrade: Degrade, *, device: torch.device | str = "cpu", batch_bytes: int = 1 << 30,
             progress: ProgressCallback | None = None, done: dict[str, dict[str, float]] | None = None,
-            checkpoint: Callable[[dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
+            checkpoint: Callable[[dict[str, dict[str, float]]], None] | None = None,
+            prepare: Prepare | None = None) -> dict[str, dict[str, float]]:
     """Mean KLD per token of the model with one group at one scheme, for every group and candidate scheme.
     Samples must have one length: they run as one batch (the statistics need no per-sample bit-exactness).
     `done`: costs already measured (a resumed run), not measured again; `checkpoint(costs)` is called with every
@@ -178,8 +183,10 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
             costs[group.name][scheme] = sums[c] / tokens
         step(len(states))
 
-    def batches(stage: int):
+    def batches(stage: int, stage_weights: Weights | None = None, inputs: torch.Tensor | None = None):
         cands = by_stage.get(stage, [])
+        if cands and prepare is not None and stage_weights is not None:
+            prepare(stage, stage_weights, inputs, positions)
         for i in range(0, len(cands), batch):
             yield [(g, s, degrade(g, s)) for g, s in cands[i:i + batch]]
 
@@ -193,13 +200,13 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
     hidden = embedded
     for index in range(n_layers):
         layer = LayerWeights(weights)
-        for chunk in batches(index):
+        for chunk in batches(index, layer, hidden):
             finish([(g, s, r, layer_forward(index, _overlay(layer, r), hidden)) for g, s, r in chunk], index + 1)
         stage_done(index)
         hidden = layer_forward(index, layer, hidden)
         layer.clear()
         step()
-    for chunk in batches(n_layers):
+    for chunk in batches(n_layers, head, final):
         finish([(g, s, r, final) for g, s, r in chunk], n_layers)
     stage_done(n_layers)
     return costs
@@ -207,7 +214,7 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
 
 def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], degrade: Degrade,
                         *, path: Path | None = None, progress: ProgressCallback | None = None,
-                        **settings) -> Sensitivity:
+                        prepare: Prepare | None = None, **settings) -> Sensitivity:
     """The stored measurement at `path` (default: the statistics cache, under a name holding the key) when it was
     made on the same model, samples, groups and settings; otherwise measured now and saved there. While measuring,
     `<path>.part` holds every cost so far: a killed run resumes from it (an unwritable cache only costs reuse)."""
@@ -234,7 +241,7 @@ def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups
 
     started = time.monotonic()
     costs = measure(model.arch, model.weights(), samples, groups, degrade, device=model.device, progress=progress,
-                    done=done, checkpoint=checkpoint)
+                    done=done, checkpoint=checkpoint, prepare=prepare)
     result = Sensitivity(fmt, key, sum(len(s) for s in samples), time.monotonic() - started, list(groups), costs)
     _write_json(path, result.to_json(), cached)
     part.unlink(missing_ok=True)

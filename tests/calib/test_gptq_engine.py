@@ -9,7 +9,8 @@ import torch
 
 from quantkit.bundled import model_path
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import GPTQ, runtime_weight
+from quantkit.calib.engine import LayerWeights
+from quantkit.calib.gptq import GPTQ, FloatLayerHessians, HessianLayers, runtime_weight
 from quantkit.calib.layerwise import LayerStats, Stream, run_layers
 from quantkit.errors import ConfigError
 from quantkit.model import Model
@@ -83,6 +84,47 @@ def test_moe_experts_routed_tokens_and_fallback_for_an_unused_expert(unrouted_ex
         rtn_layers = _run(model, samples, stats=rtn_stats, fallback="rtn")
         down = "model.layers.1.mlp.experts.3.down_proj.weight"
         assert torch.equal(rtn_layers[1][down].q, rtn_quantize(model.source.read(down), CONFIG).q)
+
+
+class _Recording(HessianLayers):
+    """Records the Hessian each linear is quantized from (float propagation: every layer sees float inputs)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(propagate="float", **kwargs)
+        self.hessians = {}
+
+    def quantize(self, job, name, w, acc):
+        self.hessians[name] = None if acc is None else acc.H / acc.H.trace()
+
+
+@pytest.mark.parametrize("fallback", ["all", "rtn"])
+def test_float_layer_hessians_are_those_the_pass_quantizes_with(unrouted_expert_model, fallback):
+    """What the GPTQ-aware sensitivity measurement encodes each linear with (FloatLayerHessians, one batched
+    forward of the layer's float inputs) is what HessianLayers gives it, experts and their fallback included."""
+    with Model(unrouted_expert_model) as model:
+        samples = [torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        recording = _Recording(fallback=fallback)
+        list(run_layers(model, [Stream(recording, lambda *_: None)], samples))
+        arch, weights = model.arch, model.weights()
+        hidden = arch.embed(weights, torch.stack(samples))
+        positions = torch.arange(hidden.shape[1])
+        seen = set()
+        for index in range(arch.num_layers):
+            layer = LayerWeights(weights)
+            hessians = FloatLayerHessians(arch, index, layer, hidden, positions, fallback=fallback)
+            for lin in arch.layer_spec(index).linears:
+                if lin.name not in recording.hessians:
+                    assert lin.name not in hessians, lin.name  # the router: left unquantized by both
+                    continue
+                seen.add(lin.name)
+                expected, acc = recording.hessians[lin.name], hessians[lin.name]
+                if expected is None:
+                    assert acc is None, lin.name
+                else:
+                    torch.testing.assert_close(acc.H / acc.H.trace(), expected, rtol=1e-4, atol=1e-7, msg=lin.name)
+            hidden = arch.layer_forward(index, layer, hidden, positions)
+        assert seen == set(recording.hessians)
+        assert (fallback == "rtn") == (recording.hessians["model.layers.1.mlp.experts.3.down_proj.weight"] is None)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(model_cache):

@@ -137,3 +137,25 @@ def test_nan_weight_is_named_and_nothing_is_written(copy_model, tmp_path):
     with pytest.raises(QuantkitError, match=r"blk\.1\.ffn_down\.weight has 1 NaN/Inf"):
         api.convert(folder, ["gguf:Q4_K_M-gptq"], out, **CALIB)
     assert not list(out.glob("*.gguf"))
+
+
+def test_auto_gptq_measures_candidates_as_the_pass_encodes_them():
+    """gguf:auto-gptq's costs: GPTQ's encoding for the linears and the untied head (cheaper than the writer's
+    round-to-nearest at the same type), the writer's own for the token embeddings (the same cost)."""
+    from quantkit.calib.data import calibration_samples
+    from quantkit.calib.imatrix import Imatrix
+    from quantkit.calib.sensitivity import Group, measure
+    from quantkit.formats.gguf.auto import Candidates, GPTQCandidates
+    from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT
+
+    with Model(model_path("tiny-llama")) as model:
+        importance = Imatrix.load(IMATRIX).importances()
+        samples = calibration_samples(model, None, 2, 128)
+        plain, gptq = Candidates(model, importance), GPTQCandidates(model, importance, DEFAULT_DAMP_PERCENT)
+        names = ["token_embd.weight", "blk.1.ffn_down.weight", "blk.2.attn_q.weight", "output.weight"]
+        groups = [Group(n, plain.group(n).stage, ("Q3_K",), (0,)) for n in names]
+        rtn = measure(model.arch, model.weights(), samples, groups, plain.degrade)
+        calibrated = measure(model.arch, model.weights(), samples, groups, gptq.degrade, prepare=gptq.prepare)
+    assert calibrated["token_embd.weight"] == rtn["token_embd.weight"]
+    for name in names[1:]:
+        assert calibrated[name]["Q3_K"] < 0.9 * rtn[name]["Q3_K"], (name, calibrated[name], rtn[name])

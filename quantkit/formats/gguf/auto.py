@@ -17,8 +17,10 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from quantkit.calib.data import calibration_samples
+from quantkit.calib.gptq import FloatLayerHessians
 from quantkit.calib.sensitivity import EMBEDDING, Group, Sensitivity, measure_sensitivity
 from quantkit.errors import ConfigError
+from quantkit.formats.gguf.calibrated import HEAD_SOURCE
 from quantkit.formats.gguf.file import ALIGNMENT, TensorEntry, Value, f32, header_bytes, string
 from quantkit.formats.gguf.mixtures import FILE_TYPES, allows_quantization, row_fallback, tensor_nbytes
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
@@ -28,6 +30,8 @@ from quantkit.plan import Plan
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
 from quantkit.quant import get_codec
+from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT, gptq_encode
+from quantkit.quant.gptq import HessianAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,43 @@ class Candidates:
         return {name: rebuild(name) for name in self._sources(tensor)}
 
 
+class GPTQCandidates(Candidates):
+    """The candidates as a -gptq file encodes them (quantkit.formats.gguf.calibrated): each linear's tensor with
+    ggml_gptq from the Hessian of its float inputs, the rest (token embeddings, DeepSeek's k_b/v_b, the router) as
+    the writer encodes it. A stage's Hessians are built by `prepare` before its candidates are degraded; the
+    measured costs then reflect that GPTQ shrinks the linears' errors but not the embeddings'. The Hessians come
+    from the float model's activations, where the file's pass feeds each layer its quantized predecessors'
+    outputs: each group is measured alone, everything else float, as for the other candidates."""
+
+    def __init__(self, model: Model, importance: dict[str, torch.Tensor] | None, damp: float):
+        super().__init__(model, importance, grid_iquants=False)
+        self.damp = damp
+        self.stage, self.hessians = None, None
+
+    def prepare(self, stage: int, weights, inputs: torch.Tensor, positions: torch.Tensor) -> None:
+        self.stage = stage
+        if stage < self.arch.num_layers:
+            self.hessians = FloatLayerHessians(self.arch, stage, weights, inputs, positions)
+        else:
+            acc = HessianAccumulator(self.arch.hidden_size, inputs.device)
+            acc.add(self.arch.final_norm(weights, inputs)[None])
+            self.hessians = {HEAD_SOURCE: acc}
+
+    def degrade(self, group: Group, scheme: str) -> dict[str, torch.Tensor]:
+        tensor = self.tensors[group.name]
+        if not (tensor.per_source and group.stage == self.stage and all(s in self.hessians for s in tensor.sources)):
+            return super().degrade(group, scheme)
+        codec, width = get_codec(scheme), tensor.shape[-1]
+        vectors = importance_rows(self.importance.get(tensor.name), len(tensor.sources), width, tensor.name)
+        decoded = {}
+        for source, vector in zip(tensor.sources, vectors, strict=True):
+            w, acc = self.weights(source).float(), self.hessians[source]
+            data = codec.encode(w, vector) if acc is None or acc.n == 0 else gptq_encode(codec, w, acc.H, vector,
+                                                                                           self.damp)
+            decoded[source] = codec.decode(data, width).to(w.device)
+        return decoded
+
+
 def _header_bytes(metadata: dict[str, Value], base: Plan, tensor_order: list[str]) -> int:
     """The file's bytes besides tensor data: header (its size does not depend on the types) and, at most, the
     alignment padding after every tensor."""
@@ -136,11 +177,12 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
               gptq: bool = False) -> tuple[Plan, float, Sensitivity]:
     """The mix of least predicted KLD within the budget: (plan, predicted KLD, the measurement used).
     `base`: the plan of every tensor as a pure Q8_0 file with the command's overrides (which stay fixed);
-    `metadata`: the file's other metadata (for --target-size). `gptq`: for a -gptq file, without the grid
-    i-quants, whose levels GPTQ cannot choose (measured on tiny-deepseek: with them auto-gptq gained 13-18% over
-    auto, where uniform -gptq files gain 34%)."""
+    `metadata`: the file's other metadata (for --target-size). `gptq`: for a -gptq file: the candidates measured as
+    GPTQ encodes them (GPTQCandidates), without the grid i-quants, whose levels GPTQ cannot choose (measured on
+    tiny-deepseek: with them auto-gptq gained 13-18% over auto, where uniform -gptq files gain 34%)."""
     metadata = {**metadata, **auto_metadata(budget, 0.0, "0" * 32)}  # the same size as the keys written
-    candidates = Candidates(model, importance, grid_iquants=not gptq)
+    damp = DEFAULT_DAMP_PERCENT if options.damp is None else options.damp
+    candidates = GPTQCandidates(model, importance, damp) if gptq else Candidates(model, importance)
     # every quantizable tensor is measured, overridden or not, so one measurement serves any set of overrides
     groups = [candidates.group(e.name) for e in base.entries if e.quantized and allows_quantization(e.name, e.shape)]
     free = {e.name for e in base.entries if e.quantized and not e.note.startswith("--")} & {g.name for g in groups}
@@ -154,7 +196,8 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
                                       progress=options.progress, importance=_digest(importance),
-                                      calib=str(options.calib) if options.calib else None)
+                                      calib=str(options.calib) if options.calib else None,
+                                      **({"prepare": candidates.prepare, "gptq_damp": damp} if gptq else {}))
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
     chosen = allocate(options_by_group, limit - fixed)
