@@ -6,9 +6,9 @@ same types (issue 15's bar: automatic GGUF at <= 4.5 bpw beats uniform Q4_K_M wi
 
 Per model, one calibration for everything: the bundled llama-imatrix file as --imatrix of every output, convert's
 default calibration (the bundled calibration split, 128 x 512 tokens) for the GPTQ pass, and one sensitivity
-measurement (convert's defaults) per candidate set: on dense models gguf:auto and gguf:auto-gptq share it, so the
-two files of a budget have the same per-tensor types and differ only in the levels; on MoE models auto-gptq leaves
-out the grid i-quants (GPTQ cannot choose their levels), so its measurement and types are its own. Outputs: Q4_K_M and IQ4_XS with and without -gptq,
+measurement (convert's defaults) per candidate set: gguf:auto's with the writer's encoding (and, on MoE models, the
+grid i-quants), gguf:auto-gptq's with each candidate encoded as the -gptq pass encodes it (GPTQ from the Hessian
+of the layer's float inputs), so the two files of a budget have their own per-tensor types. Outputs: Q4_K_M and IQ4_XS with and without -gptq,
 and gguf:auto / gguf:auto-gptq at each --bpw. All scored by one `quantkit eval` (llama.cpp backend) against the
 bundled source on the bundled held-out text, as bench/auto_quality.py does.
 
