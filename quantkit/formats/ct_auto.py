@@ -3,10 +3,10 @@
 Groups follow the runtimes' rules (quantkit.formats.compressed_tensors.runtime_sets): linears vLLM runs as one
 matmul (q/k/v, gate/up, DeepSeek's q_a/kv_a) and the routed experts of every layer share one scheme; every other
 decoder-layer linear is a group of its own. Candidates: CANDIDATES, symmetric on compressed-tensors' grid, plus bf16
-(kept, cost 0; not for routed experts). Costs are measured (quantkit.calib.sensitivity) with round-to-nearest and
-the BF16 scales the runtime uses; `ct:auto-gptq` then writes the chosen schemes with GPTQ, whose errors are smaller
-than the RTN costs the choice was made on. The result is a plain mix of config groups, as `--tensor-type`
-overrides would write it.
+(kept, cost 0; not for routed experts). Costs are measured (quantkit.calib.sensitivity) with the BF16 scales the
+runtime uses and the method the output is written with: round-to-nearest for `ct:auto`, GPTQ from the Hessian of
+each layer's float inputs for `ct:auto-gptq` (its own measurement: GPTQ shrinks some groups' errors more than
+others'). The result is a plain mix of config groups, as `--tensor-type` overrides would write it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import replace
 import torch
 
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import runtime_weight
+from quantkit.calib.gptq import FloatLayerHessians, runtime_weight
 from quantkit.calib.sensitivity import Group, measure_sensitivity
-from quantkit.errors import ConfigError
+from quantkit.errors import ConfigError, QuantkitError
 from quantkit.formats.layerwise_folder import KEPT, KEPT_DTYPE, quantized_linears
 from quantkit.model import Model
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
-from quantkit.quant.gptq import rtn_quantize
+from quantkit.quant.gptq import gptq_quantize, rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,25 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
     if floor > limit:  # before measuring anything
         raise BudgetError(budget.refusal("ct:auto", "linear", floor, limit, n_elements))
 
+    gptq = base.method == "gptq"
+    hessians: list[FloatLayerHessians] = []  # the stage being measured (gptq only)
+
+    def prepare(stage: int, layer, inputs: torch.Tensor, positions: torch.Tensor) -> None:
+        hessians[:] = [FloatLayerHessians(model.arch, stage, layer, inputs, positions)]
+
     def degrade(group: Group, scheme: str) -> dict[str, torch.Tensor]:
-        config = schemes[scheme].gptq()
-        return {n: runtime_weight(rtn_quantize(weights(n), config), KEPT_DTYPE) for n in free[group.name]}
+        if not gptq:
+            config = schemes[scheme].gptq()
+            return {n: runtime_weight(rtn_quantize(weights(n), config), KEPT_DTYPE) for n in free[group.name]}
+        config = replace(base, bits=schemes[scheme].bits, group_size=schemes[scheme].group_size).gptq()
+        return {n: runtime_weight(_gptq_or_rtn(weights(n), hessians[0][n], config), KEPT_DTYPE)
+                for n in free[group.name]}
 
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     sensitivity = measure_sensitivity(model, "ct", samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
-                                      calib=str(options.calib) if options.calib else None)
+                                      calib=str(options.calib) if options.calib else None,
+                                      **({"prepare": prepare, "method": "gptq", "damp": base.damp} if gptq else {}))
     by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s]) for s, b in zip(g.schemes, g.nbytes, strict=True)]
                 for g in groups}
     for g in groups:
@@ -114,6 +125,17 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
     predicted = sum(o.cost for o in chosen.values())
     log.info("ct:auto %s: predicted KLD %.5f", budget.option, predicted)
     return configs, notes, predicted, sensitivity.key
+
+
+def _gptq_or_rtn(w: torch.Tensor, acc, config):
+    """What the GPTQ write makes of a linear (quantkit.calib.gptq.GPTQ.quantize): round-to-nearest where there is
+    no usable Hessian."""
+    if acc is None or acc.n == 0:
+        return rtn_quantize(w, config)
+    try:
+        return gptq_quantize(w, acc.H, config)
+    except QuantkitError:
+        return rtn_quantize(w, config)
 
 
 def _fits(shape, scheme) -> bool:

@@ -39,13 +39,21 @@ def test_budget_met_with_runtime_sets_kept_whole(tmp_path, name, bpw):
         assert written.forward(__import__("torch").arange(3, 40))[0].isfinite().all()
 
 
-def test_gptq_writes_the_schemes_chosen_on_rtn_costs(tmp_path, sensitivity):
+def test_auto_gptq_chooses_from_gptq_s_own_costs(tmp_path, sensitivity):
+    """ct:auto-gptq measures every candidate as GPTQ writes it (its own measurement, not ct:auto's), so the costs
+    it chooses from are lower than round-to-nearest's at the same scheme."""
     budget = Budget.from_options(target_bpw=9.5)
-    plans = [api.convert(model_path("tiny-llama"), [spec], tmp_path, budget=budget, sensitivity=sensitivity,
-                         dry_run=True, **MEASURE)[0][1] for spec in ("ct:auto", "ct:auto-gptq")]
-    rtn, gptq = ({e.name: e.scheme.removesuffix("-gptq") for e in p.entries} for p in plans)
-    assert rtn == gptq
-    assert any(e.scheme.endswith("-gptq") for e in plans[1].entries)
+    stores = {"ct:auto": sensitivity, "ct:auto-gptq": tmp_path / "gptq.sensitivity.json"}
+    plans = {spec: api.convert(model_path("tiny-llama"), [spec], tmp_path, budget=budget, sensitivity=store,
+                               dry_run=True, **MEASURE)[0][1] for spec, store in stores.items()}
+    assert all(e.scheme.endswith("-gptq") for e in plans["ct:auto-gptq"].entries if e.note == "auto"
+               and e.scheme != "bf16")
+    rtn, gptq = (json.loads(p.read_text()) for p in stores.values())
+    assert rtn["key"] != gptq["key"]
+    costs = [{(g["name"], c["scheme"]): c["kld"] for g in m["groups"] for c in g["candidates"]} for m in (rtn, gptq)]
+    assert costs[0].keys() == costs[1].keys()
+    low_bits = [k for k in costs[0] if k[1].startswith("w4")]
+    assert sum(costs[1][k] for k in low_bits) < 0.8 * sum(costs[0][k] for k in low_bits)
 
 
 def test_impossible_budget_is_refused_before_measuring(tmp_path, monkeypatch):
