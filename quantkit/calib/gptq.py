@@ -142,8 +142,7 @@ class HessianLayers:
                         self.quantize(job, name, job(name), None)
                     continue
                 x = experts.tokens
-            acc = HessianAccumulator(x.shape[-1], x.device)
-            acc.add(x[None])
+            acc = input_hessian(x)
             gate, up = job(gate_name), job(up_name)  # the float ones, still needed for down's inputs
             self.quantize(job, gate_name, gate, acc)
             self.quantize(job, up_name, up, acc)
@@ -161,6 +160,7 @@ class RoutedTokens:
         self.choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(self.tokens.device)
         self.gate_up = {g.expert: g.linears for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
         self.down = {g.expert: g.linears[0] for g in groups if g.expert is not None and g.key.endswith("down_proj")}
+        self.expert_of = {name: e for e, linears in self.gate_up.items() for name in (*linears, self.down[e])}
 
     def inputs(self, expert: int, min_tokens: int) -> tuple[torch.Tensor | None, int]:
         """(the tokens routed to `expert`, or None when fewer than `min_tokens`; how many were routed)."""
@@ -169,11 +169,16 @@ class RoutedTokens:
         return (self.tokens[mine] if routed >= min_tokens else None), routed
 
 
+def input_hessian(x: torch.Tensor) -> HessianAccumulator:
+    """The Hessian of a linear whose inputs are the rows of x [tokens, in], as one batch."""
+    acc = HessianAccumulator(x.shape[-1], x.device)
+    acc.add(x[None])
+    return acc
+
+
 def down_hessian(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> HessianAccumulator:
     """The Hessian of an expert's down_proj: its inputs in the float MLP (SwiGLU) on tokens x."""
-    acc = HessianAccumulator(gate.shape[0], x.device)
-    acc.add((F.silu(x @ gate.T) * (x @ up.T))[None])
-    return acc
+    return input_hessian(F.silu(x @ gate.T) * (x @ up.T))
 
 
 class FloatLayerHessians:
@@ -204,27 +209,36 @@ class FloatLayerHessians:
 
     def __contains__(self, name: str) -> bool:
         """Whether HessianLayers quantizes `name` from a Hessian (the router is left as it is)."""
-        return name in self.dense or (self.experts is not None and any(
-            name in (*linears, self.experts.down[e]) for e, linears in self.experts.gate_up.items()))
+        return name in self.dense or (self.experts is not None and name in self.experts.expert_of)
 
     def __getitem__(self, name: str) -> HessianAccumulator | None:
         """The linear's Hessian; None when it gets no calibration (an expert under the threshold with "rtn")."""
         if name in self.dense:
             return self.dense[name]
+        if name not in self:
+            raise KeyError(f"{name} is no linear of this layer")
         experts = self.experts
-        for expert, (gate_name, up_name) in (experts.gate_up.items() if experts is not None else ()):
-            if name in (gate_name, up_name, experts.down[expert]):
-                x, _ = experts.inputs(expert, self.min_expert_tokens)
-                if x is None:
-                    if self.fallback == "rtn":
-                        return None
-                    x = experts.tokens
-                if name == experts.down[expert]:
-                    return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float())
-                acc = HessianAccumulator(x.shape[-1], x.device)
-                acc.add(x[None])
-                return acc
-        raise KeyError(f"{name} is no linear of this layer")
+        expert = experts.expert_of[name]
+        x, _ = experts.inputs(expert, self.min_expert_tokens)
+        if x is None:
+            if self.fallback == "rtn":
+                return None
+            x = experts.tokens
+        if name == experts.down[expert]:
+            gate_name, up_name = experts.gate_up[expert]
+            return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float())
+        return input_hessian(x)
+
+
+def gptq_or_rtn(w: torch.Tensor, acc: HessianAccumulator | None, config: GPTQConfig) -> tuple[GPTQResult, str | None]:
+    """GPTQ from acc's Hessian, or round-to-nearest where there is no usable one (no calibration input; an
+    all-zero or unusable Hessian): (result, why it was rounded to nearest, or None)."""
+    if acc is None or acc.n == 0:
+        return rtn_quantize(w, config), "no calibration input"
+    try:
+        return gptq_quantize(w, acc.H, config), None
+    except QuantkitError as exc:
+        return rtn_quantize(w, config), str(exc)
 
 
 class GPTQ(HessianLayers):
@@ -249,16 +263,12 @@ class GPTQ(HessianLayers):
             return
         if self.rtn:
             result = rtn_quantize(w, config)
-        elif acc is None or acc.n == 0:
-            stats.note(layer, "round_to_nearest", name, "no calibration input")
-            result = rtn_quantize(w, config)
         else:
-            try:
-                result = gptq_quantize(w, acc.H, config)
-            except QuantkitError as exc:  # an all-zero or unusable Hessian: the weight still gets quantized
-                log.warning("%s: %s; using round-to-nearest", name, exc)
-                stats.note(layer, "round_to_nearest", name, str(exc))
-                result = rtn_quantize(w, config)
+            result, why = gptq_or_rtn(w, acc, config)
+            if why is not None:
+                if acc is not None and acc.n:
+                    log.warning("%s: %s; using round-to-nearest", name, why)
+                stats.note(layer, "round_to_nearest", name, why)
             if result.damp_retries:
                 log.warning("%s: Hessian not positive definite; damping raised to %g", name, result.damp_percent)
                 stats.note(layer, "damping_raised", name, float(result.damp_percent))

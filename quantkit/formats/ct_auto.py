@@ -18,14 +18,14 @@ from dataclasses import replace
 import torch
 
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import FloatLayerHessians, runtime_weight
+from quantkit.calib.gptq import FloatLayerHessians, gptq_or_rtn, runtime_weight
 from quantkit.calib.sensitivity import Group, measure_sensitivity
-from quantkit.errors import ConfigError, QuantkitError
+from quantkit.errors import ConfigError
 from quantkit.formats.layerwise_folder import KEPT, KEPT_DTYPE, quantized_linears
 from quantkit.model import Model
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
-from quantkit.quant.gptq import gptq_quantize, rtn_quantize
+from quantkit.quant.gptq import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
             config = schemes[scheme].gptq()
             return {n: runtime_weight(rtn_quantize(weights(n), config), KEPT_DTYPE) for n in free[group.name]}
         config = replace(base, bits=schemes[scheme].bits, group_size=schemes[scheme].group_size).gptq()
-        return {n: runtime_weight(_gptq_or_rtn(weights(n), hessians[0][n], config), KEPT_DTYPE)
+        return {n: runtime_weight(gptq_or_rtn(weights(n), hessians[0][n], config)[0], KEPT_DTYPE)
                 for n in free[group.name]}
 
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
@@ -125,17 +125,6 @@ def plan_auto_configs(fmt, model: Model, base, budget: Budget, options, configs:
     predicted = sum(o.cost for o in chosen.values())
     log.info("ct:auto %s: predicted KLD %.5f", budget.option, predicted)
     return configs, notes, predicted, sensitivity.key
-
-
-def _gptq_or_rtn(w: torch.Tensor, acc, config):
-    """What the GPTQ write makes of a linear (quantkit.calib.gptq.GPTQ.quantize): round-to-nearest where there is
-    no usable Hessian."""
-    if acc is None or acc.n == 0:
-        return rtn_quantize(w, config)
-    try:
-        return gptq_quantize(w, acc.H, config)
-    except QuantkitError:
-        return rtn_quantize(w, config)
 
 
 def _fits(shape, scheme) -> bool:

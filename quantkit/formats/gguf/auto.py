@@ -17,10 +17,10 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import FloatLayerHessians
+from quantkit.calib.gptq import FloatLayerHessians, input_hessian
 from quantkit.calib.sensitivity import EMBEDDING, Group, Sensitivity, measure_sensitivity
 from quantkit.errors import ConfigError
-from quantkit.formats.gguf.calibrated import HEAD_SOURCE
+from quantkit.formats.gguf.calibrated import HEAD_SOURCE, encode_linear
 from quantkit.formats.gguf.file import ALIGNMENT, TensorEntry, Value, f32, header_bytes, string
 from quantkit.formats.gguf.mixtures import FILE_TYPES, allows_quantization, row_fallback, tensor_nbytes
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
@@ -30,8 +30,7 @@ from quantkit.plan import Plan
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
 from quantkit.quant import get_codec
-from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT, gptq_encode
-from quantkit.quant.gptq import HessianAccumulator
+from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,8 @@ class GPTQCandidates(Candidates):
         if stage < self.arch.num_layers:
             self.hessians = FloatLayerHessians(self.arch, stage, weights, inputs, positions)
         else:
-            acc = HessianAccumulator(self.arch.hidden_size, inputs.device)
-            acc.add(self.arch.final_norm(weights, inputs)[None])
-            self.hessians = {HEAD_SOURCE: acc}
+            normed = self.arch.final_norm(weights, inputs)
+            self.hessians = {HEAD_SOURCE: input_hessian(normed.reshape(-1, normed.shape[-1]))}
 
     def degrade(self, group: Group, scheme: str) -> dict[str, torch.Tensor]:
         tensor = self.tensors[group.name]
@@ -152,9 +150,8 @@ class GPTQCandidates(Candidates):
         vectors = importance_rows(self.importance.get(tensor.name), len(tensor.sources), width, tensor.name)
         decoded = {}
         for source, vector in zip(tensor.sources, vectors, strict=True):
-            w, acc = self.weights(source).float(), self.hessians[source]
-            data = codec.encode(w, vector) if acc is None or acc.n == 0 else gptq_encode(codec, w, acc.H, vector,
-                                                                                           self.damp)
+            w = self.weights(source).float()
+            data = encode_linear(codec, w, self.hessians[source], vector, self.damp)
             decoded[source] = codec.decode(data, width).to(w.device)
         return decoded
 

@@ -155,11 +155,17 @@ class GGMLGPTQ(HessianLayers):
         vector = importance_rows(self.importance.get(tensor.name), n_pieces, tensor.shape[-1], tensor.name)[piece]
         if acc is None or acc.n == 0:
             job.stream.stats.note(job.layer, "round_to_nearest", name, "no calibration input")
-            data = codec.encode(w, vector)
-        else:
-            data = gptq_encode(codec, w, acc.H, vector, self.damp)
+        data = encode_linear(codec, w, acc, vector, self.damp)
         job.set(name, codec.decode(data, w.shape[1]))
         job.emit(tensor.name, (piece, data.cpu().numpy()))
+
+
+def encode_linear(codec, w: torch.Tensor, acc: HessianAccumulator | None, importance: torch.Tensor | None,
+                  damp: float) -> torch.Tensor:
+    """A linear's rows as a -gptq file stores them: ggml_gptq from its Hessian, ggml's own encoding without one."""
+    if acc is None or acc.n == 0:
+        return codec.encode(w, importance)
+    return gptq_encode(codec, w, acc.H, importance, damp)
 
 
 def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importance: dict[str, torch.Tensor],
