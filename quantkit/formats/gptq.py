@@ -38,17 +38,22 @@ def _ones_words(length: int, bits: int, device) -> torch.Tensor:
 
 
 def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """qzeros [G, N*bits/32] from true zero points [N, G], v1: every field minus 1, done per word as GPTQModel's
-    v2 -> v1 conversion does (subtract 0x11111111 for 4-bit, ...). For zeros >= 1 that is exactly "stored = zero - 1"
-    field by field; an asymmetric true zero of 0 borrows from the next field, which GPTQModel's v1 -> v2 word
-    addition undoes exactly, while a field-by-field reader sees a wrong zero (FORMATS.md §5.3: v1 is only safe for
-    sym=True)."""
+    """qzeros [G, N*bits/32] from true zero points [N, G], v1: every field minus 1. For 2/4/8 bits done per word as
+    GPTQModel's v2 -> v1 conversion does (subtract 0x11111111 for 4-bit, ...): for zeros >= 1 that is exactly
+    "stored = zero - 1" field by field; an asymmetric true zero of 0 borrows from the next field, which GPTQModel's
+    v1 -> v2 word addition undoes exactly, while a field-by-field reader sees a wrong zero (FORMATS.md §5.3: v1 is
+    only safe for sym=True). 3-bit fields straddle words, where a word's borrow would be lost: each field is
+    (zero - 1) mod 8, which GPTQModel reads back field by field."""
+    if 32 % bits:
+        return pack(((zeros - 1) & ((1 << bits) - 1)).T, bits, 1)
     words = pack(zeros.T, bits, 1).to(torch.int64)
     return to_int32(words - _ones_words(zeros.shape[0], bits, zeros.device))
 
 
 def unpack_zeros_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """True zero points [N, G] from v1 qzeros [G, N*bits/32] (the inverse of pack_zeros_v1)."""
+    if 32 % bits:
+        return ((unpack(qzeros, bits, 1) + 1) & ((1 << bits) - 1)).T
     n = qzeros.shape[1] * 32 // bits
     return unpack(to_int32(qzeros.to(torch.int64) + _ones_words(n, bits, qzeros.device)), bits, 1).T
 

@@ -61,6 +61,15 @@ def test_pack_round_trip(bits):
     assert torch.equal(fmt.unpack_zeros_v1(qzeros, bits), zeros)
 
 
+def test_three_bit_zeros_are_each_field_minus_one():
+    """v1 qzeros hold zero - 1 in every field (mod 8), also in the fields that straddle two words (output channels
+    10 and 21 of every 32), as AutoGPTQ packs them and GPTQModel reads them back field by field."""
+    zeros = torch.full((64, 2), 4, dtype=torch.int32)  # the symmetric 3-bit zero point
+    zeros[:, 1] = torch.arange(64) % 8
+    stored = fmt.unpack(fmt.pack_zeros_v1(zeros, 3), 3, 1).T
+    assert torch.equal(stored, (zeros - 1) % 8)
+
+
 def test_pack_layout_matches_formats_md():
     # 4-bit: smallest input index in the least significant bits; symmetric v1 zeros are 0x77777777
     codes = torch.arange(8, dtype=torch.int32).reshape(8, 1)

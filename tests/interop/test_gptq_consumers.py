@@ -24,7 +24,7 @@ from quantkit.model import Model
 
 pytestmark = pytest.mark.interop
 
-SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-act-asym", "w8"]  # canonical spellings
+SCHEMES = ["w4g128", "w4g128-act", "w4g64-asym", "w4g64-act-asym", "w8", "w3g128", "w3g64-asym"]  # canonical
 WINDOWS, CONTEXT = 3, 96
 # max |dlogit| / max |logit| over the windows. Both sides decode the same codes, fp16 scales, zeros and g_idx;
 # GPTQModel's CPU kernels (TorchAtenLinear for 4-bit, TorchLinear for 8-bit) compute in their own precision:
