@@ -87,7 +87,8 @@ def convert(model_path: str | Path, targets: list[str], output: Path | None = No
             raise ValueError(f"{len(given)} paths or option sets for {len(parsed)} targets")
     own = [replace(options, **(target_options[i] if target_options else {})) for i in range(len(parsed))]
     if options.budget is not None and not any(t.spec.split("-")[0] == "auto" for t in parsed):
-        raise ConfigError(f"{options.budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto)")
+        raise ConfigError(f"{options.budget.option} applies to automatic mixes only: add --to gguf:auto (or ct:auto, "
+                          "gptq:auto)")
     parsed = name_auto_targets(parsed, [o.budget for o in own])
     if not dry_run:  # before reading anything: an unwritable location is found now, not after the work
         for folder in {p.parent for p in paths} if paths else {output_paths("model", parsed, output)[0].parent}:

@@ -30,7 +30,6 @@ from quantkit.calib.gptq import GPTQ
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
 from quantkit.formats.awq import FORMAT as AWQ_FORMAT
-from quantkit.formats.ct_auto import auto_method, plan_auto_configs
 from quantkit.formats.layerwise_folder import (
     KEPT,
     KEPT_DTYPE,
@@ -38,6 +37,7 @@ from quantkit.formats.layerwise_folder import (
     LayerwiseFolderFormat,
     module_name,
     quantized_linears,
+    runtime_sets,
 )
 from quantkit.formats.packing import pack, unpack
 from quantkit.model import Model
@@ -54,7 +54,6 @@ GRAMMAR = ("w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] with bits 4 or 8, g
 # The compressed-tensors release whose checkpoint layout this follows (llm-compressor 0.14's)
 CT_VERSION = "0.19.0"
 LINEAR_TARGET = "Linear"
-AUTO_SPECS = ("auto", "auto-gptq")
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,12 @@ class Scheme:
                 "group_size": self.group_size if grouped else None, "strategy": "group" if grouped else "channel",
                 "block_structure": None, "dynamic": False, "actorder": self.actorder,
                 "observer": "mse" if self.mse else "minmax", "observer_kwargs": {}}
+
+
+def auto_method(spec: str) -> str:
+    """`auto-4.00bpw` -> rtn, `auto-gptq-4.00bpw` -> gptq."""
+    parts = spec.split("-")
+    return parts[1] if len(parts) > 1 and parts[1] in ("rtn", "gptq") else "rtn"
 
 
 def parse_scheme(spec: str) -> Scheme:
@@ -174,60 +179,39 @@ def packed_bytes(shape: tuple[int, int], scheme: Scheme) -> int:
 
 
 # ---- the format -------------------------------------------------------------------------------------------------
-def _auto_key(target: Target, options: ConvertOptions) -> tuple:
-    """An automatic choice depends on the target (its budget is in the spec) and what is fixed around it."""
-    return target.spec, tuple(options.tensor_types), options.fix_mix
-
-
 class CompressedTensorsFormat(LayerwiseFolderFormat):
     name = "ct"
     label = "CT"
     example = "w4g128"
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
-
-    def __init__(self):
-        self._auto: dict[str, tuple] = {}  # auto target spec -> (configs, notes, auto report)
-
-    def prepare(self, source, options: ConvertOptions) -> None:
-        self._auto = {}  # the format is a module-level object: a choice made for another model must not be reused
+    auto_specs = ("auto", "auto-gptq")
+    # vLLM's WNA16 kernels: 4 or 8 bits
+    AUTO_CANDIDATES = ("w4", "w4g128", "w4g64", "w4g32", "w8")
 
     def parse_spec(self, spec: str) -> Target:
-        if spec.strip().lower() in AUTO_SPECS:  # convert names it after its budget (auto-gptq-4.00bpw)
+        if spec.strip().lower() in self.auto_specs:  # convert names it after its budget (auto-gptq-4.00bpw)
             return Target(self.name, spec.strip().lower())
         return Target(self.name, canonical_spec(parse_scheme(spec)))
 
     def config(self, target: Target, options: ConvertOptions) -> Scheme:
-        if target.spec.startswith("auto"):  # the method and sign of every scheme it picks
+        if self.is_auto(target):  # the method and sign of every scheme it picks
             return Scheme(4, 128, True, auto_method(target.spec), damp=options.damp)
         return replace(parse_scheme(target.spec), damp=options.damp)
 
     def is_rtn(self, target: Target) -> bool:
         return self.config(target, ConvertOptions()).method == "rtn"
 
-    def linear_configs(self, model: Model, target: Target, options: ConvertOptions) -> tuple[Scheme, dict, dict]:
-        config, configs, notes = super().linear_configs(model, target, options)
-        if not target.spec.startswith("auto"):
-            return config, configs, notes
-        if options.budget is None:
-            raise ConfigError("ct:auto needs a budget: --target-bpw 4.0, --target-size 20GB or "
-                              "--fit-vram 24GiB --ctx 32768")
-        choice = _auto_key(target, options)
-        if choice not in self._auto:  # measured and chosen once, for the plan and the write alike
-            configs, notes, predicted, key = plan_auto_configs(self, model, config, options.budget, options,
-                                                               configs, notes)
-            self.check_mix(model, configs, fix=False)
-            self._auto[choice] = (configs, notes, {"budget": options.budget.option,
-                                                   "predicted_kld": predicted, "sensitivity_key": key})
-        configs, notes, _ = self._auto[choice]
-        return config, dict(configs), dict(notes)
+    def gptq_config(self, scheme: Scheme) -> GPTQConfig:
+        return scheme.gptq()
 
-    def report(self, out, options: ConvertOptions) -> dict:
-        report = super().report(out, options)
-        choice = _auto_key(out.job.target, out.job.options or options)
-        if choice in self._auto:
-            report["auto"] = {**self._auto[choice][2],
-                              "schemes": {e.name: e.scheme for e in out.job.plan.entries if e.note == "auto"}}
-        return report
+    def runtime_sets(self, model: Model) -> list[tuple[str, list[str]]]:
+        # transformers (5.17, compressed-tensors 0.20) fuses experts into 3-D parameters and mis-loads experts whose
+        # scheme differs across layers (measured: layer 2's experts at w8 among w4g128 ones gave logits 53% off;
+        # w4g32 ones failed conversion), so one scheme for all of them
+        return runtime_sets(model, experts_per_layer=False)
+
+    def mix_label(self, scheme: Scheme | None) -> str:
+        return KEPT if scheme is None else canonical_spec(replace(scheme, method="rtn", act=False, mse=False))
 
     def method(self, scheme: Scheme, rtn: bool, configs: dict[str, Scheme | None]) -> GPTQ | AWQ:
         if scheme.method == "awq":
@@ -253,26 +237,6 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
 
     def scheme_name(self, scheme: Scheme, target: Target) -> str:
         return canonical_spec(scheme)
-
-    def check_mix(self, model: Model, configs: dict[str, Scheme | None], fix: bool) -> dict[str, str]:
-        notes = {}
-        for rule, names in runtime_sets(model):
-            schemes = {configs[n] for n in names}
-            if len(schemes) == 1:
-                continue
-            if not fix:
-                common = max(schemes, key=lambda c: sum(configs[n] == c for n in names))
-                names = sorted(names, key=lambda n: configs[n] == common)  # the odd ones first
-                listed = ", ".join(f"{n} ({_label(configs[n])})" for n in names[:6])
-                raise ConfigError(f"this mix breaks a runtime rule: {rule}; {listed}"
-                                  f"{f' and {len(names) - 6} more' if len(names) > 6 else ''}. Give them one scheme, "
-                                  "or pass --fix-mix to promote each such set to its most precise scheme")
-            best = max(schemes, key=_precision)
-            for n in names:
-                if configs[n] != best:
-                    notes[n] = f"promoted from {_label(configs[n])}: {rule.split(':')[0]}"
-                    configs[n] = best
-        return notes
 
     def check_model(self, model: Model, scheme: Scheme) -> None:
         if scheme.method == "awq":
@@ -342,38 +306,6 @@ def module_targets(modules: list[str], every: list[str]) -> list[str]:
         else:
             targets += [f"re:^{re.escape(n)}$" for n in sorted(members)]
     return targets
-
-
-def runtime_sets(model: Model) -> list[tuple[str, list[str]]]:
-    """The linears the runtimes run as one: (rule, names) per fused input group, and every routed expert of the
-    model. vLLM's fused MoE needs one scheme per layer; transformers (5.17, compressed-tensors 0.20) fuses experts
-    into 3-D parameters and mis-loads experts whose scheme differs across layers (measured: layer 2's experts at w8
-    among w4g128 ones gave logits 53% off; w4g32 ones failed conversion), so one scheme for all of them."""
-    sets, experts = [], []
-    for spec in model.arch.layers():
-        linears = {lin.name for lin in spec.linears}
-        for group in spec.input_groups:
-            names = [n for n in group.linears if n in linears]
-            if group.expert is None and len(names) > 1:
-                sets.append(("fused linears: vLLM runs linears reading one input (q/k/v as qkv_proj, gate/up as "
-                             "gate_up_proj, DeepSeek's q_a/kv_a as fused_qkv_a_proj) as one matmul with one scheme",
-                             names))
-        experts += [lin.name for lin in spec.linears if lin.expert is not None]
-    if experts:
-        sets.append(("MoE experts: the runtimes' fused MoE runs the routed experts (gate, up and down) with one "
-                     "scheme, in every layer for transformers' fused expert parameters", experts))
-    return sets
-
-
-def _precision(scheme: Scheme | None) -> tuple:
-    if scheme is None:
-        return (1, 0, 0, 0)
-    group = scheme.group_size if scheme.group_size != -1 else 1 << 30
-    return (0, scheme.bits, -group, not scheme.sym)
-
-
-def _label(scheme: Scheme | None) -> str:
-    return KEPT if scheme is None else canonical_spec(replace(scheme, method="rtn", act=False, mse=False))
 
 
 def ignored_linears(model: Model) -> list[str]:

@@ -7,11 +7,19 @@ routers and biases in BF16; `quantkit_report.json` says how it was made and list
 (routed tokens per expert, fallbacks). Quantization itself is the calibration side's (quantkit.calib.gptq, run by
 quantkit.calib.layerwise): this module packs each result as it comes, writes a shard per layer, and reads finished
 layers back for a resumed run. Every gptq target of one command is a stream of one pass over the model.
+
+Mixes (`--tensor-type`, `--to gptq:auto`) keep that layout per linear and say which linears differ from the
+top-level scheme in GPTQModel's `dynamic` (FORMATS.md §5.4): one anchored pattern per set of linears the runtimes
+run as one (it also names vLLM's fused module, qkv_proj, gate_up_proj, a layer's `experts`), `+:` with the
+linear's bits, group_size, sym and desc_act, or `-:` for a linear kept in BF16. GPTQModel and vLLM read it;
+AutoGPTQ and transformers' GPTQ integration (optimum) do not.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -19,7 +27,7 @@ from quantkit import __version__
 from quantkit.calib.gptq import GPTQ
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
-from quantkit.formats.layerwise_folder import LayerwiseFolderFormat
+from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, LayerwiseFolderFormat, module_name, runtime_sets
 from quantkit.formats.packing import pack, to_int32, unpack
 from quantkit.model import Model
 from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequantize
@@ -28,7 +36,7 @@ SPEC_RE = re.compile(r"w(\d+)(?:g(\d+))?((?:-[a-z]+)*)")
 FLAGS = ("act", "asym", "static", "mse", "rtn")  # canonical order
 GRAMMAR = ("w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] with bits 2, 3, 4 or 8 and no g for one group "
            "per output row, e.g. w4g128, w4g128-act, w8, w4g32-asym; -rtn rounds to nearest without calibration "
-           "(not with -act or -static)")
+           "(not with -act or -static); or auto with a budget (--target-bpw, --target-size, --fit-vram)")
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -97,28 +105,117 @@ def _parse(spec: str) -> tuple[int, int, tuple[str, ...]]:
     return int(match.group(1)), group, tuple(f for f in FLAGS if f in flags)
 
 
+def spec_of(config: GPTQConfig) -> str:
+    """A linear's scheme as a spec (the flags a config holds; -rtn is the target's)."""
+    flags = {"act": config.desc_act, "asym": not config.sym, "static": config.static_groups, "mse": config.mse}
+    return (f"w{config.bits}" + (f"g{config.group_size}" if config.group_size != -1 else "")
+            + "".join(f"-{f}" for f in FLAGS if flags.get(f)))
+
+
+# ---- mixes as GPTQModel's `dynamic` -----------------------------------------------------------------------------
+# what vLLM calls the linears it runs as one matmul (the prefix its `dynamic` lookup sees)
+VLLM_FUSED = {("k_proj", "q_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj",
+              ("kv_a_proj_with_mqa", "q_a_proj"): "fused_qkv_a_proj"}
+EXPERT_MODULE = re.compile(r"(.+\.experts)\.\d+\.([^.]+)")
+
+
+def unit_pattern(modules: list[str]) -> str:
+    """An anchored regex matching exactly these modules (one linear, a fused set of one parent, or one layer's
+    routed experts) under GPTQModel's names and vLLM's fused one."""
+    if len(modules) == 1:
+        return f"^{re.escape(modules[0])}$"
+    experts = [EXPERT_MODULE.fullmatch(m) for m in modules]
+    if all(experts) and len({e.group(1) for e in experts}) == 1:
+        leaves = sorted({e.group(2) for e in experts})
+        return rf"^{re.escape(experts[0].group(1))}(?:\.\d+\.(?:{'|'.join(map(re.escape, leaves))}))?$"
+    parents = {m.rsplit(".", 1)[0] for m in modules}
+    if len(parents) != 1:
+        raise ValueError(f"no one pattern for {modules}")
+    leaves = sorted(m.rsplit(".", 1)[1] for m in modules)
+    fused = VLLM_FUSED.get(tuple(leaves))
+    names = "|".join(map(re.escape, leaves + ([fused] if fused else [])))
+    return rf"^{re.escape(parents.pop())}\.(?:{names})$"
+
+
+def dynamic_entry(config: GPTQConfig) -> dict:
+    return {"bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act}
+
+
+def dynamic_for(base: GPTQConfig, configs: dict[str, GPTQConfig | None], sets: list[list[str]]) -> dict[str, dict]:
+    """GPTQModel's `dynamic` for every linear whose config is not `base`: `+:pattern` -> its settings, `-:pattern`
+    -> kept unquantized. Linears of one runtime set share a config (check_mix) and one pattern."""
+    in_set = {n: names for names in sets for n in names}
+    dynamic, seen = {}, set()
+    for name, config in configs.items():
+        if name in seen:
+            continue
+        members = in_set.get(name, [name])
+        seen.update(members)
+        if config == base:
+            continue
+        pattern = unit_pattern([module_name(n) for n in members])
+        dynamic[("-:" if config is None else "+:") + pattern] = {} if config is None else dynamic_entry(config)
+    return dynamic
+
+
+def dynamic_override(dynamic: dict[str, dict] | None, module: str) -> dict | bool | None:
+    """What `dynamic` says of a module, as GPTQModel reads it: the first pattern found in the name decides;
+    False: kept unquantized; None: the top-level scheme."""
+    for pattern, overrides in (dynamic or {}).items():
+        negative = pattern.startswith("-:")
+        if re.search(pattern[2:] if pattern[:2] in ("-:", "+:") else pattern, module):
+            return False if negative else overrides
+    return None
+
+
 class GPTQFormat(LayerwiseFolderFormat):
     name = "gptq"
     label = "GPTQ"
     example = "w4g128"
     suffixes = SUFFIXES
+    auto_specs = ("auto",)
+    # GPTQModel's kernels take 2-8 bits (vLLM's Marlin 4 and 8; its gptq kernel 2/3/4/8)
+    AUTO_CANDIDATES = ("w3g128", "w4", "w4g128", "w4g64", "w4g32", "w8")
+    scale_dtype = torch.float16
 
     def parse_spec(self, spec: str) -> Target:
-        if spec.strip().lower().startswith("auto"):
-            raise ConfigError("gptq: folders hold one scheme for every linear (AutoGPTQ's quantize_config), so there "
-                              "is no automatic mix to write there; --to ct:auto-gptq writes GPTQ-calibrated weights "
-                              "with a scheme per layer group, which vLLM and transformers load")
+        if spec.strip().lower() in self.auto_specs:  # convert names it after its budget (auto-4.00bpw)
+            return Target(self.name, spec.strip().lower())
         bits, group, flags = _parse(spec)
         return Target(self.name, f"w{bits}" + (f"g{group}" if group != -1 else "") + "".join(f"-{f}" for f in flags))
 
     def config(self, target: Target, options: ConvertOptions) -> GPTQConfig:
+        if self.is_auto(target):  # what every scheme it picks shares: GPTQ, symmetric, natural order
+            return gptq_config(Target(self.name, "w4g128"), options.damp)
         return gptq_config(target, options.damp)
 
     def is_rtn(self, target: Target) -> bool:
-        return "rtn" in _parse(target.spec)[2]
+        return not self.is_auto(target) and "rtn" in _parse(target.spec)[2]
+
+    def gptq_config(self, config: GPTQConfig) -> GPTQConfig:
+        return config
 
     def method(self, config: GPTQConfig, rtn: bool, configs: dict) -> GPTQ:
-        return GPTQ(config, rtn=rtn)
+        return GPTQ(config, rtn=rtn, configs=configs)
+
+    def override_config(self, config: GPTQConfig, scheme: str) -> GPTQConfig | None:
+        if scheme.lower() == KEPT:
+            return None
+        match = WEIGHT_SCHEME.fullmatch(scheme.lower())
+        bits, group = int(match.group(1)), -1 if match.group(2) is None else int(match.group(2))
+        if bits not in BITS or group == 0:
+            raise ConfigError(f"--tensor-type ...={scheme}: GPTQ schemes are w2, w3, w4 or w8 with a group size (or "
+                              "none: one scale per output row), optionally -asym; or bf16 to keep a tensor")
+        return replace(config, bits=bits, group_size=group, sym=match.group(3) is None)
+
+    def scheme_name(self, config: GPTQConfig, target: Target) -> str:
+        return spec_of(config) + ("-rtn" if self.is_rtn(target) else "")
+
+    def runtime_sets(self, model: Model) -> list[tuple[str, list[str]]]:
+        return runtime_sets(model, experts_per_layer=True)
+
+    def mix_label(self, config: GPTQConfig | None) -> str:
+        return KEPT if config is None else spec_of(replace(config, desc_act=False, static_groups=False, mse=False))
 
     def check_shape(self, name: str, shape: tuple[int, int], config: GPTQConfig) -> None:
         out, columns = shape
@@ -137,8 +234,13 @@ class GPTQFormat(LayerwiseFolderFormat):
         return dequantize_stored(*(stored[s] for s in SUFFIXES), config.bits)
 
     def config_files(self, config: GPTQConfig, model: Model, configs: dict) -> tuple[dict, dict[str, dict]]:
-        return ({"quantization_config": self.quantization_config(config)},
-                {"quantize_config.json": self.quantize_config(config)})
+        quantized = [c for c in configs.values() if c is not None]
+        if quantized and config not in quantized:  # top level: the scheme most linears have
+            config = Counter(quantized).most_common(1)[0][0]
+        dynamic = dynamic_for(config, configs, [names for _, names in self.runtime_sets(model)])
+        extra = {"dynamic": dynamic} if dynamic else {}
+        return ({"quantization_config": self.quantization_config(config) | extra},
+                {"quantize_config.json": self.quantize_config(config) | extra})
 
     @staticmethod
     def quantization_config(config: GPTQConfig) -> dict:

@@ -29,6 +29,7 @@ from quantkit.formats.safetensors_folder import OTHER, FolderWriter
 from quantkit.model import Model
 from quantkit.plan import Plan, PlanEntry
 from quantkit.progress import Progress
+from quantkit.quant.gptq import GPTQConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,14 @@ class LayerwiseFolderFormat(OutputFormat):
     label = ""  # GPTQ, AWQ: file names and messages
     shared_pass = "layerwise"
     suffixes: tuple[str, ...] = ()  # the tensors stored per quantized linear
+    auto_specs: tuple[str, ...] = ()  # specs whose schemes are chosen to a budget (quantkit.formats.folder_auto)
+    scale_dtype = KEPT_DTYPE  # the dtype the folder stores scales in (the runtime computes with them so rounded)
+
+    def __init__(self):
+        self._auto: dict[tuple, tuple] = {}  # an auto target's choice -> (configs, notes, auto report)
+
+    def prepare(self, source, options: ConvertOptions) -> None:
+        self._auto = {}  # the format is a module-level object: a choice made for another model must not be reused
 
     # ---- what a subclass provides ------------------------------------------------------------------------
     def config(self, target: Target, options: ConvertOptions) -> Any:
@@ -107,10 +116,47 @@ class LayerwiseFolderFormat(OutputFormat):
         """A linear's scheme in the plan."""
         return target.spec
 
+    def runtime_sets(self, model: Model) -> list[tuple[str, list[str]]]:
+        """(rule, linears) the runtimes need to share one scheme (only formats that store mixes have any)."""
+        return []
+
+    def mix_label(self, config: Any) -> str:
+        """A linear's scheme in a broken rule's message (bf16: kept)."""
+        raise NotImplementedError
+
     def check_mix(self, model: Model, configs: dict[str, Any], fix: bool) -> dict[str, str]:
         """Check (with `fix`, change in place) a per-linear mix against the runtime's rules; returns notes for the
         plan by linear."""
-        return {}
+        notes = {}
+        for rule, names in self.runtime_sets(model):
+            schemes = {configs[n] for n in names}
+            if len(schemes) == 1:
+                continue
+            if not fix:
+                common = max(schemes, key=lambda c: sum(configs[n] == c for n in names))
+                names = sorted(names, key=lambda n: configs[n] == common)  # the odd ones first
+                listed = ", ".join(f"{n} ({self.mix_label(configs[n])})" for n in names[:6])
+                raise ConfigError(f"this mix breaks a runtime rule: {rule}; {listed}"
+                                  f"{f' and {len(names) - 6} more' if len(names) > 6 else ''}. Give them one scheme, "
+                                  "or pass --fix-mix to promote each such set to its most precise scheme")
+            best = max(schemes, key=_precision)
+            for n in names:
+                if configs[n] != best:
+                    notes[n] = f"promoted from {self.mix_label(configs[n])}: {rule.split(':')[0]}"
+                    configs[n] = best
+        return notes
+
+    def gptq_config(self, config: Any) -> GPTQConfig:
+        """The GPTQ / round-to-nearest settings that fill a linear of this config (automatic mixes measure with
+        them)."""
+        raise NotImplementedError
+
+    def is_auto(self, target: Target) -> bool:
+        return target.spec.split("-")[0] == "auto" and bool(self.auto_specs)
+
+    def auto_calibrated(self, target: Target) -> bool:
+        """Whether an automatic target's weights come from GPTQ (else round-to-nearest)."""
+        return not self.is_rtn(target)
 
     def check_model(self, model: Model, config: Any) -> None:
         """Raise ConfigError when the method cannot handle this model at all (before any work)."""
@@ -155,7 +201,21 @@ class LayerwiseFolderFormat(OutputFormat):
             notes[name] = override.note()
         for name, note in self.check_mix(model, configs, options.fix_mix).items():
             notes[name] = ", ".join(filter(None, (notes.get(name), note)))
-        return config, configs, notes
+        if not self.is_auto(target):
+            return config, configs, notes
+        if options.budget is None:
+            raise ConfigError(f"{self.name}:auto needs a budget: --target-bpw 4.0, --target-size 20GB or "
+                              "--fit-vram 24GiB --ctx 32768")
+        choice = _auto_key(target, options)
+        if choice not in self._auto:  # measured and chosen once, for the plan and the write alike
+            from quantkit.formats.folder_auto import plan_auto_configs
+
+            configs, notes, predicted, key = plan_auto_configs(self, model, target, config, options, configs, notes)
+            self.check_mix(model, configs, fix=False)
+            self._auto[choice] = (configs, notes, {"budget": options.budget.option,
+                                                   "predicted_kld": predicted, "sensitivity_key": key})
+        configs, notes, _ = self._auto[choice]
+        return config, dict(configs), dict(notes)
 
     def plan(self, source, target: Target, options: ConvertOptions) -> Plan:
         from quantkit.catalog import CatalogModel  # a catalog entry plans like a model (quantkit plan)
@@ -247,9 +307,51 @@ class LayerwiseFolderFormat(OutputFormat):
             "samples": options.calib_samples, "ctx": options.calib_ctx,
             "expert_fallback": f"experts routed fewer than {DEFAULT_MIN_EXPERT_TOKENS} tokens are calibrated on "
                                "all of the layer's tokens"}
-        return {"quantizer": f"quantkit {__version__}", "method": "round-to-nearest" if out.rtn else self.name,
-                "spec": out.job.target.spec, "calibration": calibration,
-                "layers": {str(k): v for k, v in sorted(out.writer.infos().items())}}
+        report = {"quantizer": f"quantkit {__version__}", "method": "round-to-nearest" if out.rtn else self.name,
+                  "spec": out.job.target.spec, "calibration": calibration,
+                  "layers": {str(k): v for k, v in sorted(out.writer.infos().items())}}
+        choice = _auto_key(out.job.target, out.job.options or options)
+        if choice in self._auto:
+            report["auto"] = {**self._auto[choice][2],
+                              "schemes": {e.name: e.scheme for e in out.job.plan.entries if e.note == "auto"}}
+        return report
+
+
+def _auto_key(target: Target, options: ConvertOptions) -> tuple:
+    """An automatic choice depends on the target (its budget is in the spec) and what is fixed around it."""
+    return target.spec, tuple(options.tensor_types), options.fix_mix
+
+
+def runtime_sets(model: Model, experts_per_layer: bool) -> list[tuple[str, list[str]]]:
+    """The linears the runtimes run as one: (rule, names) per fused input group, and the routed experts of each
+    layer (`experts_per_layer`: vLLM's fused MoE layer) or of the whole model (transformers' fused expert
+    parameters of compressed-tensors checkpoints)."""
+    sets, experts = [], []
+    for spec in model.arch.layers():
+        linears = {lin.name for lin in spec.linears}
+        for group in spec.input_groups:
+            names = [n for n in group.linears if n in linears]
+            if group.expert is None and len(names) > 1:
+                sets.append(("fused linears: vLLM runs linears reading one input (q/k/v as qkv_proj, gate/up as "
+                             "gate_up_proj, DeepSeek's q_a/kv_a as fused_qkv_a_proj) as one matmul with one scheme",
+                             names))
+        layer_experts = [lin.name for lin in spec.linears if lin.expert is not None]
+        if layer_experts and experts_per_layer:
+            sets.append(("MoE experts: vLLM's fused MoE runs a layer's routed experts (gate, up and down) with one "
+                         "scheme", layer_experts))
+        experts += layer_experts
+    if experts and not experts_per_layer:
+        sets.append(("MoE experts: the runtimes' fused MoE runs the routed experts (gate, up and down) with one "
+                     "scheme, in every layer for transformers' fused expert parameters", experts))
+    return sets
+
+
+def _precision(config: Any) -> tuple:
+    """Order of schemes by precision (for --fix-mix): kept, then more bits, smaller groups, zero points."""
+    if config is None:
+        return (1, 0, 0, 0)
+    group = config.group_size if config.group_size != -1 else 1 << 30
+    return (0, config.bits, -group, not config.sym)
 
 
 class _Output:

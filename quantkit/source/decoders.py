@@ -147,7 +147,8 @@ class _PackedDecoder(Decoder):
 
 class GPTQDecoder(_PackedDecoder):
     """AutoGPTQ/GPTQModel checkpoints (FORMATS.md §5): `<module>.qweight/.qzeros/.scales/.g_idx`, dequantized as
-    every GPTQ runtime does (quantkit.formats.gptq.dequantize_stored)."""
+    every GPTQ runtime does (quantkit.formats.gptq.dequantize_stored). A module's bits follow from its stored
+    shapes, so mixes (GPTQModel's `dynamic`) read as they are."""
 
     name, kind = "gptq", "GPTQ"
     SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -157,25 +158,32 @@ class GPTQDecoder(_PackedDecoder):
         qc = self.config["quantization_config"]
         self.bits, self.group_size = qc.get("bits"), qc.get("group_size", -1)
         fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-        if self.bits not in (2, 3, 4, 8) or fmt != "gptq":
+        bits = {self.bits} | {o.get("bits", self.bits) for o in (qc.get("dynamic") or {}).values()}
+        if not bits <= {2, 3, 4, 8} or fmt != "gptq":
             raise SourceError(f"{origin}/config.json: quantkit reads GPTQ checkpoints with bits 2/3/4/8 and "
-                              f"checkpoint_format 'gptq' (v1 zeros); this one says bits {self.bits!r}, "
+                              f"checkpoint_format 'gptq' (v1 zeros); this one says bits {sorted(bits, key=str)!r}, "
                               f"format {fmt!r}")
         self._collect_modules(location)
 
     def _shape(self, parts):
-        return self._entry_shape(parts[2])[1], self._entry_shape(parts[0])[0] * 32 // self.bits
+        return self._entry_shape(parts[2])[1], self._entry_shape(parts[3])[0]
 
     def _dequantize(self, tensors):
         from quantkit.formats.gptq import dequantize_stored  # the format owns the packing (lazy: it imports Model)
 
-        return dequantize_stored(*tensors, self.bits)
+        qweight, g_idx = tensors[0], tensors[3]
+        return dequantize_stored(*tensors, qweight.shape[0] * 32 // g_idx.shape[0])
 
     def label(self, stored_dtypes: set[str]) -> str:
         qc = self.config["quantization_config"]
         group = f"g{self.group_size}" if self.group_size != -1 else ""
         flags = "".join(f for f, on in (("-act", qc.get("desc_act")), ("-asym", qc.get("sym") is False)) if on)
-        return f"GPTQ w{self.bits}{group}{flags}"
+        mixed = []  # the schemes GPTQModel's `dynamic` sets besides the top-level one
+        for pattern, o in (qc.get("dynamic") or {}).items():
+            own_group = o.get("group_size", self.group_size)
+            mixed.append("bf16" if pattern.startswith("-:") else f"w{o.get('bits', self.bits)}"
+                         + (f"g{own_group}" if own_group != -1 else ""))
+        return f"GPTQ w{self.bits}{group}{flags}" + "".join(f"+{m}" for m in dict.fromkeys(mixed))
 
 
 class AWQDecoder(_PackedDecoder):

@@ -157,10 +157,9 @@ def test_bad_overrides_are_refused_with_their_text(model_cache, override, messag
         _plan(model_cache("llama"), "w4g32", override)
 
 
-def test_gptq_and_awq_folders_refuse_mixes_and_point_to_ct(model_cache):
-    for fmt_name in ("gptq", "awq"):
-        with pytest.raises(QuantkitError, match=r"one scheme for every linear.*--to ct:"):
-            convert(model_cache("llama"), [f"{fmt_name}:w4g32"], None, dry_run=True, tensor_types=["mlp=w8"])
+def test_awq_folders_refuse_mixes_and_point_to_ct(model_cache):
+    with pytest.raises(QuantkitError, match=r"one scheme for every linear.*--to ct:"):
+        convert(model_cache("llama"), ["awq:w4g32"], None, dry_run=True, tensor_types=["mlp=w8"])
 
 
 def test_awq_targets_take_grouped_overrides_with_zero_points(model_cache):

@@ -281,3 +281,63 @@ def test_rope_parameters_get_legacy_keys(copy_model, tmp_path, calib):
     _, files = _convert(src, "w8", tmp_path)
     written = json.loads((files[0].parent / "config.json").read_text())
     assert written["rope_theta"] == theta and "rope_scaling" not in written
+
+
+# ---- mixes: GPTQModel's `dynamic` -----------------------------------------------------------------------------
+def test_mix_names_each_odd_linear_in_dynamic_and_reads_back(model_cache, tmp_path, calib):
+    """--tensor-type on a GPTQ target: every linear whose scheme is not the top level's gets a `dynamic` pattern
+    (kept ones `-:` and stored BF16), which gives each module its plan scheme under GPTQModel's reading; quantkit's
+    decoder reads every module at its own bits."""
+    src = model_cache("llama")
+    overrides = ["mlp.down_proj=w8", r"layers\.0\.self_attn=bf16", r"layers\.1\.mlp\.(gate|up)_proj=w3g32-asym"]
+    plan, files = _convert(src, "w4g32-rtn", tmp_path, tensor_types=overrides)
+    folder = files[0].parent
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert json.loads((folder / "quantize_config.json").read_text())["dynamic"] == config["dynamic"]
+    assert (config["bits"], config["group_size"]) == (4, 32)
+    linears = [e for e in plan.entries if e.name.startswith("model.layers.") and e.name.endswith("proj.weight")]
+    for entry in linears:
+        override = fmt.dynamic_override(config["dynamic"], entry.name.removesuffix(".weight"))
+        if entry.scheme == "bf16":
+            assert override is False
+        elif entry.scheme == "w4g32-rtn":
+            assert override is None
+        else:
+            own = fmt.GPTQConfig(override["bits"], override["group_size"], override["sym"], override["desc_act"])
+            assert fmt.spec_of(own) + "-rtn" == entry.scheme
+    assert {e.scheme for e in linears} == {"bf16", "w4g32-rtn", "w8-rtn", "w3g32-asym-rtn"}
+    with Model(folder) as out, Model(src) as ref:
+        assert out.source.label() == "GPTQ w4g32+bf16+w8+w3g32"
+        kept = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(out.source.read(kept), ref.source.read(kept).float())
+        for name, bound in (("model.layers.1.mlp.down_proj.weight", 0.01), ("model.layers.1.mlp.up_proj.weight", 0.3)):
+            w, q = ref.source.read(name).float(), out.source.read(name)
+            assert q.shape == w.shape and (q - w).norm() < bound * w.norm()
+
+
+@pytest.mark.parametrize("modules, vllm, other", [
+    (["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"],
+     "model.layers.3.self_attn.qkv_proj", ["model.layers.3.self_attn.o_proj", "model.layers.13.self_attn.q_proj"]),
+    (["model.layers.2.mlp.experts.0.gate_proj", "model.layers.2.mlp.experts.7.down_proj",
+      "model.layers.2.mlp.experts.11.up_proj"], "model.layers.2.mlp.experts",
+     ["model.layers.2.mlp.shared_experts.up_proj", "model.layers.21.mlp.experts.0.up_proj", "model.layers.2.mlp.gate"]),
+    (["model.layers.0.mlp.down_proj"], "model.layers.0.mlp.down_proj", ["model.layers.10.mlp.down_proj"]),
+])
+def test_dynamic_patterns_match_a_unit_by_gptqmodel_s_and_vllm_s_names(modules, vllm, other):
+    """GPTQModel searches each module's own name; vLLM matches (re.match) the fused module's prefix."""
+    import re
+
+    pattern = fmt.unit_pattern(modules)
+    assert all(re.search(pattern, m) for m in modules) and re.match(pattern, vllm)
+    assert not any(re.search(pattern, m) for m in other)
+
+
+def test_mix_follows_vllm_s_sets(model_cache):
+    with Model(model_cache("llama")) as model:
+        with pytest.raises(QuantkitError, match=r"fused linears.*q_proj\.weight \(w8\)"):
+            FORMAT.plan(model, parse_target("gptq:w4g128"), ConvertOptions(tensor_types=["q_proj=w8"]))
+        plan = FORMAT.plan(model, parse_target("gptq:w4g128"),
+                           ConvertOptions(tensor_types=["q_proj=w8"], fix_mix=True))
+        assert plan.schemes["model.layers.0.self_attn.v_proj.weight"] == "w8"
+        with pytest.raises(QuantkitError, match="GPTQ schemes are w2, w3, w4 or w8"):
+            FORMAT.plan(model, parse_target("gptq:w4g128"), ConvertOptions(tensor_types=["mlp=w5"]))

@@ -11,6 +11,10 @@ sym and asym, with and without act-order, and match quantkit's forward. DeepSeek
 loads in transformers WITHOUT an error but computes something else (its DeepseekV3 keeps routed experts in fused
 3-D parameters that the per-module GPTQ tensors do not fill: 0.70-0.74 of max |logit| off); GPTQModel.load
 does load it, and with its plain torch kernel computes quantkit's logits (3.4e-7 of max |logit|).
+
+Mixes (gptq:auto, --tensor-type) are GPTQModel `dynamic` configs: GPTQModel computes quantkit's logits on them
+(5.6e-7 tiny-llama auto, 3.8e-7 the tiny-deepseek mix); transformers refuses them (size mismatch). 3-bit folders
+load in both (1.0e-4 of max |logit| in transformers).
 """
 
 import json
@@ -21,6 +25,7 @@ import torch
 from quantkit import convert as api
 from quantkit.bundled import MODELS_DIR, textsets
 from quantkit.model import Model
+from quantkit.plan.allocate import Budget
 
 pytestmark = pytest.mark.interop
 
@@ -41,10 +46,10 @@ def _windows(model: Model) -> list[list[int]]:
     return [ids[i * step:i * step + CONTEXT] for i in range(WINDOWS)]
 
 
-def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[list[int]], dict]:
+def _write(name: str, out, schemes: list[str], **options) -> tuple[dict[str, object], list[list[int]], dict]:
     """GPTQ folders of the bundled model, its held-out windows, and quantkit's logits on each folder."""
     written = {plan.target: path for path, plan in
-               api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, **CALIBRATION)}
+               api.convert(MODELS_DIR / name, [f"gptq:{s}" for s in schemes], out, **CALIBRATION, **options)}
     with Model(MODELS_DIR / name) as source:
         windows = _windows(source)
     ours = {}
@@ -54,10 +59,19 @@ def _write(name: str, out, schemes: list[str]) -> tuple[dict[str, object], list[
     return written, windows, ours
 
 
-# (model, schemes, loaders): every folder and loader of the module, converted and run once for all its tests
-# (tiny-qwen2: the two extremes of the packing, act-order with asymmetric zeros and 8 bits; the rest on tiny-llama)
-RUNS = [("tiny-qwen2", ["w4g64-act-asym", "w8"], ["transformers"]), ("tiny-llama", SCHEMES, ["transformers"]),
-        ("tiny-deepseek", ["w4g128"], ["transformers", "gptqmodel"])]
+# Mixes, written as GPTQModel's `dynamic`: gptq:auto, and by hand what auto may pick on MoE (a layer's routed
+# experts at other bits than the next layer's, 3-bit shared experts, kept attention).
+AUTO = {"budget": Budget.from_options(target_bpw=9.5), "sensitivity_samples": 2}
+DEEPSEEK_MIX = {"tensor_types": [r"layers\.2\.mlp\.experts=w8", "shared_experts=w3g128",
+                                 r"layers\.3\.self_attn\.o_proj=bf16"]}
+# (label, model, schemes, loaders, convert options): every folder and loader of the module, converted and run once
+# for all its tests (tiny-qwen2: the two extremes of the packing, act-order with asymmetric zeros and 8 bits; the
+# rest on tiny-llama)
+RUNS = [("tiny-qwen2", "tiny-qwen2", ["w4g64-act-asym", "w8"], ["transformers"], {}),
+        ("tiny-llama", "tiny-llama", SCHEMES, ["transformers"], {}),
+        ("tiny-deepseek", "tiny-deepseek", ["w4g128"], ["transformers", "gptqmodel"], {}),
+        ("tiny-llama auto", "tiny-llama", ["auto"], ["transformers", "gptqmodel"], AUTO),
+        ("tiny-deepseek mix", "tiny-deepseek", ["w4g128"], ["gptqmodel"], DEEPSEEK_MIX)]
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +81,15 @@ def consumed(gptqmodel_env, tmp_path_factory):
     of the consumer env instead of one per model and loader)."""
     tmp = tmp_path_factory.mktemp("gptq-consumers")
     written, args, outs = {}, [], []
-    for name, schemes, loaders in RUNS:
-        written[name] = _write(name, tmp / name, schemes)
-        folders, windows, _ = written[name]
+    for label, name, schemes, loaders, options in RUNS:
+        written[label] = _write(name, tmp / label.replace(" ", "-"), schemes, **options)
+        folders, windows, _ = written[label]
         (tmp / f"windows-{name}.json").write_text(json.dumps(windows))
         for loader in loaders:
             for scheme, folder in folders.items():
-                out = tmp / f"{loader}-{name}-{scheme}.pt"
+                out = tmp / f"{loader}-{label.replace(' ', '-')}-{scheme}.pt"
                 args += [loader, tmp / f"windows-{name}.json", folder, out]
-                outs.append((name, loader, scheme, out))
+                outs.append((label, loader, scheme, out))
     gptqmodel_env("gptq_logits.py", *args)
     theirs = {name: {} for name in written}
     for name, loader, scheme, out in outs:
@@ -127,3 +141,22 @@ def test_deepseek_loads_in_gptqmodel_not_transformers(consumed, record_property)
     # PEERS.md §8. When transformers learns to fill fused experts from per-expert GPTQ tensors this fails: then
     # compare its logits as for the dense models.
     assert isinstance(outcome["transformers"], str) or outcome["transformers"][1] > DEEPSEEK_TRANSFORMERS_WRONG
+
+
+@pytest.mark.parametrize("label", ["tiny-llama auto", "tiny-deepseek mix"])
+def test_mixes_load_in_gptqmodel_and_transformers_refuses_them(label, consumed, record_property):
+    """A mix's `dynamic` gives each linear its own bits, group and sign (or keeps it in BF16): GPTQModel builds
+    each module as it says and computes quantkit's logits. transformers' GPTQ integration (optimum) builds every
+    linear at the top-level scheme, and refuses the folder on the first size mismatch (measured: RuntimeError
+    'ignore_mismatched_sizes'), rather than loading something else."""
+    folders, _, ours, results = consumed[label]
+    [(scheme, folder)] = folders.items()
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["dynamic"]
+    result = results["gptqmodel"][scheme]
+    assert "error" not in result, f"{label}: GPTQModel did not load it: {result.get('error')}"
+    delta, relative = _relative_error(result["logits"], ours[scheme])
+    record_property(label, {"max_abs_dlogit": delta, "relative": relative, "kernels": result["kernels"]})
+    print(f"{label} gptq:{scheme} in GPTQModel: max |dlogit| {delta:.3e} ({relative:.2e}), {result['kernels']}")
+    assert relative < TOLERANCE
+    if "transformers" in results:
+        assert "error" in results["transformers"][scheme], "transformers loaded a mix: compare its logits instead"

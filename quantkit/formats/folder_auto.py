@@ -1,0 +1,173 @@
+"""`--to ct:auto[-gptq]` and `--to gptq:auto`: each decoder-layer linear's weight scheme in an HF folder chosen
+from measured costs to a budget.
+
+Groups follow the runtimes' rules (the format's runtime_sets): linears vLLM runs as one matmul (q/k/v, gate/up,
+DeepSeek's q_a/kv_a) and routed experts (of every layer in compressed-tensors, of each layer in GPTQ) share one
+scheme; every other decoder-layer linear is a group of its own. Candidates: the format's AUTO_CANDIDATES that the
+linears' shapes allow, plus bf16 (kept, cost 0; not for routed experts). Costs are measured
+(quantkit.calib.sensitivity) with the scales as the folder stores them and the method the output is written with:
+round-to-nearest (`ct:auto`) or GPTQ from the Hessian of each layer's float inputs (`ct:auto-gptq`, `gptq:auto`;
+its own measurement: GPTQ shrinks some groups' errors more than others'). The result is a plain mix, as
+`--tensor-type` overrides would write it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import torch
+
+from quantkit.calib.data import calibration_samples
+from quantkit.calib.engine import LayerWeights
+from quantkit.calib.gptq import FloatLayerHessians, gptq_or_rtn, runtime_weight
+from quantkit.calib.sensitivity import Group, measure_sensitivity
+from quantkit.errors import ConfigError
+from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, kept_globals, quantized_linears
+from quantkit.model import Model
+from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
+from quantkit.plan.vram import vram_plan
+from quantkit.quant.gptq import rtn_quantize
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_ENTRY_BYTES = 256  # a generous bound on one tensor's entry in a safetensors JSON header
+
+
+def groups_of(model: Model, sets: list[tuple[str, list[str]]]) -> list[tuple[str, int, list[str]]]:
+    """(group name, layer, linears) for every decoder-layer linear: runtime sets first, the rest alone."""
+    in_set = {n: names for _, names in sets for n in names}
+    out, seen = [], set()
+    for layer, linears, _ in quantized_linears(model):
+        for name in linears:
+            if name in seen:
+                continue
+            members = in_set.get(name, [name])
+            seen.update(members)
+            label = name if len(members) == 1 else f"{name.rsplit('.', 2)[0]}.* ({len(members)} linears)"
+            out.append((label, layer, members))
+    return out
+
+
+def candidate(base, scheme: str):
+    """`base` (the target's config) at a candidate's bits and group size (w4g128, w8, ...)."""
+    match = WEIGHT_SCHEME.fullmatch(scheme)
+    return replace(base, bits=int(match.group(1)), group_size=-1 if match.group(2) is None else int(match.group(2)))
+
+
+def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, notes: dict
+                      ) -> tuple[dict, dict, float, str]:
+    """Each linear's config (None: kept) and plan note, the predicted KLD and the sensitivity key. `base`: the
+    target's config; `configs`/`notes`: after --tensor-type overrides, which stay fixed (with the rest of their
+    group)."""
+    budget: Budget = options.budget
+    schemes = {s: candidate(base, s) for s in fmt.AUTO_CANDIDATES}
+    shapes = model.arch.tensor_shapes()
+    weights = model.weights()
+    groups, free, fixed_bytes = [], {}, 0
+    for label, layer, members in groups_of(model, fmt.runtime_sets(model)):
+        overridden = [n for n in members if n in notes]
+        if overridden:
+            for n in members:
+                configs[n] = configs[overridden[0]]
+                notes.setdefault(n, notes[overridden[0]])
+            fixed_bytes += sum(_bytes(fmt, shapes[n], configs[n]) for n in members)
+            continue
+        candidates = [s for s in fmt.AUTO_CANDIDATES if all(_fits(fmt, n, shapes[n], schemes[s]) for n in members)]
+        groups.append(Group(label, layer, tuple(candidates),
+                            tuple(sum(_bytes(fmt, shapes[n], schemes[s]) for n in members) for s in candidates)))
+        free[label] = members
+    if not groups:
+        raise ConfigError(f"{fmt.name}:auto has no linear left to choose a scheme for: the overrides decide them all")
+    kept = {g.name: sum(2 * math.prod(shapes[n]) for n in free[g.name]) for g in groups}
+    others = _others(model)
+    plan_fixed = fixed_bytes + sum(2 * math.prod(s) for s in others.values())
+    n_elements = sum(math.prod(s) for s in others.values()) + sum(
+        math.prod(shapes[n]) for _, names, _ in quantized_linears(model) for n in names)
+    floor = plan_fixed + sum(min(g.nbytes) for g in groups)  # bf16 is never the smallest
+    limit = _limit(fmt, model, budget, n_elements)
+    if floor > limit:  # before measuring anything
+        raise BudgetError(budget.refusal(f"{fmt.name}:auto", "linear", floor, limit, n_elements))
+
+    gptq = fmt.auto_calibrated(target)
+    layer_of = {n: layer for layer, names, _ in quantized_linears(model) for n in names}
+    hessians: dict[int, FloatLayerHessians] = {}  # by layer, for the stage being measured (gptq only)
+
+    def prepare(stage: int, layer, inputs: torch.Tensor, positions: torch.Tensor) -> None:
+        """The Hessians of every layer the stage's groups reach (compressed-tensors' routed experts are one group
+        across layers), each from that layer's float inputs."""
+        last = max(layer_of[n] for g in groups if g.stage == stage for n in free[g.name])
+        hessians.clear()
+        for index in range(stage, last + 1):
+            own = layer if index == stage else LayerWeights(weights)
+            hessians[index] = FloatLayerHessians(model.arch, index, own, inputs, positions)
+            if index < last:
+                inputs = model.arch.layer_forward(index, own, inputs, positions)
+
+    def degrade(group: Group, scheme: str) -> dict[str, torch.Tensor]:
+        config = fmt.gptq_config(schemes[scheme])
+        if not gptq:
+            return {n: runtime_weight(rtn_quantize(weights(n), config), fmt.scale_dtype) for n in free[group.name]}
+        return {n: runtime_weight(gptq_or_rtn(weights(n), hessians[layer_of[n]][n], config)[0], fmt.scale_dtype)
+                for n in free[group.name]}
+
+    samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
+    measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent} if gptq else {}
+    sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
+                                      progress=options.progress,
+                                      calib=str(options.calib) if options.calib else None, **measured)
+    by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s]) for s, b in zip(g.schemes, g.nbytes, strict=True)]
+                for g in groups}
+    expert_sets = {n for rule, names in fmt.runtime_sets(model) if rule.startswith("MoE") for n in names}
+    for g in groups:
+        # routed experts stay quantized: transformers (5.17) would decompress kept ones of a compressed-tensors
+        # folder with the shared experts' scheme and leave them uninitialised (measured: logits 63% off)
+        if not expert_sets.intersection(free[g.name]):
+            by_group[g.name].append(Option(KEPT, kept[g.name], 0.0))
+    chosen = allocate(by_group, limit - plan_fixed)
+    for label, option in chosen.items():
+        for n in free[label]:
+            configs[n] = None if option.scheme == KEPT else schemes[option.scheme]
+            notes[n] = "auto"
+    predicted = sum(o.cost for o in chosen.values())
+    log.info("%s:auto %s: predicted KLD %.5f", fmt.name, budget.option, predicted)
+    return configs, notes, predicted, sensitivity.key
+
+
+def _fits(fmt, name: str, shape, config) -> bool:
+    try:
+        fmt.check_shape(name, tuple(shape), config)
+    except ConfigError:
+        return False
+    return True
+
+
+def _bytes(fmt, shape, config) -> int:
+    return 2 * math.prod(shape) if config is None else fmt.packed_bytes(tuple(shape), config)
+
+
+def _others(model: Model) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor that is not a decoder-layer linear (kept BF16 whatever the mix)."""
+    out = dict(kept_globals(model))
+    for _, _, others in quantized_linears(model):
+        out.update(others)
+    return out
+
+
+def _overhead(model: Model, budget: Budget) -> int:
+    """GPU memory besides the weights at the budget's context (vLLM-style: KV cache at exactly ctx, and each GPU's
+    compute buffers), from quantkit.plan.vram on the model as shipped."""
+    from quantkit.fit import shipped_plan
+
+    estimate = vram_plan(model.arch, shipped_plan(model.arch), budget.ctx, budget.kv_type or "bf16")
+    return estimate.kv_cache + budget.gpus * estimate.compute
+
+
+def _limit(fmt, model: Model, budget: Budget, n_elements: int) -> int:
+    if budget.bpw is not None:
+        return int(budget.bpw * n_elements / 8)
+    n_tensors = len(fmt.suffixes) * sum(len(names) for _, names, _ in quantized_linears(model)) + len(_others(model))
+    if budget.size is not None:
+        return budget.size - SAFETENSORS_ENTRY_BYTES * n_tensors
+    return budget.gpus * budget.vram - _overhead(model, budget)
