@@ -1,11 +1,13 @@
 """Quality vs bits of compressed-tensors outputs (issue 14): uniform W4 g128, the mix (attention W8, MLP W4 g128,
 lm_head BF16 as in every ct output) and uniform W8, each with round-to-nearest, GPTQ and AWQ weights, on the
-bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 g128 and of the mix.
+bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 g128 and of the mix, and the same
+for GPTQ folders (gptq:w4g128, its mix as GPTQModel `dynamic`, gptq:auto at each one's size).
 
     python bench/ct_quality.py [--models tiny-llama,tiny-qwen2,tiny-deepseek] [--samples 32] [--ctx 256]
                                [--windows 64] [--work /tmp/ct-quality] [--auto-only]
 
---auto-only adds the automatic variants to the stored results (same eval settings) instead of redoing the rest.
+--auto-only adds the automatic variants and the GPTQ folders to the stored results (same eval settings) instead
+of redoing the rest.
 
 Per model: one `quantkit convert` for the uniform variants (one calibration pass for all of them), one per mix
 (`--tensor-type self_attn=w8`; AWQ, which quantizes in groups: `self_attn=w8g128`), then one `quantkit eval` of
@@ -40,7 +42,8 @@ AWQ_LAYOUTS = {"W4 g128": ("w4g128", []), "mix: attention W8, MLP W4 g128": ("w4
 
 # automatic mixes at the size of a layout above: (layout name, the layout it is sized as, method -> spec)
 AUTO = {"auto at W4 g128's size": "W4 g128", "auto at the mix's size": "mix: attention W8, MLP W4 g128"}
-AUTO_SPECS = {"rtn": "ct:auto", "gptq": "ct:auto-gptq"}
+GPTQ_FOLDER = "gptq folder"  # GPTQ weights in a GPTQ (GPTQModel) folder rather than a compressed-tensors one
+AUTO_SPECS = {"rtn": "ct:auto", "gptq": "ct:auto-gptq", GPTQ_FOLDER: "gptq:auto"}
 
 
 def variants() -> list[tuple[str, str, str, list[str]]]:
@@ -60,12 +63,16 @@ def linear_bpw(src: Path, spec: str, overrides: list[str]) -> float:
 
 
 def auto_variants(src: Path) -> list[tuple[str, str, str, list[str]]]:
-    """(layout, method, spec, budget options): each AUTO layout's budget is its reference's bpw over every tensor."""
-    out = []
+    """(layout, method, spec, options): the GPTQ folders' own W4 g128 and mix (the ct ones are measured by
+    run_model), and each AUTO layout at its reference's bpw over every tensor, in its own format."""
+    out = [(layout, GPTQ_FOLDER, f"gptq:{spec}", overrides) for layout, (spec, overrides) in LAYOUTS.items()
+           if layout in AUTO.values()]
     for layout, reference in AUTO.items():
         spec, overrides = LAYOUTS[reference]
-        ((_, plan),) = convert(src, [f"ct:{spec}"], None, dry_run=True, tensor_types=overrides)
-        out += [(layout, method, auto, ["--target-bpw", f"{plan.bpw:.4f}"]) for method, auto in AUTO_SPECS.items()]
+        for method, auto in AUTO_SPECS.items():
+            fmt = auto.split(":")[0]
+            ((_, plan),) = convert(src, [f"{fmt}:{spec}"], None, dry_run=True, tensor_types=overrides)
+            out.append((layout, method, auto, ["--target-bpw", f"{plan.bpw:.4f}"]))
     return out
 
 
@@ -75,20 +82,23 @@ def run_auto(name: str, args, report: dict) -> None:
     src = resolve_model(name)
     work = args.work / name / "auto"
     work.mkdir(parents=True, exist_ok=True)
-    calib = ["--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu",
-             "--sensitivity", str(work / "sensitivity.json")]
+    calib = ["--calib-samples", str(args.samples), "--calib-ctx", str(args.ctx), "--device", "cpu"]
     folders, runs = {}, report["runs"].setdefault(name, [])
-    for index, (layout, method, spec, budget) in enumerate(auto_variants(src)):
-        out = work / f"{index}-{method}"
-        cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", spec, *budget, "-o", str(out),
-               "--force", *calib]
+    for index, (layout, method, spec, options) in enumerate(auto_variants(src)):
+        tag = method.replace(" ", "-")
+        out = work / f"{index}-{tag}"
+        # one stored measurement per method, reused by its second budget
+        extra = ["--sensitivity", str(work / f"sensitivity-{tag}.json")] if "auto" in spec else []
+        extra += options if "auto" in spec else [a for o in options for a in ("--tensor-type", o)]
+        cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", spec, "-o", str(out), "--force",
+               *calib, *extra]
         r = timed(cmd, quantkit_env(), out.with_suffix(".log"))
         runs.append(r)
-        print(f"{name}: {spec} {' '.join(budget)}: {r['wall_s']:.0f} s (rc {r['rc']})", flush=True)
+        print(f"{name}: {spec} {' '.join(options)}: {r['wall_s']:.0f} s (rc {r['rc']})", flush=True)
         if r["rc"]:
             raise SystemExit(f"convert failed: see {out.with_suffix('.log')}")
         [folder] = list(out.iterdir())
-        folders[f"{method} | {layout}"] = (folder, layout, method, spec, budget)
+        folders[f"{method} | {layout}"] = (folder, layout, method, spec, options)
     quality = report["quality"].setdefault(name, {})
     measured: dict = {}
     if evaluate(src, {k: v[0] for k, v in folders.items()}, work / "eval", work / "eval.log", args.windows,
@@ -96,14 +106,14 @@ def run_auto(name: str, args, report: dict) -> None:
         raise SystemExit(f"eval failed: {measured.get('error')}")
     eval_report = json.loads((work / "eval" / "report.json").read_text())
     by_path = {v["path"]: v for v in eval_report["variants"]}
-    for key, (folder, layout, method, spec, budget) in folders.items():
-        plan = json.loads((folder / "quantkit_report.json").read_text())["auto"]
-        shapes = _linear_shapes(src)
-        bits = sum(_scheme_bits(plan["schemes"].get(n), shape) for n, shape in shapes.items())
-        quality[key] = measured[key] | {"layout": layout, "method": method, "spec": spec, "overrides": budget,
-                                        "linear_bpw": bits / sum(a * b for a, b in shapes.values()),
+    shapes = _linear_shapes(src)
+    for key, (folder, layout, method, spec, options) in folders.items():
+        auto = json.loads((folder / "quantkit_report.json").read_text()).get("auto")
+        quality[key] = measured[key] | {"layout": layout, "method": method, "spec": spec, "overrides": options,
+                                        "linear_bpw": _folder_linear_bits(folder, shapes) / sum(
+                                            a * b for a, b in shapes.values()),
                                         "file_bpw": by_path[str(folder)]["bpw"],
-                                        "predicted_kld": plan["predicted_kld"]}
+                                        "predicted_kld": auto["predicted_kld"] if auto else None}
 
 
 def _linear_shapes(src: Path) -> dict[str, tuple[int, int]]:
@@ -112,13 +122,18 @@ def _linear_shapes(src: Path) -> dict[str, tuple[int, int]]:
             and not e.name.endswith("mlp.gate.weight")}
 
 
-def _scheme_bits(scheme: str | None, shape: tuple[int, int]) -> float:
-    """Stored bits of one linear at a ct scheme (bf16 or absent: kept)."""
-    from quantkit.formats.compressed_tensors import packed_bytes, parse_scheme
+def _folder_linear_bits(folder: Path, shapes: dict[str, tuple[int, int]]) -> int:
+    """Stored bits of the decoder-layer linears in a written folder: every tensor of their modules (packed codes,
+    scales, zero points, g_idx; a kept linear's BF16 weight)."""
+    from quantkit.source.safetensors_file import SafetensorsFile
 
-    if scheme is None or scheme == "bf16":
-        return 16 * shape[0] * shape[1]
-    return 8 * packed_bytes(shape, parse_scheme(scheme))
+    modules = {n.removesuffix(".weight") for n in shapes}
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        file = SafetensorsFile(path)
+        total += sum(8 * e.nbytes for name, e in file.entries.items() if name.rsplit(".", 1)[0] in modules)
+        file.close()
+    return total
 
 
 def run_model(name: str, args, report: dict) -> None:
@@ -156,14 +171,16 @@ def run_model(name: str, args, report: dict) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# compressed-tensors: quality vs bits (uniform W4, the mix, uniform W8; RTN, GPTQ, AWQ weights)", "",
+    lines = ["# compressed-tensors and GPTQ folders: quality vs bits (uniform W4, the mix, uniform W8, automatic "
+             "mixes; RTN, GPTQ, AWQ weights)", "",
              f"Date: {report['date']}  ", f"Commit: {report['commit']}  ",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; Python "
              f"{report['machine']['python']}, torch {report['machine']['torch']}  ", f"Command: `{report['command']}`",
              "", f"Calibration: {report['samples']} x {report['ctx']} tokens of the bundled calibration split (GPTQ "
              "and AWQ). Quality: `quantkit eval` against the bundled source on the bundled held-out text "
              f"({report['eval_settings'].get('windows')} windows of {report['eval_settings'].get('ctx')} tokens). "
-             "Linear bpw: stored bits per weight of the decoder-layer linears (codes, BF16 scales, zero points); "
+             "Linear bpw: stored bits per weight of the decoder-layer linears (codes, scales: BF16 in ct folders, "
+             "FP16 in GPTQ ones, zero points, GPTQ's g_idx); "
              "file bpw: llama.cpp's BPW over every tensor (BF16 embeddings and lm_head included).", ""]
     for model, quality in report["quality"].items():
         lines += [f"## {model} (baseline PPL {fmt(quality.get('baseline_ppl'), '{:.3f}')})", "",
@@ -190,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ct-quality"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ct_quality")
     parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
-    parser.add_argument("--auto-only", action="store_true", help="add ct:auto variants to the stored results")
+    parser.add_argument("--auto-only", action="store_true",
+                        help="add the automatic variants and GPTQ folders to the stored results")
     args = parser.parse_args(argv)
     if args.auto_only:
         report = json.loads(args.out.with_suffix(".json").read_text())
