@@ -86,23 +86,23 @@ def inspect(model, as_json):
                    "tensor from measured costs, to --target-bpw, --target-size or --fit-vram); "
                    "gptq:w{bits}[g{group}][-act][-asym][-static][-mse][-rtn] (bits 2/3/4/8; no g: one group per "
                    "row; act: act-order; asym: zero points; static: static groups; mse: clipping search; rtn: "
-                   "round-to-nearest, no calibration), e.g. gptq:w4g128; awq:w4g{group}[-rtn] (group 32/64/128; "
-                   "AutoAWQ GEMM layout); ct:w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] (bits 4/8; "
-                   "compressed-tensors pack-quantized, e.g. ct:w4g128, ct:w8, ct:w4g128-gptq, ct:w4g128-awq). Repeat "
-                   "for several outputs from one read of the source.")
+                   "round-to-nearest, no calibration), e.g. gptq:w4g128, or gptq:auto; awq:w4g{group}[-rtn] (group "
+                   "32/64/128; AutoAWQ GEMM layout); ct:w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] (bits 4/8; "
+                   "compressed-tensors pack-quantized, e.g. ct:w4g128, ct:w8, ct:w4g128-gptq, ct:w4g128-awq), or "
+                   "ct:auto / ct:auto-gptq. Repeat for several outputs from one read of the source.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
                    "are named <model>-<TYPE>.gguf.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=SCHEME",
               help="Per-tensor scheme (repeatable; the first matching pattern wins): a ggml type for gguf: targets "
                    "(GGUF names, replacing the mixture's rule, as llama-quantize), a weight scheme w8, w4g128, "
-                   "w4g32[-asym] or bf16 (keep) for ct: targets (checkpoint names, e.g. 'self_attn=w8'); "
-                   "gptq:/awq: folders hold one scheme (use ct: for mixes).")
+                   "w4g32[-asym] or bf16 (keep) for ct: and gptq: targets (checkpoint names, e.g. 'self_attn=w8'; "
+                   "gptq: writes the mix as GPTQModel's dynamic); awq: folders hold one scheme (use ct:...-awq).")
 @click.option("--keep-first-dense", is_flag=True,
               help="Keep a MoE model's leading dense layers (DeepSeek's first_k_dense_replace) in BF16, in every "
                    "target; applied before --tensor-type overrides.")
 @click.option("--fix-mix", is_flag=True,
-              help="A ct: mix that breaks a runtime rule (q/k/v, gate/up or the routed experts with "
+              help="A ct: or gptq: mix that breaks a runtime rule (q/k/v, gate/up or the routed experts with "
                    "different schemes) is promoted to each set's most precise scheme instead of refused.")
 @click.option("--output-tensor-type", metavar="TYPE", help="ggml type of output.weight.")
 @click.option("--token-embedding-type", metavar="TYPE", help="ggml type of token_embd.weight.")
