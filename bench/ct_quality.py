@@ -90,6 +90,8 @@ def run_auto(name: str, args, report: dict) -> None:
         # one stored measurement per method, reused by its second budget
         extra = ["--sensitivity", str(work / f"sensitivity-{tag}.json")] if "auto" in spec else []
         extra += options if "auto" in spec else [a for o in options for a in ("--tensor-type", o)]
+        if options and "auto" not in spec:  # eval names variants by folder: the mix's must differ
+            extra += ["--name", f"{src.name}-mix"]
         cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(src), "--to", spec, "-o", str(out), "--force",
                *calib, *extra]
         r = timed(cmd, quantkit_env(), out.with_suffix(".log"))
