@@ -71,10 +71,12 @@ def test_auto_gptq_measures_experts_of_every_layer_from_their_own_layer(tmp_path
     assert len({plan.schemes[n] for n in plan.schemes if ".experts." in n}) == 1
 
 
-def test_impossible_budget_is_refused_before_measuring(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec, floor", [("ct:auto", "8.84"), ("gptq:auto", "8.36")])
+def test_impossible_budget_is_refused_before_measuring(tmp_path, monkeypatch, spec, floor):
+    """The floor: every linear at its smallest candidate (gptq: w3g128), the rest BF16."""
     monkeypatch.setattr("quantkit.calib.sensitivity.measure", lambda *a, **k: pytest.fail("measured"))
-    with pytest.raises(BudgetError, match=r"smallest mix ct:auto can make of this model \(8\.84 bpw"):
-        api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, budget=Budget.from_options(target_bpw=4.0))
+    with pytest.raises(BudgetError, match=rf"smallest mix {spec} can make of this model \({floor} bpw"):
+        api.convert(model_path("tiny-llama"), [spec], tmp_path, budget=Budget.from_options(target_bpw=4.0))
 
 
 @pytest.mark.parametrize("name, bpw", [("tiny-llama", 9.5), ("tiny-deepseek", 7.5)])
