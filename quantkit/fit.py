@@ -102,6 +102,8 @@ def variants(source, fmt: str, ctx: int, kv_type: str, vram: int, gpus: int = 1)
         max(fitting, key=lambda v: v.bpw).best = True
     if fmt == "gguf" and not isinstance(source, GGUFFile):
         out.append(_auto_fit(source, ctx, kv, vram, gpus))
+    elif fmt in ("ct", "gptq"):
+        out.append(_folder_auto_fit(source, fmt, ctx, kv, vram, gpus))
     return out
 
 
@@ -129,6 +131,25 @@ def _auto_fit(source, ctx: int, kv: str, vram: int, gpus: int) -> Variant:
     need = weights + estimate.kv_cache + gpus * estimate.compute
     return Variant("gguf:auto --fit-vram", "gguf", "auto", round(8 * weights / base.n_elements, 3), weights,
                    estimate.kv_cache, estimate.compute, need, room >= least)
+
+
+def _folder_auto_fit(source, fmt: str, ctx: int, kv: str, vram: int, gpus: int) -> Variant:
+    """What `convert --to ct:auto (gptq:auto) --fit-vram` would make: the largest automatic mix within the budget
+    convert gives it (never marked best, as for gguf:auto). Between every linear at its smallest candidate and at
+    its largest (BF16 where it may be kept)."""
+    from quantkit.formats import ConvertOptions, get_format, parse_target
+    from quantkit.formats.folder_auto import _limit, auto_groups
+    from quantkit.plan.allocate import Budget
+
+    folder = get_format(fmt)
+    mix = auto_groups(folder, source, folder.config(parse_target(f"{fmt}:auto"), ConvertOptions()), {}, {})
+    least, most = mix.bounds()
+    limit = _limit(folder, source, Budget(vram=vram, ctx=ctx, gpus=gpus, kv_type=kv), mix.n_elements)
+    weights = max(least, min(most, limit))
+    estimate = vram_plan(source.arch, shipped_plan(source.arch), ctx, kv)
+    need = weights + estimate.kv_cache + gpus * estimate.compute
+    return Variant(f"{fmt}:auto --fit-vram", fmt, "auto", round(8 * weights / mix.n_elements, 3), weights,
+                   estimate.kv_cache, estimate.compute, need, limit >= least)
 
 
 # how `quantkit eval` names a folder's storage (its input decoder's label) per output format

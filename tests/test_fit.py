@@ -55,6 +55,20 @@ def test_qwen_7b_kv_cache_and_the_best_fitting_variant():
     assert 8 * GIB - auto.total_bytes < 64 << 10
 
 
+@pytest.mark.parametrize("fmt", ["ct", "gptq"])
+def test_folder_auto_row_fills_the_vram_between_the_fixed_schemes(fmt):
+    """`{fmt}:auto --fit-vram` as the plan shows it: the budget convert would give the mix (vLLM's accounting), more
+    bits than the best fixed scheme that fits, and refused (fits False) below every linear's smallest scheme."""
+    rows = {r.name: r for r in variants(catalog.load("DeepSeek-R1-Distill-Qwen-7B"), fmt, 32768, "bf16",
+                                        10 * GIB)}
+    auto, w4, w8 = rows[f"{fmt}:auto --fit-vram"], rows[f"{fmt}:w4g128"], rows[f"{fmt}:w8"]
+    assert w4.fits and not w8.fits and w4.best and not auto.best
+    assert auto.fits and w4.bpw < auto.bpw < w8.bpw
+    assert 0 <= 10 * GIB - auto.total_bytes < 1 << 20
+    small = {r.name: r for r in variants(catalog.load("DeepSeek-R1-Distill-Qwen-7B"), fmt, 32768, "bf16", 8 * GIB)}
+    assert not small[f"{fmt}:auto --fit-vram"].fits
+
+
 def test_r1_mla_cache_and_gpus():
     r1 = catalog.load("DeepSeek-R1")
     one = {r.name: r for r in variants(r1, "gguf", 32768, "f16", 141 * 10**9, gpus=1)}
@@ -67,7 +81,7 @@ def test_r1_mla_cache_and_gpus():
 
 def test_folder_formats_and_kv_types(model_cache):
     rows = variants(catalog.load("DeepSeek-R1-Distill-Llama-8B"), "ct", 8192, "fp8", 24 * GIB)
-    assert [r.name for r in rows] == ["as shipped (bf16)", "ct:w8", "ct:w4g128"]
+    assert [r.name for r in rows] == ["as shipped (bf16)", "ct:w8", "ct:w4g128", "ct:auto --fit-vram"]
     assert rows[1].kv_bytes == 32 * 2 * 8 * 128 * 8192  # vLLM: exactly ctx positions, one byte per value
     with pytest.raises(QuantkitError, match="vLLM's KV cache"):
         variants(catalog.load("DeepSeek-R1-Distill-Llama-8B"), "ct", 8192, "q8_0", 24 * GIB)
@@ -98,7 +112,7 @@ def test_a_local_folder_and_a_gguf_file(model_cache, tmp_path):
     src = model_cache("llama")
     with Model(src) as model:
         rows = variants(model, "gptq", 512, "bf16", GIB)
-    assert [r.name for r in rows] == ["as shipped (bf16)", "gptq:w8", "gptq:w4g128"]
+    assert [r.name for r in rows] == ["as shipped (bf16)", "gptq:w8", "gptq:w4g128", "gptq:auto --fit-vram"]
     ((path, _),) = convert(src, ["gguf:Q8_0"], tmp_path / "m.gguf")
     gguf = GGUFFile(path)
     (row,) = variants(gguf, "gguf", 512, "f16", GIB)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,17 +56,45 @@ def candidate(base, scheme: str):
     return replace(base, bits=int(match.group(1)), group_size=-1 if match.group(2) is None else int(match.group(2)))
 
 
-def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, notes: dict
-                      ) -> tuple[dict, dict, float, str]:
-    """Each linear's config (None: kept) and plan note, the predicted KLD and the sensitivity key. `base`: the
-    target's config; `configs`/`notes`: after --tensor-type overrides, which stay fixed (with the rest of their
-    group)."""
-    budget: Budget = options.budget
+@dataclass
+class AutoGroups:
+    """An automatic mix's choices: the groups to allocate (their candidates and bytes), each group's linears, the
+    bytes of each group kept in BF16, the bytes fixed whatever the choice, and the model's weights."""
+
+    groups: list[Group]
+    free: dict[str, list[str]]
+    kept: dict[str, int]
+    fixed: int
+    n_elements: int
+    schemes: dict
+    routed: set[str]  # the routed experts' linears
+
+    def options(self, costs: dict[str, dict[str, float]] | None = None) -> dict[str, list[Option]]:
+        """Each group's options (cost 0 without `costs`); kept BF16 too, but not for routed experts:
+        transformers (5.17) would decompress kept ones of a compressed-tensors folder with the shared experts'
+        scheme and leave them uninitialised (measured: logits 63% off)."""
+        out = {g.name: [Option(s, b, costs[g.name][s] if costs else 0.0)
+                        for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in self.groups}
+        for g in self.groups:
+            if not self.routed.intersection(self.free[g.name]):
+                out[g.name].append(Option(KEPT, self.kept[g.name], 0.0))
+        return out
+
+    def bounds(self) -> tuple[int, int]:
+        """The bytes of the smallest and of the largest mix."""
+        options = self.options()
+        return (self.fixed + sum(min(o.nbytes for o in opts) for opts in options.values()),
+                self.fixed + sum(max(o.nbytes for o in opts) for opts in options.values()))
+
+
+def auto_groups(fmt, model, base, configs: dict, notes: dict) -> AutoGroups:
+    """The groups of `fmt`'s runtime sets and single linears with the candidates their shapes allow; linears an
+    override decided (in `notes`) are fixed, with the rest of their set (`configs`/`notes` updated)."""
     schemes = {s: candidate(base, s) for s in fmt.AUTO_CANDIDATES}
     shapes = model.arch.tensor_shapes()
-    weights = model.weights()
     groups, free, fixed_bytes = [], {}, 0
-    for label, layer, members in groups_of(model, fmt.runtime_sets(model)):
+    sets = fmt.runtime_sets(model)
+    for label, layer, members in groups_of(model, sets):
         overridden = [n for n in members if n in notes]
         if overridden:
             for n in members:
@@ -82,13 +110,26 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
         raise ConfigError(f"{fmt.name}:auto has no linear left to choose a scheme for: the overrides decide them all")
     kept = {g.name: sum(2 * math.prod(shapes[n]) for n in free[g.name]) for g in groups}
     others = _others(model)
-    plan_fixed = fixed_bytes + sum(2 * math.prod(s) for s in others.values())
     n_elements = sum(math.prod(s) for s in others.values()) + sum(
         math.prod(shapes[n]) for _, names, _ in quantized_linears(model) for n in names)
-    floor = plan_fixed + sum(min(g.nbytes) for g in groups)  # bf16 is never the smallest
-    limit = _limit(fmt, model, budget, n_elements)
+    routed = {n for rule, names in sets if rule.startswith("MoE") for n in names}
+    return AutoGroups(groups, free, kept, fixed_bytes + sum(2 * math.prod(s) for s in others.values()), n_elements,
+                      schemes, routed)
+
+
+def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, notes: dict
+                      ) -> tuple[dict, dict, float, str]:
+    """Each linear's config (None: kept) and plan note, the predicted KLD and the sensitivity key. `base`: the
+    target's config; `configs`/`notes`: after --tensor-type overrides, which stay fixed (with the rest of their
+    group)."""
+    budget: Budget = options.budget
+    weights = model.weights()
+    mix = auto_groups(fmt, model, base, configs, notes)
+    groups, free, schemes = mix.groups, mix.free, mix.schemes
+    floor = mix.bounds()[0]
+    limit = _limit(fmt, model, budget, mix.n_elements)
     if floor > limit:  # before measuring anything
-        raise BudgetError(budget.refusal(f"{fmt.name}:auto", "linear", floor, limit, n_elements))
+        raise BudgetError(budget.refusal(f"{fmt.name}:auto", "linear", floor, limit, mix.n_elements))
 
     gptq = fmt.auto_calibrated(target)
     layer_of = {n: layer for layer, names, _ in quantized_linears(model) for n in names}
@@ -117,15 +158,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       calib=str(options.calib) if options.calib else None, **measured)
-    by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s]) for s, b in zip(g.schemes, g.nbytes, strict=True)]
-                for g in groups}
-    expert_sets = {n for rule, names in fmt.runtime_sets(model) if rule.startswith("MoE") for n in names}
-    for g in groups:
-        # routed experts stay quantized: transformers (5.17) would decompress kept ones of a compressed-tensors
-        # folder with the shared experts' scheme and leave them uninitialised (measured: logits 63% off)
-        if not expert_sets.intersection(free[g.name]):
-            by_group[g.name].append(Option(KEPT, kept[g.name], 0.0))
-    chosen = allocate(by_group, limit - plan_fixed)
+    by_group = mix.options(sensitivity.costs)
+    chosen = allocate(by_group, limit - mix.fixed)
     for label, option in chosen.items():
         for n in free[label]:
             configs[n] = None if option.scheme == KEPT else schemes[option.scheme]
