@@ -11,8 +11,9 @@ layers back for a resumed run. Every gptq target of one command is a stream of o
 Mixes (`--tensor-type`, `--to gptq:auto`) keep that layout per linear and say which linears differ from the
 top-level scheme in GPTQModel's `dynamic` (FORMATS.md §5.4): one anchored pattern per set of linears the runtimes
 run as one (it also names vLLM's fused module, qkv_proj, gate_up_proj, a layer's `experts`), `+:` with the
-linear's bits, group_size, sym and desc_act, or `-:` for a linear kept in BF16. GPTQModel and vLLM read it;
-AutoGPTQ and transformers' GPTQ integration (optimum) do not.
+linear's bits, group_size, sym and desc_act, or `-:` for a linear kept in BF16. GPTQModel reads it (tests/interop);
+vLLM's GPTQ configs read `dynamic` by the fused module's prefix, which the patterns name (not run here: no vLLM on
+these machines); AutoGPTQ and transformers' GPTQ integration (optimum) ignore it.
 """
 
 from __future__ import annotations
