@@ -138,13 +138,13 @@ def _folder_auto_fit(source, fmt: str, ctx: int, kv: str, vram: int, gpus: int) 
     convert gives it (never marked best, as for gguf:auto). Between every linear at its smallest candidate and at
     its largest (BF16 where it may be kept)."""
     from quantkit.formats import ConvertOptions, get_format, parse_target
-    from quantkit.formats.folder_auto import _limit, auto_groups
+    from quantkit.formats.folder_auto import auto_groups, tensor_budget
     from quantkit.plan.allocate import Budget
 
     folder = get_format(fmt)
     mix = auto_groups(folder, source, folder.config(parse_target(f"{fmt}:auto"), ConvertOptions()), {}, {})
     least, most = mix.bounds()
-    limit = _limit(folder, source, Budget(vram=vram, ctx=ctx, gpus=gpus, kv_type=kv), mix.n_elements)
+    limit = tensor_budget(folder, source, Budget(vram=vram, ctx=ctx, gpus=gpus, kv_type=kv), mix.n_elements)
     weights = max(least, min(most, limit))
     estimate = vram_plan(source.arch, shipped_plan(source.arch), ctx, kv)
     need = weights + estimate.kv_cache + gpus * estimate.compute

@@ -127,7 +127,7 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     mix = auto_groups(fmt, model, base, configs, notes)
     groups, free, schemes = mix.groups, mix.free, mix.schemes
     floor = mix.bounds()[0]
-    limit = _limit(fmt, model, budget, mix.n_elements)
+    limit = tensor_budget(fmt, model, budget, mix.n_elements)
     if floor > limit:  # before measuring anything
         raise BudgetError(budget.refusal(f"{fmt.name}:auto", "linear", floor, limit, mix.n_elements))
 
@@ -198,7 +198,9 @@ def _overhead(model: Model, budget: Budget) -> int:
     return estimate.kv_cache + budget.gpus * estimate.compute
 
 
-def _limit(fmt, model: Model, budget: Budget, n_elements: int) -> int:
+def tensor_budget(fmt, model: Model, budget: Budget, n_elements: int) -> int:
+    """The budget as bytes of tensor data (bpw over every tensor; the files less their headers; the VRAM less KV
+    cache and compute buffers)."""
     if budget.bpw is not None:
         return int(budget.bpw * n_elements / 8)
     n_tensors = len(fmt.suffixes) * sum(len(names) for _, names, _ in quantized_linears(model)) + len(_others(model))
