@@ -81,8 +81,8 @@ def main() -> int:
         "",
         *outcomes,
         "",
-        "Why tiny-qwen2 needs the tied lm_head.weight quantkit stores, and why tiny-deepseek cannot load: the "
-        "docstring of tests/interop/test_autogptq.py.",
+        "Why tiny-qwen2 needs the tied lm_head.weight quantkit stores, why tiny-deepseek cannot load and why mixes "
+        "are refused: tests/interop/test_autogptq.py.",
         "",
     ]))
     print(RESULTS.read_text())

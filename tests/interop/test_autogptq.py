@@ -69,3 +69,14 @@ def test_deepseek_is_not_supported(autogptq_env, tmp_path, record_property):
     print(f"tiny-deepseek gptq:w4g128 in AutoGPTQ: {result.get('error')}, {result['versions']}")
     # When AutoGPTQ loads it, compare its logits as for the dense models.
     assert "deepseek_v3" in result.get("error", ""), result.get("error") or "AutoGPTQ loaded tiny-deepseek"
+
+
+def test_mixes_are_refused(autogptq_env, tmp_path, record_property):
+    """AutoGPTQ predates GPTQModel's `dynamic`: it builds every linear at the top-level scheme and refuses a mix on
+    the first stored tensor of another shape (measured: ValueError on a w8 down_proj's qweight), rather than
+    loading something else."""
+    folders, windows, _ = _write("tiny-llama", tmp_path, ["w4g128"], tensor_types=["mlp.down_proj=w8"])
+    result = _autogptq(autogptq_env, folders, windows, tmp_path)["w4g128"]
+    record_property("tiny-llama:w4g128 mix", json.dumps({"error": result.get("error"), "versions": result["versions"]}))
+    print(f"tiny-llama gptq:w4g128 mix in AutoGPTQ: {result.get('error')}")
+    assert "qweight" in result.get("error", ""), result.get("error") or "AutoGPTQ loaded a mix"
