@@ -105,8 +105,10 @@ class Sensitivity:
 def sensitivity_key(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], **settings) -> str:
     """What a measurement depends on; a stored file is reused only when its key matches."""
     digest = hashlib.sha256()
+    # the samples' lengths too: the same tokens cut into other windows sit at other positions
     digest.update(json.dumps([__version__, fmt, model.source.file_identity(), model.config, settings,
-                              [(g.name, g.schemes) for g in groups]], sort_keys=True, default=str).encode())
+                              [(g.name, g.schemes) for g in groups], [len(s) for s in samples]],
+                             sort_keys=True, default=str).encode())
     for s in samples:
         digest.update(s.to(torch.int64).cpu().numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -80,6 +80,9 @@ def test_stored_measurement_is_reused_only_for_the_same_inputs(model_cache, tmp_
     assert again.costs == first.costs
     with pytest.raises(AssertionError, match="measured again"):  # other text: another measurement
         measure_sensitivity(model, "test", [torch.arange(4, 20)], [g for g, _ in groups.values()], degrade, path=path)
+    with pytest.raises(AssertionError, match="measured again"):  # the same tokens in other windows
+        measure_sensitivity(model, "test", [torch.arange(3, 11), torch.arange(11, 19)],
+                            [g for g, _ in groups.values()], degrade, path=path)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not JSON"):
         Sensitivity.load(path)
