@@ -4,17 +4,19 @@ bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 
 for GPTQ folders (gptq:w4g128, its mix as GPTQModel `dynamic`, gptq:auto at each one's size).
 
     python bench/ct_quality.py [--models tiny-llama,tiny-qwen2,tiny-deepseek] [--samples 32] [--ctx 256]
-                               [--windows 64] [--work /tmp/ct-quality] [--auto-only]
+                               [--windows 128] [--eval-ctx 256] [--work /tmp/ct-quality] [--auto-only]
 
 --auto-only adds the automatic variants and the GPTQ folders to the stored results (same eval settings) instead
 of redoing the rest.
 
 Per model: one `quantkit convert` for the uniform variants (one calibration pass for all of them), one per mix
 (`--tensor-type self_attn=w8`; AWQ, which quantizes in groups: `self_attn=w8g128`), then one `quantkit eval` of
-every folder against the bundled source (KLD mean, top-1, PPL on --windows windows of 512 tokens of the bundled
-held-out text). Bits: the decoder-layer linears' stored bits per weight (packed codes, scales, zero points; kept
-linears at 16) from each output's plan, and llama.cpp's BPW over every tensor (embeddings and lm_head BF16
-included, a large share in these tiny models). Results: bench/results/ct_quality.{json,md}.
+every folder against the bundled source (KLD mean, top-1, PPL on --windows windows of --eval-ctx tokens of the
+bundled held-out text; 256 by default: the bundled models were trained on 256-token windows, eval scores the second
+half of each window, and at 512 every scored position would lie beyond what the models saw in training). Bits: the
+decoder-layer linears' stored bits per weight (packed codes, scales, zero points; kept linears at 16) from each
+output's plan, and llama.cpp's BPW over every tensor (embeddings and lm_head BF16 included, a large share in these
+tiny models). Results: bench/results/ct_quality.{json,md}.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def run_auto(name: str, args, report: dict) -> None:
     quality = report["quality"].setdefault(name, {})
     measured: dict = {}
     if evaluate(src, {k: v[0] for k, v in folders.items()}, work / "eval", work / "eval.log", args.windows,
-                measured) is None:
+                measured, args.eval_ctx) is None:
         raise SystemExit(f"eval failed: {measured.get('error')}")
     eval_report = json.loads((work / "eval" / "report.json").read_text())
     by_path = {v["path"]: v for v in eval_report["variants"]}
@@ -161,7 +163,7 @@ def run_model(name: str, args, report: dict) -> None:
         stem = f"mix-{method}/{src.name}-mix" if overrides else f"uniform/{src.name}"
         folders[f"{method} | {layout}"] = work / f"{stem}-CT-{spec.removeprefix('ct:')}"
     quality = report["quality"].setdefault(name, {})
-    settings = evaluate(src, folders, work / "eval", work / "eval.log", args.windows, quality)
+    settings = evaluate(src, folders, work / "eval", work / "eval.log", args.windows, quality, args.eval_ctx)
     if settings is None:
         raise SystemExit(f"eval failed: {quality.get('error')}")
     report["eval_settings"] = settings
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tiny-llama,tiny-qwen2,tiny-deepseek")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=64, help="eval windows of 512 tokens per model")
+    parser.add_argument("--windows", type=int, default=128, help="eval windows per model")
+    parser.add_argument("--eval-ctx", type=int, default=256, help="tokens per eval window")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ct-quality"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ct_quality")
     parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.auto_only:
         report = json.loads(args.out.with_suffix(".json").read_text())
+        if report["eval_settings"].get("ctx") != args.eval_ctx:
+            raise SystemExit(f"the stored results were evaluated at ctx {report['eval_settings'].get('ctx')}; "
+                             "--auto-only needs the same --eval-ctx")
         report["auto"] = report_head("ct_quality.py", argv)
         report["notes"] += args.note
     else:

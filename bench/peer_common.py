@@ -121,13 +121,14 @@ def quantize_seconds(log: Path) -> float | None:
     return int(m.group(1)) * float(m.group(2)) if m else None
 
 
-def evaluate(src: Path, targets: dict, ev: Path, log: Path, windows: int, quality: dict) -> dict | None:
-    """`quantkit eval` of every target folder against src; fills quality[key] (KLD, top-1, PPL) and
-    quality['baseline_ppl'] (or quality['error']); returns the eval settings."""
+def evaluate(src: Path, targets: dict, ev: Path, log: Path, windows: int, quality: dict,
+             ctx: int | None = None) -> dict | None:
+    """`quantkit eval` of every target folder against src (windows of `ctx` tokens; None: eval's default); fills
+    quality[key] (KLD, top-1, PPL) and quality['baseline_ppl'] (or quality['error']); returns the eval settings."""
     paths = {k: v for k, v in targets.items() if v is not None}
     r = timed([sys.executable, "-m", "quantkit.cli", "eval", *map(str, paths.values()), "--baseline", str(src),
-               "--mc-items", "0", "--windows", str(windows), "--device", "cpu", "-o", str(ev), "--force"],
-              quantkit_env(), log)
+               "--mc-items", "0", "--windows", str(windows), *(["--ctx", str(ctx)] if ctx else []), "--device", "cpu",
+               "-o", str(ev), "--force"], quantkit_env(), log)
     if r["rc"]:
         quality["error"] = r.get("error")
         return None
