@@ -19,8 +19,14 @@ class _Terminated(BaseException):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that partial outputs are removed on the way out."""
 
 
-def _terminate(signum, frame):
-    raise _Terminated
+SIGNAL_LINES = {signal.SIGINT: "error: interrupted (Ctrl-C)", signal.SIGTERM: "error: terminated (SIGTERM)"}
+_received: int | None = None  # the signal that stopped the command
+
+
+def _on_signal(signum, frame):
+    global _received
+    _received = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
 class _Group(click.Group):
@@ -30,15 +36,19 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except QuantkitError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted (Ctrl-C)", err=True)
-            sys.exit(128 + signal.SIGINT)
-        except _Terminated:
-            click.echo("error: terminated (SIGTERM)", err=True)
-            sys.exit(128 + signal.SIGTERM)
+        except (Exception, KeyboardInterrupt, _Terminated) as exc:
+            signum = _received
+            if isinstance(exc, KeyboardInterrupt | _Terminated):
+                signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            # after a signal, whatever exception arrives is the signal's: one raised inside threading's lock code
+            # can fail on the way out (Condition.wait: "cannot release un-acquired lock") and replace it
+            if signum is not None:
+                click.echo(SIGNAL_LINES[signum], err=True)
+                sys.exit(128 + signum)
+            if isinstance(exc, QuantkitError):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            raise
 
 
 class _StderrHandler(logging.Handler):
@@ -52,7 +62,9 @@ class _StderrHandler(logging.Handler):
 @click.version_option(__version__, prog_name="quantkit")
 def main():
     """Quantize LLM checkpoints and measure what each variant costs and saves."""
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell has it ignored
+        signal.signal(signal.SIGINT, _on_signal)
     log = logging.getLogger("quantkit")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()

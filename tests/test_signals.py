@@ -81,3 +81,25 @@ def test_signal_stops_the_compiled_codecs_threads(model, tmp_path):
     assert code_seen == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)" and "Traceback" not in stderr
     assert workers == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "error: terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "error: interrupted (Ctrl-C)")])
+def test_an_exception_replacing_the_signals_is_still_reported_as_the_signal(monkeypatch, sig, code, line):
+    """A signal that lands inside threading's Condition.wait can leave its lock released, and the `with` around it
+    then raises RuntimeError in place of the signal's exception (seen once in the SIGTERM test above)."""
+    from click.testing import CliRunner
+
+    from quantkit import cli
+
+    def racing(path):
+        try:
+            cli._on_signal(sig, None)
+        finally:
+            raise RuntimeError("cannot release un-acquired lock")
+
+    monkeypatch.setattr(cli, "_received", None)
+    monkeypatch.setattr("quantkit.inspection.inspect_checkpoint", racing)
+    result = CliRunner().invoke(cli.main, ["inspect", "tiny-llama"])
+    assert result.exit_code == code
+    assert result.output.strip().splitlines() == [line]
