@@ -62,6 +62,8 @@ class _StderrHandler(logging.Handler):
 @click.version_option(__version__, prog_name="quantkit")
 def main():
     """Quantize LLM checkpoints and measure what each variant costs and saves."""
+    global _received
+    _received = None  # one process can run several commands (click's test runner)
     signal.signal(signal.SIGTERM, _on_signal)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell has it ignored
         signal.signal(signal.SIGINT, _on_signal)
