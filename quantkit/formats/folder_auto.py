@@ -24,7 +24,7 @@ from quantkit.calib.engine import LayerWeights
 from quantkit.calib.gptq import FloatLayerHessians, gptq_or_rtn, runtime_weight
 from quantkit.calib.sensitivity import Group, measure_sensitivity
 from quantkit.errors import ConfigError
-from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, kept_globals, quantized_linears
+from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, kept_globals, quantized_linears, runtime_units
 from quantkit.model import Model
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
@@ -37,17 +37,9 @@ SAFETENSORS_ENTRY_BYTES = 256  # a generous bound on one tensor's entry in a saf
 
 def groups_of(model: Model, sets: list[tuple[str, list[str]]]) -> list[tuple[str, int, list[str]]]:
     """(group name, layer, linears) for every decoder-layer linear: runtime sets first, the rest alone."""
-    in_set = {n: names for _, names in sets for n in names}
-    out, seen = [], set()
-    for layer, linears, _ in quantized_linears(model):
-        for name in linears:
-            if name in seen:
-                continue
-            members = in_set.get(name, [name])
-            seen.update(members)
-            label = name if len(members) == 1 else f"{name.rsplit('.', 2)[0]}.* ({len(members)} linears)"
-            out.append((label, layer, members))
-    return out
+    layer_of = {n: layer for layer, names, _ in quantized_linears(model) for n in names}
+    return [(members[0] if len(members) == 1 else f"{members[0].rsplit('.', 2)[0]}.* ({len(members)} linears)",
+             layer_of[members[0]], members) for members in runtime_units(layer_of, sets)]
 
 
 def candidate(base, scheme: str):

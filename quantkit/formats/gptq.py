@@ -28,7 +28,14 @@ from quantkit import __version__
 from quantkit.calib.gptq import GPTQ
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Target
-from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, LayerwiseFolderFormat, module_name, runtime_sets
+from quantkit.formats.layerwise_folder import (
+    KEPT,
+    WEIGHT_SCHEME,
+    LayerwiseFolderFormat,
+    module_name,
+    runtime_sets,
+    runtime_units,
+)
 from quantkit.formats.packing import pack, to_int32, unpack
 from quantkit.model import Model
 from quantkit.quant.gptq import BITS, MSE_NORM, GPTQConfig, GPTQResult, dequantize
@@ -142,16 +149,13 @@ def dynamic_entry(config: GPTQConfig) -> dict:
     return {"bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act}
 
 
-def dynamic_for(base: GPTQConfig, configs: dict[str, GPTQConfig | None], sets: list[list[str]]) -> dict[str, dict]:
+def dynamic_for(base: GPTQConfig, configs: dict[str, GPTQConfig | None],
+                sets: list[tuple[str, list[str]]]) -> dict[str, dict]:
     """GPTQModel's `dynamic` for every linear whose config is not `base`: `+:pattern` -> its settings, `-:pattern`
     -> kept unquantized. Linears of one runtime set share a config (check_mix) and one pattern."""
-    in_set = {n: names for names in sets for n in names}
-    dynamic, seen = {}, set()
-    for name, config in configs.items():
-        if name in seen:
-            continue
-        members = in_set.get(name, [name])
-        seen.update(members)
+    dynamic = {}
+    for members in runtime_units(configs, sets):
+        config = configs[members[0]]
         if config == base:
             continue
         pattern = unit_pattern([module_name(n) for n in members])
@@ -238,7 +242,7 @@ class GPTQFormat(LayerwiseFolderFormat):
         quantized = [c for c in configs.values() if c is not None]
         if quantized and config not in quantized:  # top level: the scheme most linears have
             config = Counter(quantized).most_common(1)[0][0]
-        dynamic = dynamic_for(config, configs, [names for _, names in self.runtime_sets(model)])
+        dynamic = dynamic_for(config, configs, self.runtime_sets(model))
         extra = {"dynamic": dynamic} if dynamic else {}
         return ({"quantization_config": self.quantization_config(config) | extra},
                 {"quantize_config.json": self.quantize_config(config) | extra})

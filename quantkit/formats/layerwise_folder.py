@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +345,17 @@ def runtime_sets(model: Model, experts_per_layer: bool) -> list[tuple[str, list[
         sets.append(("MoE experts: the runtimes' fused MoE runs the routed experts (gate, up and down) with one "
                      "scheme, in every layer for transformers' fused expert parameters", experts))
     return sets
+
+
+def runtime_units(linears: Iterable[str], sets: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Every linear once, in order: with the rest of its runtime set (`sets` from runtime_sets), else alone."""
+    in_set = {n: names for _, names in sets for n in names}
+    units, seen = [], set()
+    for name in linears:
+        if name not in seen:
+            units.append(in_set.get(name, [name]))
+            seen.update(units[-1])
+    return units
 
 
 def _precision(config: Any) -> tuple:
