@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
 from quantkit import convert as api
 from quantkit.arch import load_architecture
 from quantkit.bundled import model_path, textsets
+from quantkit.cli import main
 from quantkit.errors import ConfigError, QuantkitError
 from quantkit.formats import get_format
 from quantkit.formats.gguf.calibrated import Spool, calibrate, spool_folder
@@ -159,3 +161,19 @@ def test_auto_gptq_measures_candidates_as_the_pass_encodes_them():
     assert calibrated["token_embd.weight"] == rtn["token_embd.weight"]
     for name in names[1:]:
         assert calibrated[name]["Q3_K"] < 0.9 * rtn[name]["Q3_K"], (name, calibrated[name], rtn[name])
+
+
+def test_auto_gptq_mix_is_named_as_such(tmp_path):
+    """The -gptq mix is labelled gguf:auto-gptq in the dry-run table and the `wrote` line, as its file is named."""
+    from tests.conftest import bundled_imatrix_file
+
+    args = ["convert", "tiny-llama", "--to", "gguf:auto-gptq", "--target-bpw", "4",
+            "--imatrix", str(bundled_imatrix_file("tiny-llama")), "--sensitivity", str(tmp_path / "sens.json"),
+            "--sensitivity-samples", "1", "--calib-ctx", "64", "--calib-samples", "1", "-o", str(tmp_path)]
+    result = CliRunner().invoke(main, args + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "gguf:auto-gptq (--target-bpw 4), predicted KLD" in result.output
+    assert "tiny-llama-auto-gptq-4.00bpw.gguf" in result.output
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "(gguf:auto-gptq-4.00bpw," in result.output

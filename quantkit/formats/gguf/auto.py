@@ -200,7 +200,7 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     chosen = allocate(options_by_group, limit - fixed)
     entries = tuple(replace(e, scheme=chosen[e.name].scheme, nbytes=chosen[e.name].nbytes, note="auto")
                     if e.name in chosen else e for e in base.entries)
-    plan = Plan("gguf", f"auto-{budget.label}", entries)
+    plan = Plan("gguf", f"auto{'-gptq' if gptq else ''}-{budget.label}", entries)
     predicted = sum(o.cost for o in chosen.values())
     log.info("gguf:auto %s: %.4f bpw, predicted KLD %.5f", budget.option, plan.bpw, predicted)
     return plan, predicted, sensitivity

@@ -73,7 +73,8 @@ class GGUFFormat(OutputFormat):
         if plan.target.startswith("auto"):
             meta = self._auto.get(plan, {})
             predicted = meta["quantize.auto.predicted_kld"].value if meta else float("nan")
-            return format_plan(plan, heading=f"gguf:auto ({meta['quantize.auto.budget'].value if meta else ''}), "
+            spec = "auto-gptq" if plan.target.startswith("auto-gptq") else "auto"
+            return format_plan(plan, heading=f"gguf:{spec} ({meta['quantize.auto.budget'].value if meta else ''}), "
                                              f"predicted KLD {predicted:.5f}")
         ft = file_type(plan.target)
         return format_plan(plan, heading=f"file type {ft.name} (general.file_type = {ft.ftype})")
