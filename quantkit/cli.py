@@ -156,10 +156,14 @@ def inspect(model, as_json):
                    "candidates, else measured and written there (default: kept in the statistics cache).")
 @click.option("--sensitivity-samples", type=int, default=8, show_default=True,
               help="Calibration samples (of --calib-ctx tokens) the sensitivity is measured on.")
+@click.option("--sensitivity-method", type=click.Choice(["output", "proxy"]), default="output", show_default=True,
+              help="gguf:auto's measurement: every candidate type's KLD at the model output, or (proxy) one type's "
+                   "per tensor, the others scaled by how much they change their layer's output: one layer-forward "
+                   "per candidate instead of about half the layers.")
 def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, output_tensor_type, token_embedding_type,
             pure, imatrix, dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib,
             calib_samples, calib_ctx, damp, target_bpw, target_size, fit_vram, ctx, gpus, kv_type, sensitivity,
-            sensitivity_samples):
+            sensitivity_samples, sensitivity_method):
     """Convert MODEL (a HF folder with BF16/F16/F32 or FP8 safetensors, or a bundled model name) to
     quantized files, streaming one tensor at a time."""
     import torch
@@ -178,7 +182,7 @@ def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, out
                               threads=threads, force=force, split_max_size=split_max_size,
                               tokenizer_pre=tokenizer_pre, name=name, calib=calib, calib_samples=calib_samples,
                               calib_ctx=calib_ctx, damp=damp, sensitivity=sensitivity,
-                              sensitivity_samples=sensitivity_samples,
+                              sensitivity_samples=sensitivity_samples, sensitivity_method=sensitivity_method,
                               budget=Budget.from_options(target_bpw, target_size, fit_vram, ctx, gpus, kv_type),
                               progress=show)
     for path, plan in results:

@@ -12,6 +12,12 @@ time; the candidates of layer i start from layer i's float inputs, and their hid
 remaining layers together, in batches bounded by `batch_bytes`, each later layer read once per batch. Cost: one
 float pass for the reference outputs plus, per candidate, one forward of its own layer and of every layer after it
 (about candidates x layers / 2 layer-forwards over the calibration tokens).
+
+The proxy method (`anchors`) measures one candidate per group (its anchor) that way, and prices the group's other
+candidates from what they change where they act: cost = the anchor's KLD x the candidate's mean squared change of
+its stage's output (the embedding's, or the decoder layer's) / the anchor's. That is one layer-forward per
+candidate instead of about layers / 2, calibrated per group against a measured KLD (bench/sensitivity_proxy.py
+compares the two methods).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +74,12 @@ class Sensitivity:
     seconds: float
     groups: list[Group]
     costs: dict[str, dict[str, float]]  # group name -> scheme -> mean KLD
+    method: str = "output"  # every candidate measured at the model output, or "proxy" (see `measure`'s anchors)
 
     def to_json(self) -> dict:
         return {"version": SENSITIVITY_VERSION, "format": self.format, "key": self.key, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "metric": "mean KL divergence per token vs the float model",
+                "method": self.method,
                 "groups": [{"name": g.name, "stage": g.stage, "candidates": [
                     {"scheme": s, "bytes": b, "kld": self.costs[g.name][s]}
                     for s, b in zip(g.schemes, g.nbytes, strict=True)]} for g in self.groups]}
@@ -88,7 +96,8 @@ class Sensitivity:
                 groups.append(Group(g["name"], int(g["stage"]), tuple(c["scheme"] for c in cands),
                                     tuple(int(c["bytes"]) for c in cands)))
                 costs[g["name"]] = {c["scheme"]: float(c["kld"]) for c in cands}
-            return cls(data["format"], data["key"], int(data["tokens"]), float(data["seconds"]), groups, costs)
+            return cls(data["format"], data["key"], int(data["tokens"]), float(data["seconds"]), groups, costs,
+                       data.get("method", "output"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{origin}: not a quantkit sensitivity file ({exc!r} is missing or malformed); "
                               "delete it to measure again") from None
@@ -125,12 +134,15 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
             degrade: Degrade, *, device: torch.device | str = "cpu", batch_bytes: int = 1 << 30,
             progress: ProgressCallback | None = None, done: dict[str, dict[str, float]] | None = None,
             checkpoint: Callable[[dict[str, dict[str, float]]], None] | None = None,
-            prepare: Prepare | None = None) -> dict[str, dict[str, float]]:
+            prepare: Prepare | None = None, anchors: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Mean KLD per token of the model with one group at one scheme, for every group and candidate scheme.
     Samples must have one length: they run as one batch (the statistics need no per-sample bit-exactness).
     `done`: costs already measured (a resumed run), not measured again; `checkpoint(costs)` is called with every
     cost so far after each stage (the embedding, each layer, the head). A candidate's cost does not depend on
-    which others share its batch, so a resumed measurement equals an uninterrupted one."""
+    which others share its batch, so a resumed measurement equals an uninterrupted one.
+    `anchors` (the proxy method): group name -> its scheme measured at the output, the others priced by their
+    stage-output error relative to it. Where the anchor leaves the stage's output unchanged, the group's candidate
+    of largest error is the anchor instead. Groups of the head's stage are measured at the output."""
     device = torch.device(device)
     if len({len(s) for s in samples}) != 1:
         raise ConfigError("sensitivity samples must all have the same number of tokens")
@@ -142,7 +154,17 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
         if not EMBEDDING <= g.stage <= n_layers:
             raise ConfigError(f"group {g.name}: stage {g.stage} is outside the model")
         by_stage.setdefault(g.stage, []).extend((g, s) for s in g.schemes if s not in (done or {}).get(g.name, {}))
-    total = 2 * n_layers + sum(max(n_layers - stage, 1) * len(c) for stage, c in by_stage.items())  # as step() counts
+    anchors = dict(anchors or {})
+    for g in groups:
+        if g.name in anchors and anchors[g.name] not in g.schemes:
+            raise ValueError(f"group {g.name}: anchor {anchors[g.name]} is not one of its schemes {g.schemes}")
+
+    def proxied(group: Group) -> bool:
+        return group.name in anchors and group.stage < n_layers
+
+    # as step() counts: a candidate measured at the output is one step per layer after its own, plus the head
+    total = 2 * n_layers + sum(1 if proxied(g) and anchors[g.name] != s else max(n_layers - stage, 1)
+                               for stage, c in by_stage.items() for g, s in c)
     steps = 0
 
     def step(n: int = 1) -> None:
@@ -185,41 +207,81 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
             costs[group.name][scheme] = sums[c] / tokens
         step(len(states))
 
-    def batches(stage: int, stage_weights: Weights | None = None, inputs: torch.Tensor | None = None):
+    def run_stage(stage: int, stage_weights: Weights | None, inputs: torch.Tensor | None,
+                  output: torch.Tensor | None, forward: Callable[[dict], torch.Tensor]) -> None:
+        """The stage's candidates: `forward(replaced)` is a candidate's output of the stage, `output` the float
+        model's (what the proxy method compares with)."""
         cands = by_stage.get(stage, [])
-        if cands and prepare is not None and stage_weights is not None:
+        if not cands:
+            return
+        if prepare is not None and stage_weights is not None:
             prepare(stage, stage_weights, inputs, positions)
-        for i in range(0, len(cands), batch):
-            yield [(g, s, degrade(g, s)) for g, s in cands[i:i + batch]]
+        pending: list[tuple[Group, str, dict, torch.Tensor]] = []
+        errors: dict[str, tuple[str, dict[str, float]]] = {}
 
-    def stage_done(stage: int) -> None:
-        if checkpoint is not None and by_stage.get(stage):
+        def add(state: tuple[Group, str, dict, torch.Tensor]) -> None:
+            pending.append(state)
+            if len(pending) >= batch:
+                finish(pending, stage + 1)
+                pending.clear()
+
+        by_group: dict[Group, list[str]] = {}
+        for g, s in cands:
+            by_group.setdefault(g, []).append(s)
+        for g, schemes in by_group.items():
+            if not proxied(g):
+                for s in schemes:
+                    replaced = degrade(g, s)
+                    add((g, s, replaced, forward(replaced)))
+                continue
+            preferred, err, kept = anchors[g.name], {}, None
+            for s in schemes:
+                replaced = degrade(g, s)
+                out = forward(replaced)
+                err[s] = float((out - output).float().pow(2).mean())
+                if s == preferred:
+                    kept = (g, s, replaced, out)
+                else:
+                    step()
+            anchor = preferred if err[preferred] > 0 else max(err, key=err.get)
+            if anchor != preferred:
+                replaced = degrade(g, anchor)
+                kept = (g, anchor, replaced, forward(replaced))
+            errors[g.name] = (anchor, err)
+            add(kept)
+        if pending:
+            finish(pending, stage + 1)
+        for name, (anchor, err) in errors.items():
+            for s, e in err.items():
+                if s != anchor:
+                    costs[name][s] = costs[name][anchor] * (e / err[anchor] if err[anchor] > 0 else 1.0)
+        if checkpoint is not None:
             checkpoint(costs)
 
-    for chunk in batches(EMBEDDING):
-        finish([(g, s, r, arch.embed(_overlay(weights, r), ids)) for g, s, r in chunk], 0)
-    stage_done(EMBEDDING)
+    run_stage(EMBEDDING, None, None, embedded, lambda r: arch.embed(_overlay(weights, r), ids))
     hidden = embedded
     for index in range(n_layers):
         layer = LayerWeights(weights)
-        for chunk in batches(index, layer, hidden):
-            finish([(g, s, r, layer_forward(index, _overlay(layer, r), hidden)) for g, s, r in chunk], index + 1)
-        stage_done(index)
-        hidden = layer_forward(index, layer, hidden)
+        output = layer_forward(index, layer, hidden)
+        run_stage(index, layer, hidden, output, lambda r, index=index, layer=layer, hidden=hidden:
+                  layer_forward(index, _overlay(layer, r), hidden))
+        hidden = output
         layer.clear()
         step()
-    for chunk in batches(n_layers, head, final):
-        finish([(g, s, r, final) for g, s, r in chunk], n_layers)
-    stage_done(n_layers)
+    run_stage(n_layers, head, final, None, lambda r: final)
     return costs
 
 
 def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups: Sequence[Group], degrade: Degrade,
                         *, path: Path | None = None, progress: ProgressCallback | None = None,
-                        prepare: Prepare | None = None, **settings) -> Sensitivity:
+                        prepare: Prepare | None = None, anchors: Mapping[str, str] | None = None,
+                        **settings) -> Sensitivity:
     """The stored measurement at `path` (default: the statistics cache, under a name holding the key) when it was
-    made on the same model, samples, groups and settings; otherwise measured now and saved there. While measuring,
-    `<path>.part` holds every cost so far: a killed run resumes from it (an unwritable cache only costs reuse)."""
+    made on the same model, samples, groups, method and settings; otherwise measured now and saved there. While
+    measuring, `<path>.part` holds every cost so far: a killed run resumes from it (an unwritable cache only costs
+    reuse). `anchors`: the proxy method (`measure`)."""
+    if anchors:
+        settings |= {"proxy_anchors": dict(anchors)}
     key = sensitivity_key(model, fmt, samples, groups, **settings)
     cached = path is None
     if cached:
@@ -231,7 +293,7 @@ def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups
         if stored.key == key:
             log.info("sensitivity reused from %s", path)
             return stored
-        log.warning("%s was measured on another model, text or candidate set; measuring again", path)
+        log.warning("%s was measured on another model, text, candidate set or method; measuring again", path)
     part = path.with_name(path.name + ".part")
     done = _partial(part, key)
     if done:
@@ -243,8 +305,9 @@ def measure_sensitivity(model, fmt: str, samples: Sequence[torch.Tensor], groups
 
     started = time.monotonic()
     costs = measure(model.arch, model.weights(), samples, groups, degrade, device=model.device, progress=progress,
-                    done=done, checkpoint=checkpoint, prepare=prepare)
-    result = Sensitivity(fmt, key, sum(len(s) for s in samples), time.monotonic() - started, list(groups), costs)
+                    done=done, checkpoint=checkpoint, prepare=prepare, anchors=anchors)
+    result = Sensitivity(fmt, key, sum(len(s) for s in samples), time.monotonic() - started, list(groups), costs,
+                         "proxy" if anchors else "output")
     _write_json(path, result.to_json(), cached)
     part.unlink(missing_ok=True)
     return result

@@ -60,10 +60,12 @@ class ConvertOptions:
     # keep the decoder layers before a MoE model's first MoE layer unquantized (DeepSeek's dense layers)
     keep_first_dense: bool = False
     # automatic mixes (`auto` specs): the budget (quantkit.plan.allocate.Budget), the sensitivity file to reuse or
-    # write (None: the statistics cache), and the calibration samples it is measured on
+    # write (None: the statistics cache), the calibration samples it is measured on, and its method ("output":
+    # every candidate at the model output; "proxy": one per tensor there, the rest from their layer's output)
     budget: object | None = None
     sensitivity: Path | None = None
     sensitivity_samples: int = 8
+    sensitivity_method: str = "output"
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def convert_options(recipe: Recipe, variant: Variant) -> dict:
                "keep_first_dense": variant.keep_first_dense, "fix_mix": variant.fix_mix,
                "split_max_size": variant.split_max_size, "budget": asdict(variant.budget),
                "imatrix": None, "calib": None, "calib_samples": cal.samples, "calib_ctx": cal.ctx,
-               "damp": cal.damp, "sensitivity_samples": cal.sensitivity_samples}
+               "damp": cal.damp, "sensitivity_samples": cal.sensitivity_samples,
+               "sensitivity_method": cal.sensitivity_method}
     if uses_imatrix(variant):
         options["imatrix"] = "IMATRIX"  # the model's, placed when the task is made
     if uses_calibration(variant) and cal.text is not None:
@@ -197,7 +198,7 @@ class _Fingerprints:
         if uses_calibration(variant):
             options["calib"] = file_identity(self.recipe.calibration.text)
         else:
-            for key in ("calib", "calib_samples", "calib_ctx", "damp", "sensitivity_samples"):
+            for key in ("calib", "calib_samples", "calib_ctx", "damp", "sensitivity_samples", "sensitivity_method"):
                 options.pop(key)
         return _digest({"quantkit": __version__, "kind": "variant", "source": self.source, "to": variant.to,
                         "options": options})
@@ -232,6 +233,8 @@ def card_facts(recipe: Recipe, model: ModelRun, variant: Variant) -> dict:
 
 def equivalent_command(model: ModelRun, variant: Variant, options: dict) -> str:
     """The one-model `quantkit convert` that makes the same bytes (with the run's importance matrix)."""
+    from quantkit.formats import parse_target
+
     args = ["quantkit", "convert", str(model.entry.path), "--to", variant.to]
     if options["imatrix"]:
         args += ["--imatrix", f"{model.name}/{IMATRIX_FILE}"]
@@ -249,6 +252,10 @@ def equivalent_command(model: ModelRun, variant: Variant, options: dict) -> str:
         args += ["--calib-samples", str(options["calib_samples"]), "--calib-ctx", str(options["calib_ctx"])]
         if options["damp"] is not None:
             args += ["--damp", str(options["damp"])]
+        if parse_target(variant.to).spec.startswith("auto"):
+            args += ["--sensitivity-samples", str(options["sensitivity_samples"])]
+            if options["sensitivity_method"] != "output":
+                args += ["--sensitivity-method", options["sensitivity_method"]]
     budget = variant.budget
     for key in ("target_bpw", "target_size", "fit_vram"):
         if getattr(budget, key) is not None:

@@ -43,6 +43,7 @@ class Calibration:
     imatrix_chunks: int | None = None  # None: every chunk of the text
     imatrix_ctx: int = 512
     sensitivity_samples: int = 8  # automatic mixes' measurement
+    sensitivity_method: str = "output"  # or "proxy" (gguf:auto)
     damp: float | None = None
 
 
@@ -275,9 +276,16 @@ def _bundled() -> list[str]:
 
 
 def _calibration(r: _Reader, node: yaml.Node, key: str) -> Calibration:
+    def method(n, k):
+        value = r.required_string(n, k)
+        if value not in ("output", "proxy"):
+            raise r.fail(n, k, f"unknown sensitivity method {value!r} (output, proxy)")
+        return value
+
     return Calibration(**r.mapping(node, key, {
         "text": r.file, "samples": r.integer, "ctx": r.integer, "imatrix_chunks": r.integer,
-        "imatrix_ctx": r.integer, "sensitivity_samples": r.integer, "damp": r.number}))
+        "imatrix_ctx": r.integer, "sensitivity_samples": r.integer, "sensitivity_method": method,
+        "damp": r.number}))
 
 
 def _evaluation(r: _Reader, node: yaml.Node, key: str) -> Evaluation:

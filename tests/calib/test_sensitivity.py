@@ -145,3 +145,77 @@ def test_default_location_is_the_statistics_cache(model_cache, tmp_path, monkeyp
                                  _degrade(model, groups))
     assert (tmp_path / "calib" / f"test-sensitivity-{result.key}.json").is_file()
     model.close()
+
+
+def _stage_error(model: Model, group: Group, replaced: dict, ids: torch.Tensor) -> float:
+    """The plain definition: the mean squared change of the group's stage output (embedding or decoder layer),
+    every earlier layer float."""
+    weights = model.weights()
+
+    def patched(n):
+        return replaced[n] if n in replaced else weights(n)
+
+    positions = torch.arange(ids.shape[1])
+    float_h, h = model.arch.embed(weights, ids), model.arch.embed(patched, ids)
+    for index in range(group.stage + 1):
+        float_h, h = (model.arch.layer_forward(index, weights, float_h, positions),
+                      model.arch.layer_forward(index, patched, float_h, positions))
+    return float((h - float_h).pow(2).mean())
+
+
+@pytest.mark.parametrize("preset", ["llama", "deepseek_v3"])
+def test_proxy_method_measures_the_anchor_and_scales_the_rest_by_stage_error(model_cache, preset):
+    model = Model(model_cache(preset, fp8=preset == "deepseek_v3"))
+    groups = _groups(model)
+    degrade = _degrade(model, groups)
+    samples = [torch.randint(3, model.arch.vocab_size, (24,), generator=torch.Generator().manual_seed(i))
+               for i in range(3)]
+    listed = [g for g, _ in groups.values()]
+    anchors = {"embed": "coarse", "attn1": "coarse", "head": "coarse"}
+    full = measure(model.arch, model.weights(), samples, listed, degrade)
+    seen = []
+    proxy = measure(model.arch, model.weights(), samples, listed, degrade, anchors=anchors, progress=seen.append)
+    assert seen[-1].done == seen[-1].total
+    for name in ("embed", "attn1", "head", "last"):  # anchors, the head and groups without an anchor: measured
+        assert proxy[name]["coarse"] == pytest.approx(full[name]["coarse"], rel=1e-6)
+    ids = torch.stack(samples)
+    for name in ("embed", "attn1"):
+        group = groups[name][0]
+        ratio = (_stage_error(model, group, degrade(group, "fine"), ids)
+                 / _stage_error(model, group, degrade(group, "coarse"), ids))
+        assert proxy[name]["fine"] == pytest.approx(full[name]["coarse"] * ratio, rel=1e-4)
+        assert proxy[name]["fine"] < proxy[name]["coarse"]
+    with pytest.raises(ValueError, match="not one of its schemes"):
+        measure(model.arch, model.weights(), samples, listed, degrade, anchors={"attn1": "Q4_K"})
+    model.close()
+
+
+def test_proxy_anchor_that_changes_nothing_is_replaced_by_the_largest_error(model_cache):
+    model = Model(model_cache("llama"))
+    groups = _groups(model)
+    degrade = _degrade(model, groups)
+    weights = model.weights()
+    group = groups["attn1"][0]
+
+    def exact_fine(g: Group, scheme: str) -> dict[str, torch.Tensor]:
+        return {n: weights(n) for n in groups[g.name][1]} if scheme == "fine" else degrade(g, scheme)
+
+    samples = [torch.arange(3, 19)]
+    full = measure(model.arch, weights, samples, [group], exact_fine)
+    proxy = measure(model.arch, weights, samples, [group], exact_fine, anchors={"attn1": "fine"})
+    assert proxy["attn1"]["coarse"] == pytest.approx(full["attn1"]["coarse"], rel=1e-6)
+    assert proxy["attn1"]["fine"] == 0.0
+    model.close()
+
+
+def test_proxy_and_output_measurements_are_stored_apart(model_cache, tmp_path):
+    model = Model(model_cache("llama"))
+    groups = _groups(model)
+    listed = [g for g, _ in groups.values()]
+    samples = [torch.arange(3, 19)]
+    output = measure_sensitivity(model, "test", samples, listed, _degrade(model, groups), path=tmp_path / "s.json")
+    proxy = measure_sensitivity(model, "test", samples, listed, _degrade(model, groups), path=tmp_path / "s.json",
+                                anchors={"attn1": "coarse"})
+    assert (output.method, proxy.method) == ("output", "proxy") and output.key != proxy.key
+    assert Sensitivity.load(tmp_path / "s.json").method == "proxy"
+    model.close()

@@ -202,3 +202,26 @@ def test_i_quants_are_candidates_on_moe_models_where_the_imatrix_reaches():
         # gguf:auto-gptq: GPTQ cannot choose the grid i-quants' levels, so they are no candidates there
         gptq = Candidates(moe, covered, grid_iquants=False)
         assert gptq.group("blk.2.ffn_up_exps.weight").schemes == CANDIDATES
+
+
+def test_proxy_method_measures_q3_k_at_the_output_and_writes_its_mix(tmp_path, sensitivity):
+    """--sensitivity-method proxy: every tensor's Q3_K cost as the output method measures it, the other types priced
+    from their layer's output; stored apart from the output method's measurement, and its mix meets the budget."""
+    store = tmp_path / "proxy.json"
+    file, plan = _auto(tmp_path, (store, sensitivity[1]), Budget.from_options(target_bpw=4.0),
+                       sensitivity_method="proxy")
+    assert 3.65 < plan.bpw <= 4.0 and file.is_file()
+    proxy, output = (json.loads(p.read_text()) for p in (store, sensitivity[0]))
+    assert (proxy["method"], output["method"]) == ("proxy", "output") and proxy["key"] != output["key"]
+    costs = [{g["name"]: {c["scheme"]: c["kld"] for c in g["candidates"]} for g in s["groups"]}
+             for s in (proxy, output)]
+    for name, by_type in costs[0].items():
+        assert by_type["Q3_K"] == pytest.approx(costs[1][name]["Q3_K"], rel=1e-4, abs=1e-9), name
+        if name != "output.weight":  # the head's stage: every type measured at the output
+            assert by_type["Q2_K"] > by_type["Q3_K"] > by_type["Q8_0"] >= 0, name
+
+
+def test_proxy_method_is_refused_for_folder_mixes(tmp_path):
+    with pytest.raises(ConfigError, match="--sensitivity-method proxy is for gguf:auto only"):
+        api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, dry_run=True, sensitivity_method="proxy",
+                    budget=Budget.from_options(target_bpw=6.0), sensitivity=tmp_path / "s.json", **MEASURE)

@@ -83,6 +83,8 @@ BASE = "models:\n  - name: tiny-qwen2\nvariants:\n  - to: gguf:Q8_0\n"
     ("models:\n  - name: tiny-qwen2\n", 1, "variants", "at least one"),
     (BASE + "publish:\n  repo_id: nobody\n", 6, "publish.repo_id", "USER/NAME"),
     (BASE + "evaluation:\n  backend: vllm\n", 6, "evaluation.backend", "unknown backend"),
+    (BASE + "calibration:\n  sensitivity_method: guess\n", 6, "calibration.sensitivity_method",
+     "unknown sensitivity method"),
     (BASE + "variants: []\n", 5, "variants", "given twice"),
     ("models:\n  - name: [tiny\n", 3, "", "not valid YAML"),
 ])
@@ -110,3 +112,16 @@ def test_paths_are_relative_to_the_recipe(tmp_path):
     missing = _write(tmp_path, BASE + "calibration:\n  text: nothere.txt\n")
     with pytest.raises(RecipeError, match=r"r.yaml:6: calibration.text: no such file"):
         load_recipe(missing)
+
+
+def test_auto_variants_command_names_the_sensitivity_settings(tmp_path):
+    from quantkit.recipe.runner import ModelRun, convert_options, equivalent_command
+
+    recipe = load_recipe(_write(tmp_path, BASE + "  - to: gguf:auto\n    target_bpw: 4.0\ncalibration:\n"
+                                               "  sensitivity_samples: 4\n  sensitivity_method: proxy\n"))
+    assert recipe.calibration.sensitivity_method == "proxy"
+    auto = recipe.variants[1]
+    model = ModelRun("tiny-qwen2", "tiny-qwen2", recipe.models[0], list(recipe.variants), [])
+    command = equivalent_command(model, auto, convert_options(recipe, auto))
+    assert "--sensitivity-samples 4 --sensitivity-method proxy" in command
+    assert "--target-bpw 4.0" in command

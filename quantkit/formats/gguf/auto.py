@@ -80,6 +80,16 @@ class Candidates:
         return Group(name, stage_of(name, self.arch.num_layers), tuple(schemes),
                      tuple(tensor_nbytes(s, t.shape) for s in schemes))
 
+    def anchors(self, groups: list[Group], method: str) -> dict[str, str] | None:
+        """The proxy method's anchor per tensor: Q3_K (or its row fallback). A low type, so that the anchor's
+        measured KLD stands well above the measurement's noise: on the bundled models Q3_K anchors chose mixes as good
+        as measuring every candidate; Q4_K ones chose worse on tiny-deepseek (bench/results/sensitivity_proxy.md)."""
+        if method == "output":
+            return None
+        if method != "proxy":
+            raise ConfigError(f"unknown sensitivity method {method!r}: output or proxy")
+        return {g.name: row_fallback(g.name, self.tensors[g.name].shape[-1], "Q3_K") for g in groups}
+
     def _float(self, tensor: GGUFTensor) -> torch.Tensor:
         return torch.cat([p.float() for p in tensor.pieces(self.weights)]).reshape(tensor.shape)
 
@@ -192,7 +202,9 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
         raise BudgetError(budget.refusal("gguf:auto", "tensor", floor, limit, base.n_elements))
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
-                                      progress=options.progress, importance=_digest(importance),
+                                      progress=options.progress,
+                                      anchors=candidates.anchors(groups, options.sensitivity_method),
+                                      importance=_digest(importance),
                                       calib=str(options.calib) if options.calib else None,
                                       **({"prepare": candidates.prepare, "gptq_damp": damp} if gptq else {}))
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
