@@ -1,0 +1,190 @@
+"""gguf:auto's two sensitivity methods on the bundled models: `--sensitivity-method output` (every candidate type of
+every tensor measured at the model output) vs `proxy` (each tensor's Q3_K measured there, its other types scaled by
+how much they change their layer's output). Same quality of mix for less measurement? (issue 15: "cost").
+
+    python bench/sensitivity_proxy.py [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--bpw 4.0,4.5]
+                                      [--windows 60] [--ctx 256] [--work /tmp/sensitivity-proxy]
+
+Per model: the bundled llama-imatrix file as --imatrix, convert's default calibration for the measurement
+(--sensitivity-samples 8 x --calib-ctx 512 of the bundled calibration split), each method measured afresh into
+the work folder (its wall time is the measurement's own, Sensitivity.seconds). gguf:auto files from each
+measurement at every --bpw and at uniform Q4_K_M's own bpw, plus Q4_K_M itself; all scored by one `quantkit eval`
+(llama.cpp backend, held-out text, --ctx tokens, --windows windows), as bench/auto_quality.py scores them.
+Predicted KLD: the file's quantize.auto.predicted_kld (its measurement's summed costs).
+
+Extrapolation (arithmetic from the catalog configs, no run): layer-forwards of each method for catalog models,
+counted as calib/sensitivity.py counts them (output: per candidate, its layer's successors plus the head's pass;
+proxy: one per non-anchor candidate, the anchors as in the output method; both: the float pass, 2 x layers).
+
+Results: bench/results/sensitivity_proxy.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from auto_quality import EXTRAPOLATE, IMATRIX, score_files  # noqa: E402
+from peer_common import fmt, report_head  # noqa: E402
+
+METHODS = ("output", "proxy")
+
+
+def run_model(name: str, args, result: dict) -> None:
+    from quantkit.bundled import resolve_model
+    from quantkit.convert import convert
+    from quantkit.plan.allocate import Budget
+    from quantkit.source.gguf_file import GGUFFile
+
+    src = resolve_model(name)
+    imatrix = REPO / "tests" / "data" / "llama_imatrix" / IMATRIX[name]
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    m = result.setdefault(name, {"imatrix": str(imatrix.relative_to(REPO)), "measure_s": {}})
+    ((q4km, ladder),) = convert(src, ["gguf:Q4_K_M"], work / "ladder", imatrix=imatrix, force=True)
+    files = {"Q4_K_M (imatrix)": {"method": None, "path": str(q4km)}}
+    budgets = sorted({*args.bpw, ladder.bpw})
+    for method in METHODS:
+        sens = work / f"{method}.sensitivity.json"
+        sens.unlink(missing_ok=True)  # measured afresh: its time is part of the result
+        for bpw in budgets:
+            ((path, plan),) = convert(src, ["gguf:auto"], work / method, imatrix=imatrix, sensitivity=sens,
+                                      sensitivity_method=method, budget=Budget(bpw=bpw), force=True)
+            predicted = GGUFFile(path).metadata("quantize.auto.predicted_kld")
+            label = "Q4_K_M's" if bpw == ladder.bpw else f"{bpw:.2f}"
+            files[f"{method} {label}"] = {"method": method, "target_bpw": bpw, "path": str(path),
+                                          "predicted_kld": predicted}
+        m["measure_s"][method] = json.loads(sens.read_text())["seconds"]
+        print(f"{name}: {method} measurement {m['measure_s'][method]:.0f} s", flush=True)
+    for v in files.values():  # both methods name their files alike: eval needs distinct names
+        path = Path(v["path"])
+        if v["method"]:
+            named = path.with_name(f"{path.stem}-{v['method']}.gguf")
+            path.rename(named)
+            v["path"] = str(named)
+    score_files(files, src, work, args, m)
+
+
+def layer_forwards(repo: str) -> dict:
+    from quantkit import catalog
+    from quantkit.formats.gguf.auto import CANDIDATES, stage_of
+    from quantkit.formats.gguf.format import model_facts
+    from quantkit.formats.gguf.mixtures import allows_quantization, plan_types, row_fallback
+    from quantkit.formats.gguf.tensors import mapping_for
+
+    model = catalog.load(repo)
+    n_layers = model.arch.num_layers
+    shapes = {t.name: t.shape for t in mapping_for(model.arch).tensors()}
+    base = plan_types(shapes, model_facts(model), "Q8_0")
+    output = proxy = 2 * n_layers
+    for e in base.entries:
+        if not (e.quantized and allows_quantization(e.name, e.shape)):
+            continue
+        stage = stage_of(e.name, n_layers)
+        types = len(dict.fromkeys(row_fallback(e.name, e.shape[-1], c) for c in CANDIDATES))
+        measured = max(n_layers - stage, 1)  # the embedding's (stage -1): every layer and the head
+        output += types * measured
+        proxy += measured + types - 1  # the head's stage: measured at the output, one step each too
+    return {"repo": repo, "layers": n_layers, "output": output, "proxy": proxy, "ratio": output / proxy}
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = ["# gguf:auto's sensitivity methods: output vs proxy\n",
+             f"Date: {report['date']}  ", f"Commit: {report['commit']}  ",
+             f"Machine: {report['machine']}  ", f"Command: `{report['command']}`\n",
+             __doc__.split("\n\n")[2].replace("\n", " ") + "\n",
+             f"Eval: {s['windows']} windows of {s['ctx']} tokens of the bundled held-out text, llama.cpp backend.\n"]
+    for name, m in report["models"].items():
+        lines += [f"## {name} (baseline PPL {m['baseline_ppl']:.3f})\n",
+                  f"Measurement: output {m['measure_s']['output']:.0f} s, proxy {m['measure_s']['proxy']:.0f} s "
+                  f"(x{m['measure_s']['output'] / m['measure_s']['proxy']:.1f} faster).\n",
+                  "| budget | output: KLD mean | p99 | measured / predicted | proxy: KLD mean | p99 | "
+                  "measured / predicted | proxy / output (mean) | bpw |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        by = {k: v for k, v in m["files"].items() if v["method"]}
+        for label in dict.fromkeys(k.split(" ", 1)[1] for k in by):
+            o, p = by[f"output {label}"], by[f"proxy {label}"]
+            lines.append(f"| {label} | {o['kld_mean']:.5f} | {o['kld_p99']:.4f} | "
+                         f"{o['kld_mean'] / o['predicted_kld']:.2f} | {p['kld_mean']:.5f} | {p['kld_p99']:.4f} | "
+                         f"{p['kld_mean'] / p['predicted_kld']:.2f} | {p['kld_mean'] / o['kld_mean']:.2f} | "
+                         f"{p['bpw']:.3f} |")
+        q = m["files"]["Q4_K_M (imatrix)"]
+        lines.append(f"\nUniform Q4_K_M (imatrix): {q['bpw']:.3f} bpw, KLD mean {q['kld_mean']:.5f}, "
+                     f"p99 {q['kld_p99']:.4f}.\n")
+    ratios = [by["proxy"]["kld_mean"] / by["output"]["kld_mean"]
+              for m in report["models"].values()
+              for by in _pairs(m["files"])]
+    lines += ["## Summary\n",
+              f"- proxy / output mean KLD over {len(ratios)} files: {min(ratios):.2f} .. {max(ratios):.2f} "
+              f"(geometric mean {fmt(_geomean(ratios), '{:.3f}')}).",
+              "- Measurement time, output / proxy: " + ", ".join(
+                  f"{n} x{m['measure_s']['output'] / m['measure_s']['proxy']:.1f}"
+                  for n, m in report["models"].items()) + ".\n",
+              "Extrapolated layer-forwards (forward work; the encoding of every candidate is the same in both):\n",
+              "| model | layers | output method | proxy method | ratio |", "|---|---|---|---|---|"]
+    for e in report["extrapolation"]:
+        lines.append(f"| {e['repo'].split('/')[-1]} | {e['layers']} | {e['output']:,} | {e['proxy']:,} | "
+                     f"x{e['ratio']:.1f} |")
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(files: dict) -> list[dict]:
+    by = {k: v for k, v in files.items() if v["method"]}
+    return [{"output": by[f"output {label}"], "proxy": by[f"proxy {label}"]}
+            for label in dict.fromkeys(k.split(" ", 1)[1] for k in by)]
+
+
+def _geomean(xs: list[float]) -> float | None:
+    import math
+
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    parser.add_argument("--bpw", default="4.0,4.5")
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sensitivity-proxy"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the work's raw.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sensitivity_proxy")
+    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
+    args = parser.parse_args(argv)
+    args.bpw = [float(b) for b in args.bpw.split(",")]
+    raw = args.work / "raw.json"
+    if args.report_only:
+        report = json.loads(raw.read_text())
+        report["notes"] = args.note or report.get("notes", [])
+    else:
+        report = report_head("sensitivity_proxy.py", argv) | {"models": {}, "notes": args.note}
+        report["settings"] = {"windows": args.windows, "ctx": args.ctx, "bpw": args.bpw}
+        args.work.mkdir(parents=True, exist_ok=True)
+        began = time.perf_counter()
+        for name in args.models.split(","):
+            run_model(name, args, report["models"])
+            raw.write_text(json.dumps(report, indent=1))
+        report["wall_s"] = time.perf_counter() - began
+        report["extrapolation"] = [layer_forwards(repo) for repo in EXTRAPOLATE]
+        raw.write_text(json.dumps(report, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
