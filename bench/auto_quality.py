@@ -187,6 +187,7 @@ def run_model(name: str, args, result: dict) -> None:
     for key, bpw in sorted(targets.items(), key=lambda kv: kv[1]):
         ((path, plan),) = convert(src, ["gguf:auto"], work / "auto", imatrix=imatrix, sensitivity=sens,
                                   device="cpu", sensitivity_samples=SENS_SAMPLES, calib_ctx=SENS_CTX,
+                                  sensitivity_method="output",
                                   budget=Budget(bpw=bpw), force=True)
         files[key] = {"kind": "auto", "target_bpw": bpw, "path": str(path), "plan_bpw": plan.bpw,
                       "equal_to": [f"{t} (imatrix)" for t, (_, p) in zip(LADDER, ladder, strict=True)

@@ -149,7 +149,7 @@ def run(args, m: dict) -> None:
         size = p.stat().st_size
         files[x["name"]] = {"kind": "hand", "path": str(p), "mix": x}
         ((path, _),) = convert(src, ["gguf:auto"], work / "auto", imatrix=imatrix, sensitivity=sens, device="cpu",
-                               sensitivity_samples=SENS_SAMPLES, calib_ctx=SENS_CTX,
+                               sensitivity_samples=SENS_SAMPLES, calib_ctx=SENS_CTX, sensitivity_method="output",
                                budget=Budget(size=size, given=str(size)), force=True)
         files[f"auto = {x['name']}"] = {"kind": "auto", "path": str(path), "target_size": size, "equal_to": x["name"]}
     m["convert_s"] = time.perf_counter() - began

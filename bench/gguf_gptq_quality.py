@@ -50,7 +50,8 @@ def run(name: str, args, m: dict) -> None:
             files[spec] = {"path": str(work / f"{name}-{spec}.gguf"), "kind": "gptq" if "gptq" in spec else "plain"}
     for bpw in args.bpw:
         label = f"{bpw:.2f}bpw"
-        r = convert(name, ["gguf:auto", "gguf:auto-gptq"], imatrix, work, ["--target-bpw", str(bpw)],
+        r = convert(name, ["gguf:auto", "gguf:auto-gptq"], imatrix, work,
+                    ["--target-bpw", str(bpw), "--sensitivity-method", "output"],
                     work / f"auto-{label}.log")
         times[f"auto {label} + auto-gptq {label}"] = r["wall_s"]
         files[f"auto {bpw:.1f}"] = {"path": str(work / f"{name}-auto-{label}.gguf"), "kind": "plain"}

@@ -156,10 +156,11 @@ def inspect(model, as_json):
                    "candidates, else measured and written there (default: kept in the statistics cache).")
 @click.option("--sensitivity-samples", type=int, default=8, show_default=True,
               help="Calibration samples (of --calib-ctx tokens) the sensitivity is measured on.")
-@click.option("--sensitivity-method", type=click.Choice(["output", "proxy"]), default="output", show_default=True,
-              help="gguf:auto's measurement: every candidate type's KLD at the model output, or (proxy) one type's "
-                   "per tensor, the others scaled by how much they change their layer's output: one layer-forward "
-                   "per candidate instead of about half the layers.")
+@click.option("--sensitivity-method", type=click.Choice(["output", "proxy"]),
+              help="How candidates are measured: every one's KLD at the model output, or (proxy, gguf:auto only) one "
+                   "type's per tensor, the others scaled by how much they change their layer's output: one "
+                   "layer-forward per candidate instead of about half the layers. Default: proxy for gguf:auto, "
+                   "output for ct:auto and gptq:auto.")
 def convert(model, targets, output, tensor_types, keep_first_dense, fix_mix, output_tensor_type, token_embedding_type,
             pure, imatrix, dry_run, plan_file, force, split_max_size, device, threads, tokenizer_pre, name, calib,
             calib_samples, calib_ctx, damp, target_bpw, target_size, fit_vram, ctx, gpus, kv_type, sensitivity,

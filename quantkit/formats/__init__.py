@@ -61,11 +61,12 @@ class ConvertOptions:
     keep_first_dense: bool = False
     # automatic mixes (`auto` specs): the budget (quantkit.plan.allocate.Budget), the sensitivity file to reuse or
     # write (None: the statistics cache), the calibration samples it is measured on, and its method ("output":
-    # every candidate at the model output; "proxy": one per tensor there, the rest from their layer's output)
+    # every candidate at the model output; "proxy": one per tensor there, the rest from their layer's output;
+    # None: the format's own, proxy for gguf:auto, output for ct/gptq)
     budget: object | None = None
     sensitivity: Path | None = None
     sensitivity_samples: int = 8
-    sensitivity_method: str = "output"
+    sensitivity_method: str | None = None
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     """Each linear's config (None: kept) and plan note, the predicted KLD and the sensitivity key. `base`: the
     target's config; `configs`/`notes`: after --tensor-type overrides, which stay fixed (with the rest of their
     group)."""
-    if options.sensitivity_method != "output":
+    if options.sensitivity_method not in (None, "output"):
         raise ConfigError(f"{fmt.name}:auto measures every candidate at the model output: --sensitivity-method "
                           f"{options.sensitivity_method} is for gguf:auto only (its groups are single tensors of one "
                           "layer; compressed-tensors' routed experts span every layer)")

@@ -254,7 +254,7 @@ def equivalent_command(model: ModelRun, variant: Variant, options: dict) -> str:
             args += ["--damp", str(options["damp"])]
         if parse_target(variant.to).spec.startswith("auto"):
             args += ["--sensitivity-samples", str(options["sensitivity_samples"])]
-            if options["sensitivity_method"] != "output":
+            if options["sensitivity_method"] is not None:
                 args += ["--sensitivity-method", options["sensitivity_method"]]
     budget = variant.budget
     for key in ("target_bpw", "target_size", "fit_vram"):

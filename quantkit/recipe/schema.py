@@ -43,7 +43,7 @@ class Calibration:
     imatrix_chunks: int | None = None  # None: every chunk of the text
     imatrix_ctx: int = 512
     sensitivity_samples: int = 8  # automatic mixes' measurement
-    sensitivity_method: str = "output"  # or "proxy" (gguf:auto)
+    sensitivity_method: str | None = None  # output or proxy (gguf:auto); None: the format's own
     damp: float | None = None
 
 

@@ -204,14 +204,14 @@ def test_i_quants_are_candidates_on_moe_models_where_the_imatrix_reaches():
         assert gptq.group("blk.2.ffn_up_exps.weight").schemes == CANDIDATES
 
 
-def test_proxy_method_measures_q3_k_at_the_output_and_writes_its_mix(tmp_path, sensitivity):
-    """--sensitivity-method proxy: every tensor's Q3_K cost as the output method measures it, the other types priced
-    from their layer's output; stored apart from the output method's measurement, and its mix meets the budget."""
-    store = tmp_path / "proxy.json"
+def test_default_proxy_method_measures_q3_k_as_the_output_method_does(tmp_path, sensitivity):
+    """gguf:auto's default, the proxy method: every tensor's Q3_K cost as --sensitivity-method output measures it,
+    the other types priced from their layer's output; the two are stored apart, and each mix meets the budget."""
+    store = tmp_path / "output.json"
     file, plan = _auto(tmp_path, (store, sensitivity[1]), Budget.from_options(target_bpw=4.0),
-                       sensitivity_method="proxy")
+                       sensitivity_method="output")
     assert 3.65 < plan.bpw <= 4.0 and file.is_file()
-    proxy, output = (json.loads(p.read_text()) for p in (store, sensitivity[0]))
+    proxy, output = (json.loads(p.read_text()) for p in (sensitivity[0], store))
     assert (proxy["method"], output["method"]) == ("proxy", "output") and proxy["key"] != output["key"]
     costs = [{g["name"]: {c["scheme"]: c["kld"] for c in g["candidates"]} for g in s["groups"]}
              for s in (proxy, output)]
@@ -222,6 +222,7 @@ def test_proxy_method_measures_q3_k_at_the_output_and_writes_its_mix(tmp_path, s
 
 
 def test_proxy_method_is_refused_for_folder_mixes(tmp_path):
+    """ct/gptq's default is the output method; the proxy's groups are single tensors of one layer."""
     with pytest.raises(ConfigError, match="--sensitivity-method proxy is for gguf:auto only"):
         api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, dry_run=True, sensitivity_method="proxy",
                     budget=Budget.from_options(target_bpw=6.0), sensitivity=tmp_path / "s.json", **MEASURE)

@@ -83,10 +83,12 @@ class Candidates:
     def anchors(self, groups: list[Group], method: str) -> dict[str, str] | None:
         """The proxy method's anchor per tensor: Q3_K (or its row fallback). A low type, so that the anchor's
         measured KLD stands well above the measurement's noise: on the bundled models Q3_K anchors chose mixes as good
-        as measuring every candidate; Q4_K ones chose worse on tiny-deepseek (bench/results/sensitivity_proxy.md)."""
+        as measuring every candidate; Q4_K ones chose worse on tiny-deepseek (bench/results/sensitivity_proxy.md).
+        The default (None) is the proxy: as good a mix, better predictions on MoE, and about 5x fewer layer-forwards
+        on 28-61-layer models."""
         if method == "output":
             return None
-        if method != "proxy":
+        if method not in (None, "proxy"):
             raise ConfigError(f"unknown sensitivity method {method!r}: output or proxy")
         return {g.name: row_fallback(g.name, self.tensors[g.name].shape[-1], "Q3_K") for g in groups}
 
