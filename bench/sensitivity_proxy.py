@@ -1,14 +1,16 @@
 """gguf:auto's two sensitivity methods on the bundled models: `--sensitivity-method output` (every candidate type of
 every tensor measured at the model output) vs `proxy` (each tensor's Q3_K measured there, its other types scaled by
-how much they change their layer's output). Same quality of mix for less measurement? (issue 15: "cost").
+how much they change their layer's output), for gguf:auto and gguf:auto-gptq. Same quality of mix for less
+measurement? (issue 15: "cost").
 
     python bench/sensitivity_proxy.py [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--bpw 4.0,4.5]
                                       [--windows 60] [--ctx 256] [--work /tmp/sensitivity-proxy]
 
 Per model: the bundled llama-imatrix file as --imatrix, convert's default calibration for the measurement
 (--sensitivity-samples 8 x --calib-ctx 512 of the bundled calibration split), each method measured afresh into
-the work folder (its wall time is the measurement's own, Sensitivity.seconds). gguf:auto files from each
-measurement at every --bpw and at uniform Q4_K_M's own bpw, plus Q4_K_M itself; all scored by one `quantkit eval`
+the work folder (its wall time is the measurement's own, Sensitivity.seconds). gguf:auto and gguf:auto-gptq files
+(each spec measures its own candidates) from each measurement at every --bpw and at uniform Q4_K_M's own bpw, plus
+Q4_K_M itself; all scored by one `quantkit eval`
 (llama.cpp backend, held-out text, --ctx tokens, --windows windows), as bench/auto_quality.py scores them.
 Predicted KLD: the file's quantize.auto.predicted_kld (its measurement's summed costs).
 
@@ -38,6 +40,7 @@ from auto_quality import EXTRAPOLATE, IMATRIX, score_files  # noqa: E402
 from peer_common import fmt, report_head  # noqa: E402
 
 METHODS = ("output", "proxy")
+SPECS = ("auto", "auto-gptq")
 
 
 def run_model(name: str, args, result: dict) -> None:
@@ -54,24 +57,21 @@ def run_model(name: str, args, result: dict) -> None:
     ((q4km, ladder),) = convert(src, ["gguf:Q4_K_M"], work / "ladder", imatrix=imatrix, force=True)
     files = {"Q4_K_M (imatrix)": {"method": None, "path": str(q4km)}}
     budgets = sorted({*args.bpw, ladder.bpw})
-    for method in METHODS:
-        sens = work / f"{method}.sensitivity.json"
-        sens.unlink(missing_ok=True)  # measured afresh: its time is part of the result
-        for bpw in budgets:
-            ((path, plan),) = convert(src, ["gguf:auto"], work / method, imatrix=imatrix, sensitivity=sens,
-                                      sensitivity_method=method, budget=Budget(bpw=bpw), force=True)
-            predicted = GGUFFile(path).metadata("quantize.auto.predicted_kld")
-            label = "Q4_K_M's" if bpw == ladder.bpw else f"{bpw:.2f}"
-            files[f"{method} {label}"] = {"method": method, "target_bpw": bpw, "path": str(path),
-                                          "predicted_kld": predicted}
-        m["measure_s"][method] = json.loads(sens.read_text())["seconds"]
-        print(f"{name}: {method} measurement {m['measure_s'][method]:.0f} s", flush=True)
-    for v in files.values():  # both methods name their files alike: eval needs distinct names
-        path = Path(v["path"])
-        if v["method"]:
-            named = path.with_name(f"{path.stem}-{v['method']}.gguf")
-            path.rename(named)
-            v["path"] = str(named)
+    for spec in SPECS:
+        for method in METHODS:
+            sens = work / f"{spec}-{method}.sensitivity.json"
+            sens.unlink(missing_ok=True)  # measured afresh: its time is part of the result
+            for bpw in budgets:
+                ((path, plan),) = convert(src, [f"gguf:{spec}"], work / method, imatrix=imatrix, sensitivity=sens,
+                                          sensitivity_method=method, budget=Budget(bpw=bpw), force=True)
+                named = path.with_name(f"{path.stem}-{method}.gguf")  # both methods name their files alike
+                path.rename(named)
+                label = "Q4_K_M's" if bpw == ladder.bpw else f"{bpw:.2f}"
+                files[f"{spec} {method} {label}"] = {
+                    "spec": spec, "method": method, "label": label, "target_bpw": bpw, "path": str(named),
+                    "predicted_kld": GGUFFile(named).metadata("quantize.auto.predicted_kld")}
+            m["measure_s"][f"{spec} {method}"] = json.loads(sens.read_text())["seconds"]
+            print(f"{name}: {spec} {method} measurement {m['measure_s'][f'{spec} {method}']:.0f} s", flush=True)
     score_files(files, src, work, args, m)
 
 
@@ -106,31 +106,33 @@ def markdown(report: dict) -> str:
              __doc__.split("\n\n")[2].replace("\n", " ") + "\n",
              f"Eval: {s['windows']} windows of {s['ctx']} tokens of the bundled held-out text, llama.cpp backend.\n"]
     for name, m in report["models"].items():
-        lines += [f"## {name} (baseline PPL {m['baseline_ppl']:.3f})\n",
-                  f"Measurement: output {m['measure_s']['output']:.0f} s, proxy {m['measure_s']['proxy']:.0f} s "
-                  f"(x{m['measure_s']['output'] / m['measure_s']['proxy']:.1f} faster).\n",
-                  "| budget | output: KLD mean | p99 | measured / predicted | proxy: KLD mean | p99 | "
-                  "measured / predicted | proxy / output (mean) | bpw |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        by = {k: v for k, v in m["files"].items() if v["method"]}
-        for label in dict.fromkeys(k.split(" ", 1)[1] for k in by):
-            o, p = by[f"output {label}"], by[f"proxy {label}"]
-            lines.append(f"| {label} | {o['kld_mean']:.5f} | {o['kld_p99']:.4f} | "
-                         f"{o['kld_mean'] / o['predicted_kld']:.2f} | {p['kld_mean']:.5f} | {p['kld_p99']:.4f} | "
-                         f"{p['kld_mean'] / p['predicted_kld']:.2f} | {p['kld_mean'] / o['kld_mean']:.2f} | "
-                         f"{p['bpw']:.3f} |")
+        lines.append(f"## {name} (baseline PPL {m['baseline_ppl']:.3f})\n")
+        for spec in SPECS:
+            t = m["measure_s"]
+            lines += [f"gguf:{spec}: measurement output {t[f'{spec} output']:.0f} s, proxy {t[f'{spec} proxy']:.0f} s "
+                      f"(x{t[f'{spec} output'] / t[f'{spec} proxy']:.1f} faster).\n",
+                      "| budget | output: KLD mean | p99 | measured / predicted | proxy: KLD mean | p99 | "
+                      "measured / predicted | proxy / output (mean) | bpw |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for pair in _pairs(m["files"], spec):
+                o, p = pair["output"], pair["proxy"]
+                lines.append(f"| {o['label']} | {o['kld_mean']:.5f} | {o['kld_p99']:.4f} | "
+                             f"{o['kld_mean'] / o['predicted_kld']:.2f} | {p['kld_mean']:.5f} | {p['kld_p99']:.4f} | "
+                             f"{p['kld_mean'] / p['predicted_kld']:.2f} | {p['kld_mean'] / o['kld_mean']:.2f} | "
+                             f"{p['bpw']:.3f} |")
+            lines.append("")
         q = m["files"]["Q4_K_M (imatrix)"]
         lines.append(f"\nUniform Q4_K_M (imatrix): {q['bpw']:.3f} bpw, KLD mean {q['kld_mean']:.5f}, "
                      f"p99 {q['kld_p99']:.4f}.\n")
-    ratios = [by["proxy"]["kld_mean"] / by["output"]["kld_mean"]
-              for m in report["models"].values()
-              for by in _pairs(m["files"])]
-    lines += ["## Summary\n",
-              f"- proxy / output mean KLD over {len(ratios)} files: {min(ratios):.2f} .. {max(ratios):.2f} "
-              f"(geometric mean {fmt(_geomean(ratios), '{:.3f}')}).",
-              "- Measurement time, output / proxy: " + ", ".join(
-                  f"{n} x{m['measure_s']['output'] / m['measure_s']['proxy']:.1f}"
-                  for n, m in report["models"].items()) + ".\n",
+    lines.append("## Summary\n")
+    for spec in SPECS:
+        ratios = [pair["proxy"]["kld_mean"] / pair["output"]["kld_mean"]
+                  for m in report["models"].values() for pair in _pairs(m["files"], spec)]
+        lines += [f"- gguf:{spec}: proxy / output mean KLD over {len(ratios)} files: {min(ratios):.2f} .. "
+                  f"{max(ratios):.2f} (geometric mean {fmt(_geomean(ratios), '{:.3f}')}); measurement time, output / "
+                  "proxy: " + ", ".join(f"{n} x{m['measure_s'][f'{spec} output'] / m['measure_s'][f'{spec} proxy']:.1f}"
+                                        for n, m in report["models"].items()) + "."]
+    lines += ["",
               "Extrapolated layer-forwards (forward work; the encoding of every candidate is the same in both):\n",
               "| model | layers | output method | proxy method | ratio |", "|---|---|---|---|---|"]
     for e in report["extrapolation"]:
@@ -140,10 +142,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pairs(files: dict) -> list[dict]:
-    by = {k: v for k, v in files.items() if v["method"]}
-    return [{"output": by[f"output {label}"], "proxy": by[f"proxy {label}"]}
-            for label in dict.fromkeys(k.split(" ", 1)[1] for k in by)]
+def _pairs(files: dict, spec: str) -> list[dict]:
+    """The output and proxy files of one spec at each budget."""
+    by = {(v["method"], v["label"]): v for v in files.values() if v.get("spec") == spec}
+    return [{"output": by["output", label], "proxy": by["proxy", label]}
+            for label in dict.fromkeys(label for _, label in by)]
 
 
 def _geomean(xs: list[float]) -> float | None:
