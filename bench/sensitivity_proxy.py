@@ -122,7 +122,7 @@ def markdown(report: dict) -> str:
                              f"{p['bpw']:.3f} |")
             lines.append("")
         q = m["files"]["Q4_K_M (imatrix)"]
-        lines.append(f"\nUniform Q4_K_M (imatrix): {q['bpw']:.3f} bpw, KLD mean {q['kld_mean']:.5f}, "
+        lines.append(f"Uniform Q4_K_M (imatrix): {q['bpw']:.3f} bpw, KLD mean {q['kld_mean']:.5f}, "
                      f"p99 {q['kld_p99']:.4f}.\n")
     lines.append("## Summary\n")
     for spec in SPECS:
