@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as quantkit/__init__ does; peer_common imports torch first
 
 import torch  # noqa: E402
-from peer_common import fmt, quantkit_env, report_head, timed  # noqa: E402
+from peer_common import fmt, quantkit_env, report_head, timed, write_results  # noqa: E402
 
 LADDER = ("Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 IMATRIX = {"tiny-qwen2": "tiny-qwen2.imatrix.gguf", "tiny-llama": "tiny-llama.imatrix.gguf",
@@ -559,11 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             run_model(name, args, report["models"])
             raw.write_text(json.dumps(report, indent=1))
     analyse(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     plot(report, args.out.with_suffix(".png"))
-    print(markdown(report))
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peer_common import evaluate, fmt, quantkit_env, report_head, timed  # noqa: E402
+from peer_common import evaluate, fmt, quantkit_env, report_head, timed, write_results  # noqa: E402
 
 from quantkit.bundled import resolve_model  # noqa: E402
 from quantkit.convert import convert  # noqa: E402
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.auto_only:
             run_model(name, args, report)
         run_auto(name, args, report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, report, markdown(report))
     return 0
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from auto_quality import IMATRIX, MATCH, SENS_CTX, SENS_SAMPLES, gguf_facts, measure_timed, score_files  # noqa: E402
-from peer_common import fmt, report_head  # noqa: E402
+from peer_common import fmt, report_head, write_results  # noqa: E402
 
 MODEL = "tiny-deepseek"
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "Q2_K",
@@ -346,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         p = json.loads(prior.read_text())
         if MODEL in p.get("models", {}):
             report["auto_quality_cost"] = {"date": p["date"], "commit": p["commit"], "cost": p["models"][MODEL]["cost"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, report, markdown(report))
     return 0
 
 

@@ -155,5 +155,13 @@ def report_head(script: str, argv: list[str] | None) -> dict:
                         "torch": torch.__version__}}
 
 
+def write_results(stem: Path, report: dict, text: str) -> None:
+    """A bench's results: <stem>.json (the report) and <stem>.md (its rendering), also printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def fmt(x, spec="{:.1f}") -> str:
     return "—" if x is None else spec.format(x)

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from auto_quality import EXTRAPOLATE, IMATRIX, score_files  # noqa: E402
-from peer_common import fmt, report_head  # noqa: E402
+from auto_quality import EXTRAPOLATE, IMATRIX, _geomean, score_files  # noqa: E402
+from peer_common import fmt, report_head, write_results  # noqa: E402
 
 METHODS = ("output", "proxy")
 SPECS = ("auto", "auto-gptq")
@@ -149,12 +149,6 @@ def _pairs(files: dict, spec: str) -> list[dict]:
             for label in dict.fromkeys(label for _, label in by)]
 
 
-def _geomean(xs: list[float]) -> float | None:
-    import math
-
-    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
@@ -182,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_s"] = time.perf_counter() - began
         report["extrapolation"] = [layer_forwards(repo) for repo in EXTRAPOLATE]
         raw.write_text(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, report, markdown(report))
     return 0
 
 
