@@ -34,13 +34,17 @@ def _degrade(model: Model, groups):
     return degrade
 
 
+def _random_samples(model: Model) -> list[torch.Tensor]:
+    return [torch.randint(3, model.arch.vocab_size, (24,), generator=torch.Generator().manual_seed(i))
+            for i in range(3)]
+
+
 @pytest.mark.parametrize("preset", ["llama", "qwen2-tied", "deepseek_v3"])
 def test_costs_equal_whole_model_kld(model_cache, preset):
     model = Model(model_cache(preset, fp8=preset == "deepseek_v3"))
     groups = _groups(model)
     degrade = _degrade(model, groups)
-    samples = [torch.randint(3, model.arch.vocab_size, (24,), generator=torch.Generator().manual_seed(i))
-               for i in range(3)]
+    samples = _random_samples(model)
     costs = measure(model.arch, model.weights(), samples, [g for g, _ in groups.values()], degrade,
                     batch_bytes=1)  # one candidate per batch: the batching must not matter either
     weights = model.weights()
@@ -168,8 +172,7 @@ def test_proxy_method_measures_the_anchor_and_scales_the_rest_by_stage_error(mod
     model = Model(model_cache(preset, fp8=preset == "deepseek_v3"))
     groups = _groups(model)
     degrade = _degrade(model, groups)
-    samples = [torch.randint(3, model.arch.vocab_size, (24,), generator=torch.Generator().manual_seed(i))
-               for i in range(3)]
+    samples = _random_samples(model)
     listed = [g for g, _ in groups.values()]
     anchors = {"embed": "coarse", "attn1": "coarse", "head": "coarse"}
     full = measure(model.arch, model.weights(), samples, listed, degrade)
