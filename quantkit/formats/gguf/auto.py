@@ -82,10 +82,10 @@ class Candidates:
 
     def anchors(self, groups: list[Group], method: str) -> dict[str, str] | None:
         """The proxy method's anchor per tensor: Q3_K (or its row fallback). A low type, so that the anchor's
-        measured KLD stands well above the measurement's noise: on the bundled models Q3_K anchors chose mixes as good
-        as measuring every candidate; Q4_K ones chose worse on tiny-deepseek (bench/results/sensitivity_proxy.md).
-        The default (None) is the proxy: as good a mix, better predictions on MoE, and about 5x fewer layer-forwards
-        on 28-61-layer models."""
+        measured KLD stands well above the measurement's noise (Q4_K anchors chose mixes 6-10% worse on
+        tiny-deepseek). The default (None) is the proxy: as good a mix as measuring every candidate on the bundled
+        models, better predictions on MoE, about 5x fewer layer-forwards on 28-61-layer models
+        (bench/results/sensitivity_proxy.md)."""
         if method == "output":
             return None
         if method not in (None, "proxy"):
