@@ -103,13 +103,15 @@ def test_progress_counts_to_its_total(model_cache):
     model.close()
 
 
-def test_killed_measurement_resumes_with_identical_costs(model_cache, tmp_path):
+@pytest.mark.parametrize("anchors", [None, {"embed": "coarse", "attn1": "fine"}], ids=["output", "proxy"])
+def test_killed_measurement_resumes_with_identical_costs(model_cache, tmp_path, anchors):
     model = Model(model_cache("llama"))
     groups = _groups(model)
     degrade = _degrade(model, groups)
     samples = [torch.arange(3, 19), torch.arange(5, 21)]
     listed = [g for g, _ in groups.values()]
-    whole = measure_sensitivity(model, "test", samples, listed, degrade, path=tmp_path / "whole.json")
+    whole = measure_sensitivity(model, "test", samples, listed, degrade, path=tmp_path / "whole.json",
+                                anchors=anchors)
 
     class Killed(Exception):
         pass
@@ -124,7 +126,7 @@ def test_killed_measurement_resumes_with_identical_costs(model_cache, tmp_path):
 
     path = tmp_path / "resumed.json"
     with pytest.raises(Killed):
-        measure_sensitivity(model, "test", samples, listed, dying, path=path)
+        measure_sensitivity(model, "test", samples, listed, dying, path=path, anchors=anchors)
     assert not path.exists() and path.with_name("resumed.json.part").exists()
     calls.clear()
 
@@ -132,7 +134,7 @@ def test_killed_measurement_resumes_with_identical_costs(model_cache, tmp_path):
         calls.append((group.name, scheme))
         return degrade(group, scheme)
 
-    resumed = measure_sensitivity(model, "test", samples, listed, counting, path=path)
+    resumed = measure_sensitivity(model, "test", samples, listed, counting, path=path, anchors=anchors)
     # the embedding's stage is not measured again; layer 1's unfinished stage and the head are
     assert model.arch.num_layers == 2 and groups["attn1"][0].stage == groups["last"][0].stage == 1
     assert sorted(calls) == [("attn1", "coarse"), ("attn1", "fine"), ("head", "coarse"), ("last", "coarse")]
