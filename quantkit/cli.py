@@ -12,6 +12,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats import SENSITIVITY_METHODS
 from quantkit.progress import CliProgress
 
 
@@ -156,7 +157,7 @@ def inspect(model, as_json):
                    "candidates, else measured and written there (default: kept in the statistics cache).")
 @click.option("--sensitivity-samples", type=int, default=8, show_default=True,
               help="Calibration samples (of --calib-ctx tokens) the sensitivity is measured on.")
-@click.option("--sensitivity-method", type=click.Choice(["output", "proxy"]),
+@click.option("--sensitivity-method", type=click.Choice(SENSITIVITY_METHODS),
               help="How candidates are measured: every one's KLD at the model output, or (proxy, gguf:auto only) one "
                    "type's per tensor, the others scaled by how much they change their layer's output: one "
                    "layer-forward per candidate instead of about half the layers. Default: proxy for gguf:auto, "

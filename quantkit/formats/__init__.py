@@ -66,7 +66,10 @@ class ConvertOptions:
     budget: object | None = None
     sensitivity: Path | None = None
     sensitivity_samples: int = 8
-    sensitivity_method: str | None = None
+    sensitivity_method: str | None = None  # one of SENSITIVITY_METHODS
+
+
+SENSITIVITY_METHODS = ("output", "proxy")
 
 
 @dataclass(frozen=True)

@@ -116,8 +116,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     group)."""
     if options.sensitivity_method not in (None, "output"):
         raise ConfigError(f"{fmt.name}:auto measures every candidate at the model output: --sensitivity-method "
-                          f"{options.sensitivity_method} is for gguf:auto only (its groups are single tensors of one "
-                          "layer; compressed-tensors' routed experts span every layer)")
+                          f"{options.sensitivity_method} is for gguf:auto only (a compressed-tensors group of routed "
+                          "experts spans every layer; on gptq:auto the proxy chose worse mixes for MoE models)")
     budget: Budget = options.budget
     weights = model.weights()
     mix = auto_groups(fmt, model, base, configs, notes)

@@ -276,10 +276,12 @@ def _bundled() -> list[str]:
 
 
 def _calibration(r: _Reader, node: yaml.Node, key: str) -> Calibration:
+    from quantkit.formats import SENSITIVITY_METHODS
+
     def method(n, k):
         value = r.required_string(n, k)
-        if value not in ("output", "proxy"):
-            raise r.fail(n, k, f"unknown sensitivity method {value!r} (output, proxy)")
+        if value not in SENSITIVITY_METHODS:
+            raise r.fail(n, k, f"unknown sensitivity method {value!r} ({', '.join(SENSITIVITY_METHODS)})")
         return value
 
     return Calibration(**r.mapping(node, key, {

@@ -20,6 +20,7 @@ from quantkit.calib.data import calibration_samples
 from quantkit.calib.gptq import FloatLayerHessians, input_hessian
 from quantkit.calib.sensitivity import EMBEDDING, Group, Sensitivity, measure_sensitivity
 from quantkit.errors import ConfigError
+from quantkit.formats import SENSITIVITY_METHODS
 from quantkit.formats.gguf.calibrated import HEAD_SOURCE, encode_linear
 from quantkit.formats.gguf.file import ALIGNMENT, TensorEntry, Value, f32, header_bytes, string
 from quantkit.formats.gguf.mixtures import FILE_TYPES, allows_quantization, row_fallback, tensor_nbytes
@@ -88,8 +89,8 @@ class Candidates:
         (bench/results/sensitivity_proxy.md)."""
         if method == "output":
             return None
-        if method not in (None, "proxy"):
-            raise ConfigError(f"unknown sensitivity method {method!r}: output or proxy")
+        if method not in (None, *SENSITIVITY_METHODS):
+            raise ConfigError(f"unknown sensitivity method {method!r}: {', '.join(SENSITIVITY_METHODS)}")
         return {g.name: row_fallback(g.name, self.tensors[g.name].shape[-1], "Q3_K") for g in groups}
 
     def _float(self, tensor: GGUFTensor) -> torch.Tensor:
