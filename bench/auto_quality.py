@@ -297,24 +297,29 @@ def layer_flops_per_token(arch, index: int, ctx: int, shapes: dict) -> float:
     return flops + 2 * heads * (qk + v) * ctx / 2
 
 
-def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens: int, ctx: int) -> dict:
+def catalog_groups(repo: str):
+    """A catalog model's architecture, its GGUF shapes and gguf:auto's groups as it measures them:
+    (tensor, stage, candidate types after the row fallback, elements)."""
     from quantkit import catalog
-    from quantkit.calib.sensitivity import EMBEDDING
     from quantkit.formats.gguf.auto import CANDIDATES, stage_of
     from quantkit.formats.gguf.format import model_facts
     from quantkit.formats.gguf.mixtures import allows_quantization, plan_types, row_fallback
     from quantkit.formats.gguf.tensors import mapping_for
 
     cat = catalog.load(repo)
-    arch = cat.arch
-    L = arch.num_layers
-    shapes = {t.name: t.shape for t in mapping_for(arch).tensors()}
+    shapes = {t.name: t.shape for t in mapping_for(cat.arch).tensors()}
     base = plan_types(shapes, model_facts(cat), "Q8_0")
-    groups = []
-    for e in base.entries:
-        if e.quantized and allows_quantization(e.name, e.shape):
-            schemes = list(dict.fromkeys(row_fallback(e.name, e.shape[-1], c) for c in CANDIDATES))
-            groups.append((e.name, stage_of(e.name, L), schemes, math.prod(e.shape)))
+    groups = [(e.name, stage_of(e.name, cat.arch.num_layers),
+               list(dict.fromkeys(row_fallback(e.name, e.shape[-1], c) for c in CANDIDATES)), math.prod(e.shape))
+              for e in base.entries if e.quantized and allows_quantization(e.name, e.shape)]
+    return cat.arch, shapes, groups
+
+
+def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens: int, ctx: int) -> dict:
+    from quantkit.calib.sensitivity import EMBEDDING
+
+    arch, shapes, groups = catalog_groups(repo)
+    L = arch.num_layers
     hf_shapes = arch.tensor_shapes()
     per_layer = [layer_flops_per_token(arch, i, ctx, hf_shapes) for i in range(L)]
     after = [sum(per_layer[i:]) for i in range(L + 1)]  # flops of layers i..L-1

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from auto_quality import EXTRAPOLATE, IMATRIX, _geomean, score_files  # noqa: E402
+from auto_quality import EXTRAPOLATE, IMATRIX, _geomean, catalog_groups, score_files  # noqa: E402
 from peer_common import fmt, report_head, write_results  # noqa: E402
 
 METHODS = ("output", "proxy")
@@ -76,22 +76,11 @@ def run_model(name: str, args, result: dict) -> None:
 
 
 def layer_forwards(repo: str) -> dict:
-    from quantkit import catalog
-    from quantkit.formats.gguf.auto import CANDIDATES, stage_of
-    from quantkit.formats.gguf.format import model_facts
-    from quantkit.formats.gguf.mixtures import allows_quantization, plan_types, row_fallback
-    from quantkit.formats.gguf.tensors import mapping_for
-
-    model = catalog.load(repo)
-    n_layers = model.arch.num_layers
-    shapes = {t.name: t.shape for t in mapping_for(model.arch).tensors()}
-    base = plan_types(shapes, model_facts(model), "Q8_0")
+    arch, _, groups = catalog_groups(repo)
+    n_layers = arch.num_layers
     output = proxy = 2 * n_layers
-    for e in base.entries:
-        if not (e.quantized and allows_quantization(e.name, e.shape)):
-            continue
-        stage = stage_of(e.name, n_layers)
-        types = len(dict.fromkeys(row_fallback(e.name, e.shape[-1], c) for c in CANDIDATES))
+    for _, stage, schemes, _ in groups:
+        types = len(schemes)
         measured = max(n_layers - stage, 1)  # the embedding's (stage -1): every layer and the head
         output += types * measured
         proxy += measured + types - 1  # the head's stage: measured at the output, one step each too
