@@ -315,7 +315,10 @@ def catalog_groups(repo: str):
     return cat.arch, shapes, groups
 
 
-def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens: int, ctx: int) -> dict:
+def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens: int, ctx: int,
+                method: str = "output") -> dict:
+    """`method` "proxy": each group's anchor runs to the output, its other candidates their own stage only (the
+    embedding's: a lookup, no layer), except the head's, all measured at the output (calib/sensitivity.py)."""
     from quantkit.calib.sensitivity import EMBEDDING
 
     arch, shapes, groups = catalog_groups(repo)
@@ -325,14 +328,23 @@ def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens
     after = [sum(per_layer[i:]) for i in range(L + 1)]  # flops of layers i..L-1
     head = 2 * arch.vocab_size * arch.hidden_size
     candidates = sum(len(s) for _, _, s, _ in groups)
-    cand_layer_flops = sum(len(s) * after[0 if st == EMBEDDING else st] for _, st, s, _ in groups)
-    layer_forwards = sum(len(s) * (L if st == EMBEDDING else L - st) for _, st, s, _ in groups)
+
+    def at_output(stage: int, types: int) -> int:
+        """How many of a group's candidates run from their stage to the output."""
+        return types if method == "output" or stage == L else 1
+
+    cand_layer_flops = sum(at_output(st, len(s)) * after[0 if st == EMBEDDING else st]
+                           + (len(s) - at_output(st, len(s))) * (per_layer[st] if 0 <= st < L else 0)
+                           for _, st, s, _ in groups)
+    layer_forwards = sum(at_output(st, len(s)) * (L if st == EMBEDDING else L - st)
+                         + (0 if st == EMBEDDING else len(s) - at_output(st, len(s))) for _, st, s, _ in groups)
     # the measurement's batches (calib/sensitivity.py: 1 GiB of candidates' hidden states per batch, per stage);
-    # each batch recomputes the reference head once and reads every later layer once
+    # each batch of candidates measured at the output recomputes the reference head once and reads every later
+    # layer once
     batch = max(1, (1 << 30) // (4 * tokens * arch.hidden_size))
     by_stage: dict[int, int] = {}
     for _, st, s, _ in groups:
-        by_stage[st] = by_stage.get(st, 0) + len(s)
+        by_stage[st] = by_stage.get(st, 0) + at_output(st, len(s))
     n_batches = {st: math.ceil(n / batch) for st, n in by_stage.items()}
     layer_reads = sum(nb * (L if st == EMBEDDING else L - st) for st, nb in n_batches.items())
     # a batch also holds each candidate's decoded weights (float32) until its KLD is known
@@ -340,7 +352,8 @@ def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens
     for _, st, s, n in groups:
         per_stage.setdefault(st, []).extend([n] * len(s))
     batch_f32 = max(4 * sum(c[i:i + batch]) for c in per_stage.values() for i in range(0, len(c), batch))
-    flops = tokens * (2 * after[0] + cand_layer_flops + head * (candidates + sum(n_batches.values())))
+    head_passes = sum(by_stage.values()) + sum(n_batches.values())
+    flops = tokens * (2 * after[0] + cand_layer_flops + head * head_passes)
     elements = {}
     for _, _, s, n in groups:
         for scheme in s:
@@ -353,7 +366,8 @@ def extrapolate(repo: str, codec_eps: dict[str, float], cpu_flops: float, tokens
     layer_params = sum(math.prod(shapes[n]) for n in shapes if n.startswith("blk.")) / L
     largest = max(n for _, _, _, n in groups)
     return {"repo": repo, "layers": L, "gguf_tensors_measured": len(groups), "candidates": candidates,
-            "layer_forwards": layer_forwards + 2 * L, "head_forwards": candidates + sum(n_batches.values()),
+            "method": method,
+            "layer_forwards": layer_forwards + 2 * L, "head_forwards": head_passes,
             "tokens": tokens, "ctx": ctx, "flops_per_token_all_layers": after[0], "head_flops_per_token": head,
             "forward_flops": flops, "elements_encoded": sum(elements.values()), "elements_by_type": elements,
             "unmeasured_types": missing, "cpu_forward_h": flops / cpu_flops / 3600, "cpu_encode_h": encode_s / 3600,

@@ -16,7 +16,8 @@ Predicted KLD: the file's quantize.auto.predicted_kld (its measurement's summed 
 
 Extrapolation (arithmetic from the catalog configs, no run): layer-forwards of each method for catalog models,
 counted as calib/sensitivity.py counts them (output: per candidate, its layer's successors plus the head's pass;
-proxy: one per non-anchor candidate, the anchors as in the output method; both: the float pass, 2 x layers).
+proxy: one per non-anchor candidate, the anchors as in the output method; both: the float pass, 2 x layers), and
+each method's CPU and GPU hours by bench/auto_quality.py's extrapolation at the rates it measured (its results).
 
 Results: bench/results/sensitivity_proxy.{json,md}.
 """
@@ -36,10 +37,20 @@ sys.path.insert(0, str(REPO / "bench"))
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from auto_quality import EXTRAPOLATE, IMATRIX, _geomean, catalog_groups, score_files  # noqa: E402
+from auto_quality import (  # noqa: E402
+    EXTRAPOLATE,
+    IMATRIX,
+    SENS_CTX,
+    SENS_SAMPLES,
+    _geomean,
+    catalog_groups,
+    extrapolate,
+    score_files,
+)
 from peer_common import fmt, report_head, write_results  # noqa: E402
 
 METHODS = ("output", "proxy")
+AUTO_QUALITY = REPO / "bench" / "results" / "auto_quality.json"  # the CPU matmul and codec rates it measured
 SPECS = ("auto", "auto-gptq")
 
 
@@ -87,6 +98,17 @@ def layer_forwards(repo: str) -> dict:
     return {"repo": repo, "layers": n_layers, "output": output, "proxy": proxy, "ratio": output / proxy}
 
 
+def hours(repo: str, rates: dict) -> dict:
+    """Each method's forward and encode hours for a catalog model, at the CPU matmul and codec rates
+    bench/auto_quality.py measured (`rates`: its results' extrapolation), as it extrapolates the output method."""
+    tokens, ctx = SENS_SAMPLES * SENS_CTX, SENS_CTX
+    out = {}
+    for method in METHODS:
+        e = extrapolate(repo, rates["codec_eps"], rates["cpu_flops"], tokens, ctx, method)
+        out[method] = {k: e[k] for k in ("forward_flops", "cpu_forward_h", "cpu_encode_h", "gpu_forward_h")}
+    return out
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = ["# gguf:auto's sensitivity methods: output vs proxy\n",
@@ -127,6 +149,21 @@ def markdown(report: dict) -> str:
     for e in report["extrapolation"]:
         lines.append(f"| {e['repo'].split('/')[-1]} | {e['layers']} | {e['output']:,} | {e['proxy']:,} | "
                      f"x{e['ratio']:.1f} |")
+    if "extrapolation_rates" in report:
+        r = report["extrapolation_rates"]
+        lines += ["", f"Extrapolated hours (arithmetic, not a run): bench/auto_quality.py's extrapolation with each "
+                  f"method's forward work, at the rates it measured on this CPU ({r['from']}, commit {r['commit']}: "
+                  f"torch.mm float32 {r['cpu_flops'] / 1e9:.1f} GFLOP/s on 2 threads, the codecs' per-type throughput "
+                  f"with the imatrix); GPU: the forward FLOPs at an assumed {r['gpu_flops_assumed'] / 1e12:.1f} "
+                  "TFLOP/s float32, no GPU measured, encoding not included.\n",
+                  "| model | method | forward PFLOP | CPU forward h | CPU encode h | CPU total h | GPU forward h |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in report["extrapolation"]:
+            for method, h in e["hours"].items():
+                lines.append(f"| {e['repo'].split('/')[-1]} | {method} | {h['forward_flops'] / 1e15:.1f} | "
+                             f"{h['cpu_forward_h']:,.1f} | {h['cpu_encode_h']:,.1f} | "
+                             f"{h['cpu_forward_h'] + h['cpu_encode_h']:,.1f} | {h['gpu_forward_h']:.2f} |")
+        lines.append("")
     lines += [f"- {n}" for n in report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -163,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             run_model(name, args, report["models"])
             raw.write_text(json.dumps(report, indent=1))
         report["wall_s"] = time.perf_counter() - began
-        report["extrapolation"] = [layer_forwards(repo) for repo in EXTRAPOLATE]
         raw.write_text(json.dumps(report, indent=1))
+    measured = json.loads(AUTO_QUALITY.read_text())  # arithmetic from its rates: recomputed on --report-only too
+    rates = measured["extrapolation"]
+    report["extrapolation"] = [layer_forwards(repo) | {"hours": hours(repo, rates)} for repo in EXTRAPOLATE]
+    report["extrapolation_rates"] = {"from": str(AUTO_QUALITY.relative_to(REPO)), "commit": measured["commit"],
+                                     "cpu_flops": rates["cpu_flops"], "gpu_flops_assumed": rates["gpu_flops_assumed"]}
     write_results(args.out, report, markdown(report))
     return 0
 
