@@ -1,0 +1,158 @@
+"""Issue 15's 4.0 bpw bar counted as EXL3 counts bits: automatic GGUF with its repeating layers at 4.0 bpw against
+uniform Q4_K_M (imatrix), both with Q4_K_M's own token_embd and output types.
+
+    python bench/layer_bpw.py [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--layer-bpw 4.0]
+                              [--windows 60] [--ctx 256] [--work /tmp/layer-bpw] [--report-only]
+
+The bar ("at 4.0 bpw it matches or beats Q4_K_M with imatrix, the bar EXL3 sets with its own format") comes from
+EXL3's comparisons, whose bpw is that of the decoder layers: exllamav3's eval/compare_q_llamacpp.py sums the bits
+of every GGUF `.weight` tensor but token_embd and output over their elements and reports the head apart (ik_llama.cpp
+prints the same "repeating layers" bpw; the quantization literature leaves embedding and head out too).
+llama.cpp's own bpw (file bytes over all elements, the one bench/auto_quality.py and bench/gguf_gptq_quality.py
+use) counts them, and on the bundled models token_embd and output (3072 x 256 each) are 28-40% of the elements.
+
+Per model, one calibration for everything: the bundled llama-imatrix file as --imatrix, convert's defaults for the
+sensitivity measurement (the proxy method) and the GPTQ pass. Q4_K_M is written first; its token_embd and output
+types are then fixed (--token-embedding-type, --output-tensor-type) for gguf:auto and gguf:auto-gptq, whose
+--target-bpw is the file bpw that leaves the repeating layers --layer-bpw (the head's and the other non-layer
+tensors' bytes counted at Q4_K_M's). All scored by one `quantkit eval` (llama.cpp backend, held-out text, --ctx
+tokens, --windows windows), as bench/auto_quality.py scores them.
+
+Results: bench/results/layer_bpw.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gguf import GGUFReader
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from auto_quality import IMATRIX, MATCH, score_files  # noqa: E402
+from gguf_gptq_quality import convert  # noqa: E402
+from peer_common import report_head, write_results  # noqa: E402
+
+HEAD = ("token_embd.weight", "output.weight")
+SPECS = ("auto", "auto-gptq")
+
+
+def bit_split(path: Path) -> dict:
+    """EXL3's accounting of a GGUF: the repeating layers' bpw (every `.weight` but the head's), the head's types
+    and bytes, the other tensors' bytes (biases), all elements."""
+    layer_bytes = layer_elements = head_bytes = other_bytes = elements = 0
+    head_types = {}
+    for t in GGUFReader(path).tensors:
+        elements += int(t.n_elements)
+        if t.name in HEAD:
+            head_bytes += int(t.n_bytes)
+            head_types[t.name] = t.tensor_type.name
+        elif t.name.endswith(".weight"):
+            layer_bytes += int(t.n_bytes)
+            layer_elements += int(t.n_elements)
+        else:
+            other_bytes += int(t.n_bytes)
+    return {"layer_bpw": 8 * layer_bytes / layer_elements, "layer_elements": layer_elements,
+            "head_bytes": head_bytes, "head_types": head_types, "other_bytes": other_bytes, "elements": elements}
+
+
+def file_bpw_for(split: dict, layer_bpw: float) -> float:
+    """The --target-bpw (tensor bytes x 8 over all elements) that leaves the repeating layers `layer_bpw`."""
+    fixed_bits = 8 * (split["head_bytes"] + split["other_bytes"])
+    return (fixed_bits + layer_bpw * split["layer_elements"]) / split["elements"]
+
+
+def run(name: str, args, m: dict) -> None:
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    imatrix = REPO / "tests" / "data" / "llama_imatrix" / IMATRIX[name]
+    convert(name, ["gguf:Q4_K_M"], imatrix, work, [], work / "Q4_K_M.log")
+    q4km = work / f"{name}-Q4_K_M.gguf"
+    split = bit_split(q4km)
+    heads = [a for flag, tensor in (("--token-embedding-type", "token_embd.weight"),
+                                    ("--output-tensor-type", "output.weight")) if tensor in split["head_types"]
+             for a in (flag, split["head_types"][tensor])]
+    files = {"Q4_K_M (imatrix)": {"path": str(q4km), "kind": "uniform"}}
+    m["commands"] = {}
+    for layer_bpw in args.layer_bpw:
+        target = float(f"{file_bpw_for(split, layer_bpw):.6f}")  # as given on the command line
+        extra = ["--target-bpw", str(target), *heads]
+        r = convert(name, [f"gguf:{s}" for s in SPECS], imatrix, work, extra, work / f"auto-{layer_bpw}.log")
+        m["commands"][f"{layer_bpw:.1f}"] = r["command"]
+        for spec in SPECS:
+            files[f"{spec} (layers {layer_bpw:.1f})"] = {
+                "path": str(work / f"{name}-{spec}-{target:.2f}bpw.gguf"), "kind": spec, "layer_target": layer_bpw,
+                "file_target": target}
+    score_files(files, name, work, args, m)
+    for f in files.values():
+        f |= bit_split(Path(f["path"]))
+    base = files["Q4_K_M (imatrix)"]
+    m["verdicts"] = {key: {"mean_ratio": f["kld_mean"] / base["kld_mean"], "p99_ratio": f["kld_p99"] / base["kld_p99"],
+                           "beats": f["kld_mean"] < base["kld_mean"] and f["kld_p99"] < base["kld_p99"],
+                           "matches": f["kld_mean"] <= MATCH * base["kld_mean"]}
+                     for key, f in files.items() if f["kind"] != "uniform"}
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = ["# The 4.0 bpw bar in EXL3's accounting: automatic GGUF's repeating layers at 4.0 bpw vs Q4_K_M\n",
+             f"Date: {report['date']}  ", f"Commit: {report['commit']}  ", f"Machine: {report['machine']}  ",
+             f"Command: `{report['command']}`\n",
+             *(p.replace("\n", " ") + "\n" for p in __doc__.split("\n\n")[2:4]),
+             f"Eval: {s['windows']} windows of {s['ctx']} tokens of the bundled held-out text, llama.cpp backend. "
+             "layer bpw: EXL3's (repeating layers); file bpw: llama.cpp's (all tensors).\n"]
+    for name, m in report["models"].items():
+        lines += [f"## {name} (baseline PPL {m['baseline_ppl']:.3f})\n",
+                  "| file | layer bpw | file bpw | token_embd / output | KLD mean | KLD p99 | top-1 % | PPL |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, f in m["files"].items():
+            head = " / ".join(f["head_types"].get(t, "(tied)") for t in HEAD)
+            lines.append(f"| {key} | {f['layer_bpw']:.3f} | {f['bpw']:.3f} | {head} | {f['kld_mean']:.5f} | "
+                         f"{f['kld_p99']:.4f} | {f['top1_pct']:.2f} | {f['ppl']:.3f} |")
+        lines.append("")
+        base = m["files"]["Q4_K_M (imatrix)"]
+        for key, v in m["verdicts"].items():
+            lines.append(f"- {key} vs Q4_K_M (layers {base['layer_bpw']:.2f} bpw): mean KLD x{v['mean_ratio']:.2f}, "
+                         f"p99 x{v['p99_ratio']:.2f}: beats on both **{'yes' if v['beats'] else 'no'}**, matches "
+                         f"(mean within {MATCH - 1:.0%}) **{'yes' if v['matches'] else 'no'}**.")
+        lines += [f"- command (layers {k}): `{c.split(' -m ', 1)[-1].replace(str(REPO) + '/', '')}`"
+                  for k, c in m["commands"].items()]
+        lines.append("")
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    parser.add_argument("--layer-bpw", default="4.0", help="the repeating layers' targets, comma-separated")
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/layer-bpw"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the work's raw.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "layer_bpw")
+    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
+    args = parser.parse_args(argv)
+    args.layer_bpw = [float(b) for b in args.layer_bpw.split(",")]
+    raw = args.work / "raw.json"
+    if args.report_only:
+        report = json.loads(raw.read_text())
+        report["notes"] = args.note or report.get("notes", [])
+    else:
+        report = report_head("layer_bpw.py", argv) | {"models": {}, "notes": args.note}
+        report["settings"] = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
+        args.work.mkdir(parents=True, exist_ok=True)
+        for name in args.models.split(","):
+            run(name, args, report["models"])
+            raw.write_text(json.dumps(report, indent=1))
+    write_results(args.out, report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
