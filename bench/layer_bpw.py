@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         report["settings"] = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
         args.work.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
-            run(name, args, report["models"])
+            run(name, args, report["models"].setdefault(name, {}))
             raw.write_text(json.dumps(report, indent=1))
     write_results(args.out, report, markdown(report))
     return 0
