@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as quantkit/__init__ does; peer_common imports torch first
 
 import torch  # noqa: E402
-from peer_common import fmt, quantkit_env, report_head, timed, write_results  # noqa: E402
+from peer_common import fmt, model_bench_args, per_model_report, quantkit_env, timed, write_results  # noqa: E402
 
 LADDER = ("Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 IMATRIX = {"tiny-qwen2": "tiny-qwen2.imatrix.gguf", "tiny-llama": "tiny-llama.imatrix.gguf",
@@ -544,7 +544,7 @@ def analyse(report: dict) -> None:
         tiny_s += m["cost"]["layer_forward_s"]
     eps = {s: n / t for s, (n, t) in pooled.items()}
     eps["all"] = sum(n for n, _ in pooled.values()) / sum(t for _, t in pooled.values())
-    cpu = cpu_sgemm_flops()
+    cpu = report.get("extrapolation", {}).get("cpu_flops") or cpu_sgemm_flops()  # --report-only: the run's rate
     report["extrapolation"] = {
         "codec_eps": eps, "codec_elements": {s: n for s, (n, _) in pooled.items()}, "cpu_flops": cpu,
         "tiny_flops": tiny_flops / tiny_s, "gpu_flops_assumed": GPU_FLOPS,
@@ -553,35 +553,18 @@ def analyse(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    model_bench_args(parser, "/tmp/auto-quality", "auto_quality")
     parser.add_argument("--bpw", default="3.5,4.0,4.5,5.5", help="gguf:auto targets besides the ladder's own bpw")
-    parser.add_argument("--windows", type=int, default=60)
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/auto-quality"))
     parser.add_argument("--reuse-sensitivity", action="store_true",
                         help="reuse the work folder's sensitivity file and its timing instead of measuring again")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the results from the work folder's raw.json")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "auto_quality")
-    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
     args = parser.parse_args(argv)
     args.bpw = [float(b) for b in args.bpw.split(",")]
-    raw = args.work / "raw.json"
-    if args.report_only:
-        report = json.loads(raw.read_text())
-        report["notes"] = args.note or report.get("notes", [])
-    else:
-        report = report_head("auto_quality.py", argv) | {"models": {}, "notes": args.note}
-        report["settings"] = {"windows": args.windows, "ctx": args.ctx, "bpw": args.bpw, "ladder": LADDER}
-        args.work.mkdir(parents=True, exist_ok=True)
-        for name in args.models.split(","):
-            run_model(name, args, report["models"])
-            raw.write_text(json.dumps(report, indent=1))
+    settings = {"windows": args.windows, "ctx": args.ctx, "bpw": args.bpw, "ladder": LADDER}
+    report = per_model_report(args, "auto_quality.py", argv, settings, run_model)
     analyse(report)
     write_results(args.out, report, markdown(report))
     plot(report, args.out.with_suffix(".png"))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ Results: bench/results/layer_bpw.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from auto_quality import IMATRIX, MATCH, score_files  # noqa: E402
 from gguf_gptq_quality import convert  # noqa: E402
-from peer_common import report_head, write_results  # noqa: E402
+from peer_common import model_bench_args, per_model_report, write_results  # noqa: E402
 
 HEAD = ("token_embd.weight", "output.weight")
 SPECS = ("auto", "auto-gptq")
@@ -67,7 +66,8 @@ def file_bpw_for(split: dict, layer_bpw: float) -> float:
     return (fixed_bits + layer_bpw * split["layer_elements"]) / split["elements"]
 
 
-def run(name: str, args, m: dict) -> None:
+def run(name: str, args, models: dict) -> None:
+    m = models.setdefault(name, {})
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
     imatrix = REPO / "tests" / "data" / "llama_imatrix" / IMATRIX[name]
@@ -129,30 +129,14 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    model_bench_args(parser, "/tmp/layer-bpw", "layer_bpw")
     parser.add_argument("--layer-bpw", default="4.0", help="the repeating layers' targets, comma-separated")
-    parser.add_argument("--windows", type=int, default=60)
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/layer-bpw"))
-    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the work's raw.json")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "layer_bpw")
-    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
     args = parser.parse_args(argv)
     args.layer_bpw = [float(b) for b in args.layer_bpw.split(",")]
-    raw = args.work / "raw.json"
-    if args.report_only:
-        report = json.loads(raw.read_text())
-        report["notes"] = args.note or report.get("notes", [])
-    else:
-        report = report_head("layer_bpw.py", argv) | {"models": {}, "notes": args.note}
-        report["settings"] = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
-        args.work.mkdir(parents=True, exist_ok=True)
-        for name in args.models.split(","):
-            run(name, args, report["models"].setdefault(name, {}))
-            raw.write_text(json.dumps(report, indent=1))
+    settings = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
+    report = per_model_report(args, "layer_bpw.py", argv, settings, run)
     write_results(args.out, report, markdown(report))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -155,6 +155,36 @@ def report_head(script: str, argv: list[str] | None) -> dict:
                         "torch": torch.__version__}}
 
 
+def model_bench_args(parser, work: str, out: str) -> None:
+    """The options of a bench that scores files of each bundled model with one `quantkit eval`."""
+    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the work's raw.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / out)
+    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
+
+
+def per_model_report(args, script: str, argv: list[str] | None, settings: dict, run_model) -> dict:
+    """`run_model(name, args, models)` for each of --models, the report kept in the work's raw.json after each; or,
+    with --report-only, that stored report, its notes replaced by any --note."""
+    raw = args.work / "raw.json"
+    if args.report_only:
+        report = json.loads(raw.read_text())
+        report["notes"] = args.note or report.get("notes", [])
+        return report
+    report = report_head(script, argv) | {"settings": settings, "models": {}, "notes": args.note}
+    args.work.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    for name in args.models.split(","):
+        run_model(name, args, report["models"])
+        raw.write_text(json.dumps(report, indent=1))
+    report["wall_s"] = time.perf_counter() - began
+    raw.write_text(json.dumps(report, indent=1))
+    return report
+
+
 def write_results(stem: Path, report: dict, text: str) -> None:
     """A bench's results: <stem>.json (the report) and <stem>.md (its rendering), also printed."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +46,7 @@ from auto_quality import (  # noqa: E402
     extrapolate,
     score_files,
 )
-from peer_common import fmt, report_head, write_results  # noqa: E402
+from peer_common import fmt, model_bench_args, per_model_report, write_results  # noqa: E402
 
 METHODS = ("output", "proxy")
 AUTO_QUALITY = REPO / "bench" / "results" / "auto_quality.json"  # the CPU matmul and codec rates it measured
@@ -177,30 +176,12 @@ def _pairs(files: dict, spec: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny-qwen2,tiny-llama,tiny-deepseek")
+    model_bench_args(parser, "/tmp/sensitivity-proxy", "sensitivity_proxy")
     parser.add_argument("--bpw", default="4.0,4.5")
-    parser.add_argument("--windows", type=int, default=60)
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sensitivity-proxy"))
-    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the work's raw.json")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sensitivity_proxy")
-    parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
     args = parser.parse_args(argv)
     args.bpw = [float(b) for b in args.bpw.split(",")]
-    raw = args.work / "raw.json"
-    if args.report_only:
-        report = json.loads(raw.read_text())
-        report["notes"] = args.note or report.get("notes", [])
-    else:
-        report = report_head("sensitivity_proxy.py", argv) | {"models": {}, "notes": args.note}
-        report["settings"] = {"windows": args.windows, "ctx": args.ctx, "bpw": args.bpw}
-        args.work.mkdir(parents=True, exist_ok=True)
-        began = time.perf_counter()
-        for name in args.models.split(","):
-            run_model(name, args, report["models"])
-            raw.write_text(json.dumps(report, indent=1))
-        report["wall_s"] = time.perf_counter() - began
-        raw.write_text(json.dumps(report, indent=1))
+    settings = {"windows": args.windows, "ctx": args.ctx, "bpw": args.bpw}
+    report = per_model_report(args, "sensitivity_proxy.py", argv, settings, run_model)
     measured = json.loads(AUTO_QUALITY.read_text())  # arithmetic from its rates: recomputed on --report-only too
     rates = measured["extrapolation"]
     report["extrapolation"] = [layer_forwards(repo) | {"hours": hours(repo, rates)} for repo in EXTRAPOLATE]
@@ -208,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
                                      "cpu_flops": rates["cpu_flops"], "gpu_flops_assumed": rates["gpu_flops_assumed"]}
     write_results(args.out, report, markdown(report))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
