@@ -120,11 +120,23 @@ def markdown(report: dict) -> str:
             lines.append(f"- {key} vs Q4_K_M (layers {base['layer_bpw']:.2f} bpw): mean KLD x{v['mean_ratio']:.2f}, "
                          f"p99 x{v['p99_ratio']:.2f}: beats on both **{'yes' if v['beats'] else 'no'}**, matches "
                          f"(mean within {MATCH - 1:.0%}) **{'yes' if v['matches'] else 'no'}**.")
-        lines += [f"- command (layers {k}): `{c.split(' -m ', 1)[-1].replace(str(REPO) + '/', '')}`"
-                  for k, c in m["commands"].items()]
+        lines += [f"- command (layers {k}): `quantkit {_shown(c)}`" for k, c in m["commands"].items()]
         lines.append("")
+    keys = list(next(iter(report["models"].values()))["verdicts"])
+    lines += ["## Summary (mean KLD x, p99 x of Q4_K_M's; **bold**: beats it on both)\n",
+              "| model | Q4_K_M layer bpw | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, m in report["models"].items():
+        cells = [("**{}**" if v["beats"] else "{}").format(f"x{v['mean_ratio']:.2f}, x{v['p99_ratio']:.2f}")
+                 for v in (m["verdicts"][k] for k in keys)]
+        lines.append(f"| {name} | {m['files']['Q4_K_M (imatrix)']['layer_bpw']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines += [f"- {n}" for n in report.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def _shown(command: str) -> str:
+    """A convert command as a user types it, paths inside the repository relative."""
+    return command.split(" -m quantkit.cli ", 1)[-1].replace(str(REPO) + "/", "")
 
 
 def main(argv: list[str] | None = None) -> int:
