@@ -24,6 +24,7 @@ Results: bench/results/layer_bpw.{json,md}.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def bit_split(path: Path) -> dict:
             other_bytes += int(t.n_bytes)
     return {"layer_bpw": 8 * layer_bytes / layer_elements, "layer_elements": layer_elements,
             "head_bytes": head_bytes, "head_types": head_types, "other_bytes": other_bytes, "elements": elements}
+
+
+def catalog_q4km() -> list[dict]:
+    """Uniform Q4_K_M of every catalog model in both accountings (its plan, no weights): is a bundled model's
+    Q4_K_M representative of the real ones'?"""
+    from quantkit import catalog
+    from quantkit.formats.gguf.format import model_facts
+    from quantkit.formats.gguf.mixtures import plan_types
+    from quantkit.formats.gguf.tensors import mapping_for
+
+    rows = []
+    for repo in catalog.names():
+        model = catalog.load(repo)
+        plan = plan_types({t.name: t.shape for t in mapping_for(model.arch).tensors()}, model_facts(model), "Q4_K_M")
+        layers = [e for e in plan.entries if e.name not in HEAD and e.name.endswith(".weight")]
+        layer_elements = sum(math.prod(e.shape) for e in layers)
+        rows.append({"repo": repo, "layer_bpw": 8 * sum(e.nbytes for e in layers) / layer_elements,
+                     "file_bpw": plan.bpw, "head_share": 1 - layer_elements / plan.n_elements})
+    return rows
 
 
 def file_bpw_for(split: dict, layer_bpw: float) -> float:
@@ -130,6 +150,12 @@ def markdown(report: dict) -> str:
                  for v in (m["verdicts"][k] for k in keys)]
         lines.append(f"| {name} | {m['files']['Q4_K_M (imatrix)']['layer_bpw']:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += ["Uniform Q4_K_M of the catalog models in both accountings (arithmetic from their plans, no weights; "
+              "head share: token_embd and output's part of all elements):\n",
+              "| model | layer bpw | file bpw | head share |", "|---|---|---|---|"]
+    lines += [f"| {r['repo'].split('/')[-1]} | {r['layer_bpw']:.3f} | {r['file_bpw']:.3f} | {r['head_share']:.1%} |"
+              for r in report["catalog_q4km"]]
+    lines.append("")
     lines += [f"- {n}" for n in report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -147,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args.layer_bpw = [float(b) for b in args.layer_bpw.split(",")]
     settings = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
     report = per_model_report(args, "layer_bpw.py", argv, settings, run)
+    report["catalog_q4km"] = catalog_q4km()  # arithmetic: recomputed on --report-only too
     write_results(args.out, report, markdown(report))
     return 0
 
