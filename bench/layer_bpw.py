@@ -16,7 +16,9 @@ sensitivity measurement (the proxy method) and the GPTQ pass. Q4_K_M is written 
 types are then fixed (--token-embedding-type, --output-tensor-type) for gguf:auto and gguf:auto-gptq, whose
 --target-bpw is the file bpw that leaves the repeating layers --layer-bpw (the head's and the other non-layer
 tensors' bytes counted at Q4_K_M's). All scored by one `quantkit eval` (llama.cpp backend, held-out text, --ctx
-tokens, --windows windows), as bench/auto_quality.py scores them.
+tokens, --windows windows), as bench/auto_quality.py scores them. Where a model's Q4_K_M layers sit elsewhere than
+DeepSeek-R1's (from the catalog's plans: tiny-deepseek's 4 layers put them at 5.03 bpw against R1's 4.82),
+gguf:auto-gptq also runs as far below them as 4.0 is below R1's ("R1's gap").
 
 Results: bench/results/layer_bpw.{json,md}.
 """
@@ -39,6 +41,8 @@ from gguf_gptq_quality import convert  # noqa: E402
 from peer_common import model_bench_args, per_model_report, write_results  # noqa: E402
 
 HEAD = ("token_embd.weight", "output.weight")
+R1 = "deepseek-ai/DeepSeek-R1"
+GAP_APART = 0.05  # a model whose Q4_K_M layers sit within this of R1's needs no run at R1's gap besides --layer-bpw
 SPECS = ("auto", "auto-gptq")
 
 
@@ -99,13 +103,18 @@ def run(name: str, args, models: dict) -> None:
              for a in (flag, split["head_types"][tensor])]
     files = {"Q4_K_M (imatrix)": {"path": str(q4km), "kind": "uniform"}}
     m["commands"] = {}
-    for layer_bpw in args.layer_bpw:
+    # R1's saving: where this model's Q4_K_M layers sit elsewhere than R1's, auto-gptq at the same distance below
+    at_gap = split["layer_bpw"] - args.r1_gap
+    runs = [(b, SPECS, f"{b:.1f}") for b in args.layer_bpw]
+    if min(abs(at_gap - b) for b in args.layer_bpw) >= GAP_APART:
+        runs.append((at_gap, ("auto-gptq",), f"{at_gap:.2f}, R1's gap"))
+    for layer_bpw, specs, label in runs:
         target = float(f"{file_bpw_for(split, layer_bpw):.6f}")  # as given on the command line
         extra = ["--target-bpw", str(target), *heads]
-        r = convert(name, [f"gguf:{s}" for s in SPECS], imatrix, work, extra, work / f"auto-{layer_bpw}.log")
-        m["commands"][f"{layer_bpw:.1f}"] = r["command"]
-        for spec in SPECS:
-            files[f"{spec} (layers {layer_bpw:.1f})"] = {
+        r = convert(name, [f"gguf:{s}" for s in specs], imatrix, work, extra, work / f"auto-{layer_bpw:.2f}.log")
+        m["commands"][label] = r["command"]
+        for spec in specs:
+            files[f"{spec} (layers {label})"] = {
                 "path": str(work / f"{name}-{spec}-{target:.2f}bpw.gguf"), "kind": spec, "layer_target": layer_bpw,
                 "file_target": target}
     score_files(files, name, work, args, m)
@@ -142,12 +151,12 @@ def markdown(report: dict) -> str:
                          f"(mean within {MATCH - 1:.0%}) **{'yes' if v['matches'] else 'no'}**.")
         lines += [f"- command (layers {k}): `quantkit {_shown(c)}`" for k, c in m["commands"].items()]
         lines.append("")
-    keys = list(next(iter(report["models"].values()))["verdicts"])
+    keys = list(dict.fromkeys(k for m in report["models"].values() for k in m["verdicts"]))
     lines += ["## Summary (mean KLD x, p99 x of Q4_K_M's; **bold**: beats it on both)\n",
               "| model | Q4_K_M layer bpw | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, m in report["models"].items():
-        cells = [("**{}**" if v["beats"] else "{}").format(f"x{v['mean_ratio']:.2f}, x{v['p99_ratio']:.2f}")
-                 for v in (m["verdicts"][k] for k in keys)]
+        cells = ["—" if v is None else ("**{}**" if v["beats"] else "{}").format(
+                 f"x{v['mean_ratio']:.2f}, x{v['p99_ratio']:.2f}") for v in (m["verdicts"].get(k) for k in keys)]
         lines.append(f"| {name} | {m['files']['Q4_K_M (imatrix)']['layer_bpw']:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += ["Uniform Q4_K_M of the catalog models in both accountings (arithmetic from their plans, no weights; "
@@ -172,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.layer_bpw = [float(b) for b in args.layer_bpw.split(",")]
     settings = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
+    catalog_rows = catalog_q4km()  # arithmetic: recomputed on --report-only too
+    args.r1_gap = next(r["layer_bpw"] for r in catalog_rows if r["repo"] == R1) - 4.0
+    settings["r1_gap"] = args.r1_gap
     report = per_model_report(args, "layer_bpw.py", argv, settings, run)
-    report["catalog_q4km"] = catalog_q4km()  # arithmetic: recomputed on --report-only too
+    report["catalog_q4km"] = catalog_rows
     write_results(args.out, report, markdown(report))
     return 0
 
