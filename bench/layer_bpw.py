@@ -9,7 +9,7 @@ EXL3's comparisons, whose bpw is that of the decoder layers: exllamav3's eval/co
 of every GGUF `.weight` tensor but token_embd and output over their elements and reports the head apart (ik_llama.cpp
 prints the same "repeating layers" bpw; the quantization literature leaves embedding and head out too).
 llama.cpp's own bpw (file bytes over all elements, the one bench/auto_quality.py and bench/gguf_gptq_quality.py
-use) counts them, and on the bundled models token_embd and output (3072 x 256 each) are 28-40% of the elements.
+use) counts them, and on the bundled models token_embd and output (3072 x 256 each) are 20-40% of the elements.
 
 Per model, one calibration for everything: the bundled llama-imatrix file as --imatrix, convert's defaults for the
 sensitivity measurement (the proxy method) and the GPTQ pass. Q4_K_M is written first; its token_embd and output
