@@ -566,5 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, args.out.with_suffix(".png"))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

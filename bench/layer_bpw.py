@@ -1,7 +1,7 @@
 """Issue 15's 4.0 bpw bar counted as EXL3 counts bits: automatic GGUF with its repeating layers at 4.0 bpw against
 uniform Q4_K_M (imatrix), both with Q4_K_M's own token_embd and output types.
 
-    python bench/layer_bpw.py [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--layer-bpw 4.0]
+    python bench/layer_bpw.py [--models tiny-qwen2,tiny-llama,tiny-deepseek] [--layer-bpw 4.0,4.5]
                               [--windows 60] [--ctx 256] [--work /tmp/layer-bpw] [--report-only]
 
 The bar ("at 4.0 bpw it matches or beats Q4_K_M with imatrix, the bar EXL3 sets with its own format") comes from
@@ -177,7 +177,7 @@ def _shown(command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_bench_args(parser, "/tmp/layer-bpw", "layer_bpw")
-    parser.add_argument("--layer-bpw", default="4.0", help="the repeating layers' targets, comma-separated")
+    parser.add_argument("--layer-bpw", default="4.0,4.5", help="the repeating layers' targets, comma-separated")
     args = parser.parse_args(argv)
     args.layer_bpw = [float(b) for b in args.layer_bpw.split(",")]
     settings = {"windows": args.windows, "ctx": args.ctx, "layer_bpw": args.layer_bpw}
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     report["catalog_q4km"] = catalog_rows
     write_results(args.out, report, markdown(report))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -190,5 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     write_results(args.out, report, markdown(report))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
