@@ -30,8 +30,6 @@ import math
 import sys
 from pathlib import Path
 
-from gguf import GGUFReader
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
@@ -40,29 +38,23 @@ from auto_quality import IMATRIX, MATCH, score_files  # noqa: E402
 from gguf_gptq_quality import convert  # noqa: E402
 from peer_common import model_bench_args, per_model_report, write_results  # noqa: E402
 
-HEAD = ("token_embd.weight", "output.weight")
+from quantkit.inspection import GGUF_HEAD as HEAD  # noqa: E402
+from quantkit.inspection import inspect_gguf  # noqa: E402
+
 R1 = "deepseek-ai/DeepSeek-R1"
 GAP_APART = 0.05  # a model whose Q4_K_M layers sit within this of R1's needs no run at R1's gap besides --layer-bpw
 SPECS = ("auto", "auto-gptq")
 
 
 def bit_split(path: Path) -> dict:
-    """EXL3's accounting of a GGUF: the repeating layers' bpw (every `.weight` but the head's), the head's types
-    and bytes, the other tensors' bytes (biases), all elements."""
-    layer_bytes = layer_elements = head_bytes = other_bytes = elements = 0
-    head_types = {}
-    for t in GGUFReader(path).tensors:
-        elements += int(t.n_elements)
-        if t.name in HEAD:
-            head_bytes += int(t.n_bytes)
-            head_types[t.name] = t.tensor_type.name
-        elif t.name.endswith(".weight"):
-            layer_bytes += int(t.n_bytes)
-            layer_elements += int(t.n_elements)
-        else:
-            other_bytes += int(t.n_bytes)
-    return {"layer_bpw": 8 * layer_bytes / layer_elements, "layer_elements": layer_elements,
-            "head_bytes": head_bytes, "head_types": head_types, "other_bytes": other_bytes, "elements": elements}
+    """EXL3's accounting of a GGUF (quantkit.inspection.inspect_gguf): the repeating layers' bpw (every `.weight`
+    but the head's), the head's types and bytes, the other tensors' bytes (biases, norms outside the layers' count),
+    all elements."""
+    r = inspect_gguf(path)
+    head_bytes = sum(h["bytes"] for h in r["head"].values())
+    return {"layer_bpw": r["bpw"]["repeating_layers"], "layer_elements": r["repeating_layers"]["elements"],
+            "head_bytes": head_bytes, "head_types": {name: h["type"] for name, h in r["head"].items()},
+            "other_bytes": r["tensor_bytes"] - r["repeating_layers"]["bytes"] - head_bytes, "elements": r["parameters"]}
 
 
 def catalog_q4km() -> list[dict]:

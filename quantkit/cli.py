@@ -81,15 +81,19 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the full report, including every tensor, as JSON.")
 def inspect(model, as_json):
     """Architecture, parameters, dtypes, FP8 layout and quantizable weights of MODEL (a HF folder, a
-    .safetensors file, or a bundled model: tiny-qwen2, tiny-llama, tiny-deepseek). Reads headers only."""
+    .safetensors file, or a bundled model: tiny-qwen2, tiny-llama, tiny-deepseek); for a GGUF file, its tensor
+    types, bits per weight (over all tensors as llama.cpp counts, and over the repeating layers as EXL3 and
+    papers count), each layer's bpw and types, and how it was quantized. Reads headers only."""
     from quantkit.bundled import resolve_model
-    from quantkit.inspection import inspect_checkpoint
+    from quantkit.inspection import inspect_checkpoint, inspect_gguf
 
-    report = inspect_checkpoint(resolve_model(model))
+    path = resolve_model(model)
+    gguf = path.suffix == ".gguf"
+    report = inspect_gguf(path) if gguf else inspect_checkpoint(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    for label, value in _summary_lines(report):
+    for label, value in (_gguf_summary_lines if gguf else _summary_lines)(report):
         click.echo(f"{label:<13}{value}")
 
 
@@ -448,6 +452,29 @@ def _summary_lines(r: dict):
         roles = ", ".join(f"{role} x{n}" for role, n in q["by_role"].items())
         yield "quantizable", f"{q['linear_weights']} linear weights, {_count(q['parameters'])} params: {roles}"
         yield "embeddings", ", ".join(r["embeddings"]) + " (GGUF mixtures quantize these; GPTQ/AWQ keep them)"
+
+
+def _gguf_summary_lines(r: dict):
+    yield "model", r["path"]
+    mix = " (a gguf:auto mix, named after its main type)" if "auto.budget" in r["quantize"] else ""
+    yield "format", (f"GGUF, {r['files']} file(s), {_bytes(r['size_on_disk'])}; {r['architecture']} "
+                     f"{r['name']!r}, file type {r['file_type']}{mix}")
+    yield "parameters", f"{_count(r['parameters'])} in {r['tensors']} tensors"
+    bpw = r["bpw"]
+    yield "bpw", f"{bpw['file']:.3f} over all tensors (llama.cpp's)" + (
+        "" if bpw["repeating_layers"] is None else
+        f"; {bpw['repeating_layers']:.3f} over the repeating layers (token_embd and output left out, as EXL3 and "
+        "papers count)")
+    yield "head", ", ".join(f"{name} {h['type']} ({h['bpw']:.2f} bpw)" for name, h in r["head"].items()) + (
+        "" if "output.weight" in r["head"] else " (tied: also the output)")
+    yield "types", ", ".join(f"{t} x{v['tensors']} ({v['elements'] / r['parameters']:.1%} of weights)"
+                             for t, v in r["types"].items())
+    for layer in r["layers"]:
+        yield f"blk.{layer['layer']}", f"{layer['bpw']:.2f} bpw: " + ", ".join(
+            f"{t} x{n}" for t, n in layer["types"].items())
+    if r["quantize"]:
+        yield "quantize", "; ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in r["quantize"].items())
 
 
 def _count(n: int) -> str:

@@ -1,11 +1,13 @@
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
+from gguf import GGUFReader
 
 from quantkit import __version__
 from quantkit.cli import main
-from quantkit.inspection import inspect_checkpoint
+from quantkit.inspection import inspect_checkpoint, inspect_gguf
 
 CASES = [("llama", {}), ("llama-rope3", {}), ("qwen2", {}), ("qwen2-tied", {}), ("deepseek_v3", {}),
          ("deepseek_v3", {"fp8": True}), ("deepseek_v3", {"fused_experts": True}),
@@ -66,3 +68,50 @@ def test_inspect_single_safetensors_file(model_cache):
     shard = sorted(model_cache("llama").glob("*.safetensors"))[0]
     report = inspect_checkpoint(shard)
     assert report["architecture"] is None and report["tensors"] > 0
+
+
+def _bits(path, keep) -> float:
+    """bpw of the tensors `keep` accepts, from gguf-py's own reader."""
+    tensors = [t for t in GGUFReader(path).tensors if keep(t.name)]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def test_gguf_report_counts_bits_both_ways(bundled_gguf):
+    path = bundled_gguf("tiny-llama", "Q4_K_M", imatrix=True)
+    report = inspect_gguf(path)
+    assert report["format"] == "gguf" and report["architecture"] == "llama" and report["file_type"] == "Q4_K_M"
+    assert report["bpw"]["file"] == pytest.approx(_bits(path, lambda n: True), rel=1e-12)
+    repeating = _bits(path, lambda n: n.endswith(".weight") and n not in ("token_embd.weight", "output.weight"))
+    assert report["bpw"]["repeating_layers"] == pytest.approx(repeating, rel=1e-12)
+    assert report["bpw"]["repeating_layers"] < report["bpw"]["file"]  # the Q6_K output is left out
+    assert {n: h["type"] for n, h in report["head"].items()} == {"token_embd.weight": "Q4_K", "output.weight": "Q6_K"}
+    assert [layer["layer"] for layer in report["layers"]] == [0, 1, 2, 3]
+    for layer in report["layers"]:
+        i = layer["layer"]
+        assert layer["bpw"] == pytest.approx(_bits(path, lambda n, i=i: n.startswith(f"blk.{i}.")), rel=1e-12)
+    reader = GGUFReader(path)
+    assert sum(v["elements"] for v in report["types"].values()) == sum(int(t.n_elements) for t in reader.tensors)
+    assert report["parameters"] == sum(math.prod(int(d) for d in t.shape) for t in reader.tensors)
+    assert report["quantize"]["imatrix.entries_count"] > 0
+
+
+def test_cli_inspect_gguf_text_and_json(bundled_gguf):
+    path = bundled_gguf("tiny-qwen2", "Q4_K_M")
+    runner = CliRunner()
+    text = runner.invoke(main, ["inspect", str(path)])
+    assert text.exit_code == 0, text.output
+    assert "over the repeating layers" in text.output and "blk.3" in text.output
+    assert "(tied: also the output)" in text.output  # tiny-qwen2 ties its embeddings
+    report = json.loads(runner.invoke(main, ["inspect", str(path), "--json"]).output)
+    assert set(report["head"]) == {"token_embd.weight"}
+    assert report["bpw"]["file"] == pytest.approx(_bits(path, lambda n: True), rel=1e-12)
+
+
+def test_cli_inspect_truncated_gguf_is_one_error_line(bundled_gguf, tmp_path):
+    path = bundled_gguf("tiny-llama", "Q8_0")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:1000])
+    result = CliRunner().invoke(main, ["inspect", str(cut)])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cut.gguf" in lines[0], result.output

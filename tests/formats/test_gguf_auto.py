@@ -226,3 +226,17 @@ def test_proxy_method_is_refused_for_folder_mixes(tmp_path):
     with pytest.raises(ConfigError, match="--sensitivity-method proxy is for gguf:auto only"):
         api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, dry_run=True, sensitivity_method="proxy",
                     budget=Budget.from_options(target_bpw=6.0), sensitivity=tmp_path / "s.json", **MEASURE)
+
+
+def test_inspect_shows_how_the_mix_spent_its_bits(tmp_path, sensitivity, monkeypatch):
+    _never_measure(monkeypatch)
+    file, plan = _auto(tmp_path, sensitivity, Budget.from_options(target_bpw=4.0))
+    text = CliRunner().invoke(main, ["inspect", str(file)])
+    assert text.exit_code == 0, text.output
+    assert "(a gguf:auto mix, named after its main type)" in text.output
+    assert "auto.budget --target-bpw 4" in text.output and "auto.predicted_kld" in text.output
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(file), "--json"]).output)
+    assert report["bpw"]["file"] == pytest.approx(plan.bpw, rel=1e-12)
+    for layer in report["layers"]:
+        planned = [e.scheme for e in plan.entries if e.name.startswith(f"blk.{layer['layer']}.")]
+        assert layer["types"] == {t: planned.count(t) for t in set(planned)}
