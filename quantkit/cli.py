@@ -461,6 +461,9 @@ def _gguf_summary_lines(r: dict):
                      f"{r['name']!r}, file type {r['file_type']}{mix}")
     yield "parameters", f"{_count(r['parameters'])} in {r['tensors']} tensors"
     bpw = r["bpw"]
+    if bpw["file"] is None:
+        yield "bpw", "no tensors (a vocabulary-only file)"
+        return
     yield "bpw", f"{bpw['file']:.3f} over all tensors (llama.cpp's)" + (
         "" if bpw["repeating_layers"] is None else
         f"; {bpw['repeating_layers']:.3f} over the repeating layers (token_embd and output left out, as EXL3 and "

@@ -112,7 +112,7 @@ def inspect_gguf(path) -> dict:
         "file_type": next((ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype), ftype),
         "tensors": len(gguf.tensors), "parameters": elements, "tensor_bytes": tensor_bytes,
         "repeating_layers": {"bytes": repeating[0], "elements": repeating[1]},
-        "bpw": {"file": 8 * tensor_bytes / elements,
+        "bpw": {"file": 8 * tensor_bytes / elements if elements else None,  # a vocab-only GGUF has no tensors
                 "repeating_layers": 8 * repeating[0] / repeating[1] if repeating[1] else None},
         "head": head,
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["elements"])),

@@ -115,3 +115,19 @@ def test_cli_inspect_truncated_gguf_is_one_error_line(bundled_gguf, tmp_path):
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "cut.gguf" in lines[0], result.output
+
+
+def test_cli_inspect_vocab_only_gguf(tmp_path):
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "no tensors" in result.output
+    assert json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)["tensors"] == 0
