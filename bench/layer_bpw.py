@@ -26,7 +26,6 @@ Results: bench/results/layer_bpw.{json,md}.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from gguf_gptq_quality import convert  # noqa: E402
 from peer_common import model_bench_args, per_model_report, write_results  # noqa: E402
 
 from quantkit.inspection import GGUF_HEAD as HEAD  # noqa: E402
-from quantkit.inspection import inspect_gguf  # noqa: E402
+from quantkit.inspection import gguf_bits, inspect_gguf  # noqa: E402
 
 R1 = "deepseek-ai/DeepSeek-R1"
 GAP_APART = 0.05  # a model whose Q4_K_M layers sit within this of R1's needs no run at R1's gap besides --layer-bpw
@@ -69,10 +68,9 @@ def catalog_q4km() -> list[dict]:
     for repo in catalog.names():
         model = catalog.load(repo)
         plan = plan_types({t.name: t.shape for t in mapping_for(model.arch).tensors()}, model_facts(model), "Q4_K_M")
-        layers = [e for e in plan.entries if e.name not in HEAD and e.name.endswith(".weight")]
-        layer_elements = sum(math.prod(e.shape) for e in layers)
-        rows.append({"repo": repo, "layer_bpw": 8 * sum(e.nbytes for e in layers) / layer_elements,
-                     "file_bpw": plan.bpw, "head_share": 1 - layer_elements / plan.n_elements})
+        bits = gguf_bits((e.name, e.shape, e.nbytes, e.scheme) for e in plan.entries)
+        rows.append({"repo": repo, "layer_bpw": bits["bpw"]["repeating_layers"], "file_bpw": bits["bpw"]["file"],
+                     "head_share": 1 - bits["repeating_layers"]["elements"] / bits["parameters"]})
     return rows
 
 

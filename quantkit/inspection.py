@@ -71,53 +71,61 @@ GGUF_HEAD = ("token_embd.weight", "output.weight")
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
-def inspect_gguf(path) -> dict:
-    """A GGUF's (or gguf-split set's) tensor types and bits per weight. `bpw.file` is llama.cpp's (tensor bytes x 8
-    over every element); `bpw.repeating_layers` leaves out token_embd and output (exllamav3's compare_q counts every
-    `.weight` but those two, ik_llama.cpp prints "repeating layers" alike, and papers quote it), so a mix is
-    comparable with EXL3's and the literature's bpw. `layers`: each decoder layer's bpw and types; `quantize`:
-    how the file was made (imatrix, GPTQ, gguf:auto's budget and predicted KLD), as its metadata records it."""
-    from quantkit.formats.gguf.mixtures import FILE_TYPES
-    from quantkit.source.gguf_file import GGUFFile
-
-    gguf = GGUFFile(path)
+def gguf_bits(tensors) -> dict:
+    """Bits per weight of a GGUF tensor table, from (name, shape, bytes, type name) per tensor (a file's, or a plan's
+    before it is written). `bpw.file` is llama.cpp's (tensor bytes x 8 over every element);
+    `bpw.repeating_layers` leaves out token_embd and output (exllamav3's compare_q counts every `.weight` but those
+    two, ik_llama.cpp prints "repeating layers" alike, and papers quote it), so a mix is comparable with EXL3's and
+    the literature's bpw. `layers`: each decoder layer's bpw and types."""
     types: dict[str, dict[str, int]] = {}
     layers: dict[int, dict] = {}
+    head: dict[str, dict] = {}
     repeating = [0, 0]  # bytes, elements
     elements = tensor_bytes = 0
-    for name, t in gguf.tensors.items():
-        n = math.prod(t.shape)
+    for name, shape, nbytes, type_name in tensors:
+        n = math.prod(shape)
         elements += n
-        tensor_bytes += t.nbytes
-        entry = types.setdefault(t.type.name, {"tensors": 0, "elements": 0, "bytes": 0})
+        tensor_bytes += nbytes
+        entry = types.setdefault(type_name, {"tensors": 0, "elements": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["elements"] += n
-        entry["bytes"] += t.nbytes
-        if name.endswith(".weight") and name not in GGUF_HEAD:
-            repeating[0] += t.nbytes
+        entry["bytes"] += nbytes
+        if name in GGUF_HEAD:
+            head[name] = {"type": type_name, "bytes": nbytes, "elements": n, "bpw": 8 * nbytes / n}
+        elif name.endswith(".weight"):
+            repeating[0] += nbytes
             repeating[1] += n
         layer = _LAYER.match(name)
         if layer:
             record = layers.setdefault(int(layer[1]), {"bytes": 0, "elements": 0, "types": Counter()})
-            record["bytes"] += t.nbytes
+            record["bytes"] += nbytes
             record["elements"] += n
-            record["types"][t.type.name] += 1
-    head = {name: {"type": t.type.name, "bytes": t.nbytes, "elements": math.prod(t.shape),
-                   "bpw": 8 * t.nbytes / math.prod(t.shape)}
-            for name, t in ((name, gguf.tensors[name]) for name in GGUF_HEAD if name in gguf.tensors)}
+            record["types"][type_name] += 1
+    return {
+        "tensors": sum(v["tensors"] for v in types.values()), "parameters": elements, "tensor_bytes": tensor_bytes,
+        "repeating_layers": {"bytes": repeating[0], "elements": repeating[1]},
+        "bpw": {"file": 8 * tensor_bytes / elements if elements else None,  # a vocab-only GGUF has no tensors
+                "repeating_layers": 8 * repeating[0] / repeating[1] if repeating[1] else None},
+        "head": {name: head[name] for name in GGUF_HEAD if name in head},
+        "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["elements"])),
+        "layers": [{"layer": i, "bpw": 8 * r["bytes"] / r["elements"], "types": dict(r["types"].most_common())}
+                   for i, r in sorted(layers.items())],
+    }
+
+
+def inspect_gguf(path) -> dict:
+    """A GGUF's (or gguf-split set's) tensor types and bits per weight (gguf_bits), and how it was made:
+    `quantize`, its quantize.* metadata (imatrix, GPTQ, gguf:auto's budget and predicted KLD)."""
+    from quantkit.formats.gguf.mixtures import file_type_name
+    from quantkit.source.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
     ftype = gguf.metadata("general.file_type")
     return {
         "path": str(gguf.path), "format": "gguf", "files": len(gguf.paths), "size_on_disk": gguf.size_on_disk(),
         "architecture": gguf.metadata("general.architecture"), "name": gguf.metadata("general.name"),
-        "file_type": next((ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype), ftype),
-        "tensors": len(gguf.tensors), "parameters": elements, "tensor_bytes": tensor_bytes,
-        "repeating_layers": {"bytes": repeating[0], "elements": repeating[1]},
-        "bpw": {"file": 8 * tensor_bytes / elements if elements else None,  # a vocab-only GGUF has no tensors
-                "repeating_layers": 8 * repeating[0] / repeating[1] if repeating[1] else None},
-        "head": head,
-        "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["elements"])),
-        "layers": [{"layer": i, "bpw": 8 * r["bytes"] / r["elements"], "types": dict(r["types"].most_common())}
-                   for i, r in sorted(layers.items())],
+        "file_type": file_type_name(ftype) or ftype,
+        **gguf_bits((name, t.shape, t.nbytes, t.type.name) for name, t in gguf.tensors.items()),
         "quantize": {key.removeprefix("quantize."): gguf.metadata(key) for key in sorted(gguf.values)
                      if key.startswith("quantize.")},
     }

@@ -205,15 +205,14 @@ class _GGUFVariant(Variant):
 
 
 def _file_type_name(gguf: GGUFFile) -> str:
-    from quantkit.formats.gguf.mixtures import FILE_TYPES
+    from quantkit.formats.gguf.mixtures import file_type_name
 
     gptq = "-gptq" if gguf.metadata("quantize.gptq.samples") is not None else ""  # levels chosen by GPTQ
     budget = gguf.metadata("quantize.auto.budget")  # gguf:auto: general.file_type only names its main type
     if budget is not None:
         return f"auto{gptq} ({budget})"
     ftype = gguf.metadata("general.file_type")
-    names = [ft.name for ft in FILE_TYPES.values() if ft.ftype == ftype]
-    return (names[0] if names else f"ftype {ftype}") + gptq
+    return (file_type_name(ftype) or f"ftype {ftype}") + gptq
 
 
 class TorchGGUFVariant(_TorchForward, _GGUFVariant):

@@ -222,7 +222,8 @@ def test_default_proxy_method_measures_q3_k_as_the_output_method_does(tmp_path, 
 
 
 def test_proxy_method_is_refused_for_folder_mixes(tmp_path):
-    """ct/gptq's default is the output method; the proxy's groups are single tensors of one layer."""
+    """ct/gptq's default is the output method; a ct group of routed experts spans every layer, so it has no one layer
+    output for the proxy to compare."""
     with pytest.raises(ConfigError, match="--sensitivity-method proxy is for gguf:auto only"):
         api.convert(model_path("tiny-llama"), ["ct:auto"], tmp_path, dry_run=True, sensitivity_method="proxy",
                     budget=Budget.from_options(target_bpw=6.0), sensitivity=tmp_path / "s.json", **MEASURE)

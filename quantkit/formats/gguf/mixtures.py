@@ -122,6 +122,11 @@ def file_type(name: str) -> FileType:
     return FILE_TYPES[key]
 
 
+def file_type_name(ftype: int | None) -> str | None:
+    """llama-quantize's name of a general.file_type value (LLAMA_FTYPE); None for one quantkit does not know."""
+    return next((ft.name for ft in _FILE_TYPES if ft.ftype == ftype), None)
+
+
 def ggml_type(name: str) -> str:
     """Normalise a ggml type name ("q4_K", "bf16", ...) as llama-quantize matches it (case-insensitively)."""
     key = name.strip().upper()
