@@ -14,10 +14,10 @@ Q4_K_M itself; all scored by one `quantkit eval`
 (llama.cpp backend, held-out text, --ctx tokens, --windows windows), as bench/auto_quality.py scores them.
 Predicted KLD: the file's quantize.auto.predicted_kld (its measurement's summed costs).
 
-Extrapolation (arithmetic from the catalog configs, no run): layer-forwards of each method for catalog models,
-counted as calib/sensitivity.py counts them (output: per candidate, its layer's successors plus the head's pass;
-proxy: one per non-anchor candidate, the anchors as in the output method; both: the float pass, 2 x layers), and
-each method's CPU and GPU hours by bench/auto_quality.py's extrapolation at the rates it measured (its results).
+Extrapolation (arithmetic from the catalog configs, no run): each method's layer-forwards, CPU and GPU hours for
+catalog models, by bench/auto_quality.py's extrapolation (output: per candidate, its layer and every later one;
+proxy: the anchors so, every other candidate its own layer; both: the float pass, 2 x layers; the head's passes
+counted apart) at the rates it measured (its results).
 
 Results: bench/results/sensitivity_proxy.{json,md}.
 """
@@ -42,7 +42,6 @@ from auto_quality import (  # noqa: E402
     SENS_CTX,
     SENS_SAMPLES,
     _geomean,
-    catalog_groups,
     extrapolate,
     score_files,
 )
@@ -85,27 +84,18 @@ def run_model(name: str, args, result: dict) -> None:
     score_files(files, src, work, args, m)
 
 
-def layer_forwards(repo: str) -> dict:
-    arch, _, groups = catalog_groups(repo)
-    n_layers = arch.num_layers
-    output = proxy = 2 * n_layers
-    for _, stage, schemes, _ in groups:
-        types = len(schemes)
-        measured = max(n_layers - stage, 1)  # the embedding's (stage -1): every layer and the head
-        output += types * measured
-        proxy += measured + types - 1  # the head's stage: measured at the output, one step each too
-    return {"repo": repo, "layers": n_layers, "output": output, "proxy": proxy, "ratio": output / proxy}
-
-
-def hours(repo: str, rates: dict) -> dict:
-    """Each method's forward and encode hours for a catalog model, at the CPU matmul and codec rates
-    bench/auto_quality.py measured (`rates`: its results' extrapolation), as it extrapolates the output method."""
+def extrapolation(repo: str, rates: dict) -> dict:
+    """Each method's layer-forwards, forward and encode hours for a catalog model: bench/auto_quality.py's
+    extrapolation (the head's passes counted apart), at the CPU matmul and codec rates it measured (`rates`: its
+    results' extrapolation)."""
     tokens, ctx = SENS_SAMPLES * SENS_CTX, SENS_CTX
-    out = {}
-    for method in METHODS:
-        e = extrapolate(repo, rates["codec_eps"], rates["cpu_flops"], tokens, ctx, method)
-        out[method] = {k: e[k] for k in ("forward_flops", "cpu_forward_h", "cpu_encode_h", "gpu_forward_h")}
-    return out
+    runs = {method: extrapolate(repo, rates["codec_eps"], rates["cpu_flops"], tokens, ctx, method)
+            for method in METHODS}
+    return {"repo": repo, "layers": runs["output"]["layers"],
+            **{method: e["layer_forwards"] for method, e in runs.items()},
+            "ratio": runs["output"]["layer_forwards"] / runs["proxy"]["layer_forwards"],
+            "hours": {method: {k: e[k] for k in ("forward_flops", "cpu_forward_h", "cpu_encode_h", "gpu_forward_h")}
+                      for method, e in runs.items()}}
 
 
 def markdown(report: dict) -> str:
@@ -143,7 +133,8 @@ def markdown(report: dict) -> str:
                   "proxy: " + ", ".join(f"{n} x{m['measure_s'][f'{spec} output'] / m['measure_s'][f'{spec} proxy']:.1f}"
                                         for n, m in report["models"].items()) + "."]
     lines += ["",
-              "Extrapolated layer-forwards (forward work; the encoding of every candidate is the same in both):\n",
+              "Extrapolated layer-forwards (forward work, bench/auto_quality.py's count: the head's passes apart; the "
+              "encoding of every candidate is the same in both):\n",
               "| model | layers | output method | proxy method | ratio |", "|---|---|---|---|---|"]
     for e in report["extrapolation"]:
         lines.append(f"| {e['repo'].split('/')[-1]} | {e['layers']} | {e['output']:,} | {e['proxy']:,} | "
@@ -184,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     report = per_model_report(args, "sensitivity_proxy.py", argv, settings, run_model)
     measured = json.loads(AUTO_QUALITY.read_text())  # arithmetic from its rates: recomputed on --report-only too
     rates = measured["extrapolation"]
-    report["extrapolation"] = [layer_forwards(repo) | {"hours": hours(repo, rates)} for repo in EXTRAPOLATE]
+    report["extrapolation"] = [extrapolation(repo, rates) for repo in EXTRAPOLATE]
     report["extrapolation_rates"] = {"from": str(AUTO_QUALITY.relative_to(REPO)), "commit": measured["commit"],
                                      "cpu_flops": rates["cpu_flops"], "gpu_flops_assumed": rates["gpu_flops_assumed"]}
     write_results(args.out, report, markdown(report))
