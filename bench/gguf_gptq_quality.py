@@ -8,9 +8,10 @@ Per model, one calibration for everything: the bundled llama-imatrix file as --i
 default calibration (the bundled calibration split, 128 x 512 tokens) for the GPTQ pass, and one sensitivity
 measurement (convert's defaults) per candidate set: gguf:auto's with the writer's encoding (and, on MoE models, the
 grid i-quants), gguf:auto-gptq's with each candidate encoded as the -gptq pass encodes it (GPTQ from the Hessian
-of the layer's float inputs), so the two files of a budget have their own per-tensor types. Outputs: Q4_K_M and
-IQ4_XS with and without -gptq, and gguf:auto / gguf:auto-gptq at each --bpw. All scored by one `quantkit eval`
-(llama.cpp backend) against the bundled source on the bundled held-out text, as bench/auto_quality.py does.
+of the layer's float inputs on the GPTQ pass's calibration samples), so the two files of a budget have their own
+per-tensor types. Outputs: Q4_K_M and IQ4_XS with and without -gptq, and gguf:auto / gguf:auto-gptq at each --bpw.
+All scored by one `quantkit eval` (llama.cpp backend) against the bundled source on the bundled held-out text, as
+bench/auto_quality.py does.
 
 Results: bench/results/gguf_gptq_quality.{json,md}.
 """

@@ -20,15 +20,16 @@ one when no later stream needs that.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from quantkit.arch.base import InputGroup, Weights
-from quantkit.calib.engine import CalibrationRun, Observer, Routing
+from quantkit.calib.engine import CalibrationRun, LayerWeights, Observer, Routing
 from quantkit.calib.layerwise import LayerJob
 from quantkit.errors import ConfigError, QuantkitError
 from quantkit.quant.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
@@ -184,20 +185,24 @@ def down_hessian(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Hessi
 class FloatLayerHessians:
     """Every linear's Hessian in one decoder layer from given float inputs, as HessianLayers would build it for
     that linear (routed experts from their routed tokens, with the same fallback): what a measurement of GPTQ-
-    encoded candidates (quantkit.calib.sensitivity's `prepare`) encodes each linear with. Shared input groups are
-    accumulated in one forward; experts' are built when asked, so only one expert's are held at a time."""
+    encoded candidates (quantkit.calib.sensitivity's `prepare`) encodes each linear with. `hidden`: the layer's
+    inputs, one tensor per forward ([batch, tokens, hidden]); `outputs` keeps the layer's outputs. Shared input
+    groups are accumulated in that forward; experts' are built when asked, so only one expert's are held at a
+    time."""
 
-    def __init__(self, arch, index: int, layer: Weights, hidden: torch.Tensor, positions: torch.Tensor, *,
+    def __init__(self, arch, index: int, layer: Weights, hidden: Sequence[torch.Tensor], *,
                  min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, fallback: str = "all"):
         groups = arch.layer_spec(index).input_groups
-        hessians, routing = _Hessians(groups, hidden.device), Routing()
+        device = hidden[0].device
+        hessians, routing = _Hessians(groups, device), Routing()
         has_router = hasattr(arch, "on_route")
         arch.observe = lambda key, x, i, count: hessians.observe(index, key, x, i, count)
         if has_router:
             arch.on_route = routing
         try:
             with torch.no_grad():
-                arch.layer_forward(index, layer, hidden, positions)
+                self.outputs = [arch.layer_forward(index, layer, h, torch.arange(h.shape[1], device=device))
+                                for h in hidden]
         finally:
             arch.observe = None
             if has_router:
@@ -228,6 +233,57 @@ class FloatLayerHessians:
             gate_name, up_name = experts.gate_up[expert]
             return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float())
         return input_hessian(x)
+
+
+class CalibrationHessians:
+    """The float Hessians of each decoder layer (FloatLayerHessians) and of the head, on the calibration samples an
+    output's own GPTQ pass encodes from: what an automatic mix's GPTQ candidates are encoded with, so that a
+    candidate's measured cost is that of the encoding written rather than of one fitted to the few tokens the
+    measurement scores it on. The samples go through the float model one layer at a time, as far as asked, from
+    the first ask (a measurement reused from its file asks nothing)."""
+
+    def __init__(self, arch, weights: Weights, samples: Sequence[torch.Tensor], device: torch.device | str = "cpu"):
+        self._start = (arch, weights, samples, device)
+        self._run: CalibrationRun | None = None
+
+    @property
+    def run(self) -> CalibrationRun:
+        if self._run is None:
+            self._run = CalibrationRun(*self._start)
+        return self._run
+
+    def fork(self) -> CalibrationHessians:
+        """A second source from the same point, to run ahead of this one (this one's position is kept)."""
+        twin = copy.copy(self)
+        twin._run = self.run.fork()
+        return twin
+
+    def _advance_to(self, index: int) -> None:
+        run = self.run
+        if run.layer > index:
+            raise ValueError(f"the calibration samples are past layer {index} (at {run.layer}); ask in layer order")
+        while run.layer < index:
+            layer = LayerWeights(run.weights)
+            run.advance(run.forward(layer))
+            layer.clear()
+
+    def layer(self, index: int, weights: Weights) -> FloatLayerHessians:
+        """Layer `index`'s Hessians with its weights `weights`; the samples move past it."""
+        self._advance_to(index)
+        run = self.run
+        hessians = FloatLayerHessians(run.arch, index, weights, [h.to(run.device) for h in run.hidden])
+        run.advance([o.to(run.store) for o in hessians.outputs])
+        del hessians.outputs
+        return hessians
+
+    def head(self, weights: Weights) -> HessianAccumulator:
+        """The head's Hessian: the last layer's float outputs through the final norm."""
+        run = self.run
+        self._advance_to(run.arch.num_layers)
+        acc = HessianAccumulator(run.arch.hidden_size, run.device)
+        for hidden in run.hidden:
+            acc.add(run.arch.final_norm(weights, hidden.to(run.device)))
+        return acc
 
 
 def gptq_or_rtn(w: torch.Tensor, acc: HessianAccumulator | None, config: GPTQConfig) -> tuple[GPTQResult, str | None]:

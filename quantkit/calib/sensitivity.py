@@ -58,10 +58,9 @@ class Group:
 
 # degrade(group, scheme) -> the checkpoint tensors (float32) the group changes, quantized with `scheme` and decoded
 Degrade = Callable[[Group, str], "dict[str, torch.Tensor]"]
-# prepare(stage, weights, float inputs, positions): called before a decoder layer's or the head's candidates are
-# degraded, with that stage's weights and the float model's hidden states entering it (for the head: the last
-# layer's outputs), for a degrade that depends on them (GPTQ encodes from the Hessian of the float inputs)
-Prepare = Callable[[int, Weights, torch.Tensor, torch.Tensor], None]
+# prepare(stage, weights): called before a decoder layer's or the head's candidates are degraded, with that
+# stage's weights, for a degrade that depends on the stage (GPTQ encodes from the Hessians of its inputs)
+Prepare = Callable[[int, Weights], None]
 
 
 @dataclass
@@ -207,15 +206,15 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
             costs[group.name][scheme] = sums[c] / tokens
         step(len(states))
 
-    def run_stage(stage: int, stage_weights: Weights | None, inputs: torch.Tensor | None,
-                  output: torch.Tensor | None, forward: Callable[[dict], torch.Tensor]) -> None:
+    def run_stage(stage: int, stage_weights: Weights | None, output: torch.Tensor | None,
+                  forward: Callable[[dict], torch.Tensor]) -> None:
         """The stage's candidates: `forward(replaced)` is a candidate's output of the stage, `output` the float
         model's (what the proxy method compares with)."""
         cands = by_stage.get(stage, [])
         if not cands:
             return
         if prepare is not None and stage_weights is not None:
-            prepare(stage, stage_weights, inputs, positions)
+            prepare(stage, stage_weights)
         pending: list[tuple[Group, str, dict, torch.Tensor]] = []
         errors: dict[str, tuple[str, dict[str, float]]] = {}
 
@@ -258,17 +257,17 @@ def measure(arch: Architecture, weights: Weights, samples: Sequence[torch.Tensor
         if checkpoint is not None:
             checkpoint(costs)
 
-    run_stage(EMBEDDING, None, None, embedded, lambda r: arch.embed(_overlay(weights, r), ids))
+    run_stage(EMBEDDING, None, embedded, lambda r: arch.embed(_overlay(weights, r), ids))
     hidden = embedded
     for index in range(n_layers):
         layer = LayerWeights(weights)
         output = layer_forward(index, layer, hidden)
-        run_stage(index, layer, hidden, output, lambda r, index=index, layer=layer, hidden=hidden:
+        run_stage(index, layer, output, lambda r, index=index, layer=layer, hidden=hidden:
                   layer_forward(index, _overlay(layer, r), hidden))
         hidden = output
         layer.clear()
         step()
-    run_stage(n_layers, head, final, None, lambda r: final)
+    run_stage(n_layers, head, None, lambda r: final)
     return costs
 
 

@@ -6,9 +6,9 @@ DeepSeek's q_a/kv_a) and routed experts (of every layer in compressed-tensors, o
 scheme; every other decoder-layer linear is a group of its own. Candidates: the format's AUTO_CANDIDATES that the
 linears' shapes allow, plus bf16 (kept, cost 0; not for routed experts). Costs are measured
 (quantkit.calib.sensitivity) with the scales as the folder stores them and the method the output is written with:
-round-to-nearest (`ct:auto`) or GPTQ from the Hessian of each layer's float inputs (`ct:auto-gptq`, `gptq:auto`;
-its own measurement: GPTQ shrinks some groups' errors more than others'). The result is a plain mix, as
-`--tensor-type` overrides would write it.
+round-to-nearest (`ct:auto`) or GPTQ from the Hessian of each layer's float inputs on the output's own
+calibration samples (`ct:auto-gptq`, `gptq:auto`; its own measurement: GPTQ shrinks some groups' errors more than
+others'). The result is a plain mix, as `--tensor-type` overrides would write it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from quantkit.calib.data import calibration_samples
 from quantkit.calib.engine import LayerWeights
-from quantkit.calib.gptq import FloatLayerHessians, gptq_or_rtn, runtime_weight
+from quantkit.calib.gptq import CalibrationHessians, FloatLayerHessians, gptq_or_rtn, runtime_weight
 from quantkit.calib.sensitivity import Group, measure_sensitivity
 from quantkit.errors import ConfigError
 from quantkit.formats.layerwise_folder import KEPT, WEIGHT_SCHEME, kept_globals, quantized_linears, runtime_units
@@ -130,17 +130,20 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     gptq = fmt.auto_calibrated(target)
     layer_of = {n: layer for layer, names, _ in quantized_linears(model) for n in names}
     hessians: dict[int, FloatLayerHessians] = {}  # by layer, for the stage being measured (gptq only)
+    # encoded from the Hessians of the samples the output's GPTQ pass uses
+    source = CalibrationHessians(model.arch, weights, calibration_samples(
+        model, options.calib, options.calib_samples, options.calib_ctx), model.device) if gptq else None
 
-    def prepare(stage: int, layer, inputs: torch.Tensor, positions: torch.Tensor) -> None:
+    def prepare(stage: int, layer) -> None:
         """The Hessians of every layer the stage's groups reach (compressed-tensors' routed experts are one group
-        across layers), each from that layer's float inputs."""
+        across layers: the layers after the stage's own from a source run ahead)."""
         last = max(layer_of[n] for g in groups if g.stage == stage for n in free[g.name])
         hessians.clear()
-        for index in range(stage, last + 1):
-            own = layer if index == stage else LayerWeights(weights)
-            hessians[index] = FloatLayerHessians(model.arch, index, own, inputs, positions)
-            if index < last:
-                inputs = model.arch.layer_forward(index, own, inputs, positions)
+        hessians[stage] = source.layer(stage, layer)
+        if last > stage:
+            ahead = source.fork()
+            for index in range(stage + 1, last + 1):
+                hessians[index] = ahead.layer(index, LayerWeights(weights))
 
     def degrade(group: Group, scheme: str) -> dict[str, torch.Tensor]:
         config = fmt.gptq_config(schemes[scheme])
@@ -150,7 +153,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
                 for n in free[group.name]}
 
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
-    measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent} if gptq else {}
+    measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent,
+                "hessians": f"{options.calib_samples}x{options.calib_ctx}"} if gptq else {}
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       calib=str(options.calib) if options.calib else None, **measured)

@@ -10,7 +10,7 @@ import torch
 from quantkit.bundled import model_path
 from quantkit.calib.data import calibration_samples
 from quantkit.calib.engine import LayerWeights
-from quantkit.calib.gptq import GPTQ, FloatLayerHessians, HessianLayers, runtime_weight
+from quantkit.calib.gptq import GPTQ, CalibrationHessians, FloatLayerHessians, HessianLayers, runtime_weight
 from quantkit.calib.layerwise import LayerStats, Stream, run_layers
 from quantkit.errors import ConfigError
 from quantkit.model import Model
@@ -111,7 +111,7 @@ def test_float_layer_hessians_are_those_the_pass_quantizes_with(unrouted_expert_
         seen = set()
         for index in range(arch.num_layers):
             layer = LayerWeights(weights)
-            hessians = FloatLayerHessians(arch, index, layer, hidden, positions, fallback=fallback)
+            hessians = FloatLayerHessians(arch, index, layer, [hidden], fallback=fallback)
             for lin in arch.layer_spec(index).linears:
                 if lin.name not in recording.hessians:
                     assert lin.name not in hessians, lin.name  # the router: left unquantized by both
@@ -125,6 +125,32 @@ def test_float_layer_hessians_are_those_the_pass_quantizes_with(unrouted_expert_
             hidden = arch.layer_forward(index, layer, hidden, positions)
         assert seen == set(recording.hessians)
         assert (fallback == "rtn") == (recording.hessians["model.layers.1.mlp.experts.3.down_proj.weight"] is None)
+
+
+def test_calibration_hessians_are_the_float_pass_hessians_on_its_samples(unrouted_expert_model):
+    """An automatic mix's GPTQ candidates are encoded from CalibrationHessians: each layer's float Hessians on the
+    output's calibration samples, one forward per sample as the pass runs them; a fork runs ahead and leaves its
+    source where it was; a layer already passed is refused."""
+    with Model(unrouted_expert_model) as model:
+        samples = [torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        recording = _Recording()
+        list(run_layers(model, [Stream(recording, lambda *_: None)], samples))
+        arch, weights = model.arch, model.weights()
+        source = CalibrationHessians(arch, weights, samples)
+        ahead = source.fork()
+        for index in range(arch.num_layers):
+            hessians = source.layer(index, LayerWeights(weights))
+            for name, expected in recording.hessians.items():
+                if name in hessians:
+                    acc = hessians[name]
+                    torch.testing.assert_close(acc.H / acc.H.trace(), expected, rtol=1e-4, atol=1e-7, msg=name)
+        last = arch.num_layers - 1
+        early = ahead.layer(last, LayerWeights(weights))  # ran ahead from layer 0, as far as the source went
+        assert early.dense
+        for name, acc in early.dense.items():
+            torch.testing.assert_close(acc.H, hessians[name].H, msg=name)
+        with pytest.raises(ValueError, match="past layer 0"):
+            source.layer(0, LayerWeights(weights))
 
 
 def test_resumed_run_equals_an_uninterrupted_one(model_cache):

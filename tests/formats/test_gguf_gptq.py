@@ -145,6 +145,7 @@ def test_auto_gptq_measures_candidates_as_the_pass_encodes_them():
     """gguf:auto-gptq's costs: GPTQ's encoding for the linears and the untied head (cheaper than the writer's
     round-to-nearest at the same type), the writer's own for the token embeddings (the same cost)."""
     from quantkit.calib.data import calibration_samples
+    from quantkit.calib.gptq import CalibrationHessians
     from quantkit.calib.imatrix import Imatrix
     from quantkit.calib.sensitivity import Group, measure
     from quantkit.formats.gguf.auto import Candidates, GPTQCandidates
@@ -153,7 +154,8 @@ def test_auto_gptq_measures_candidates_as_the_pass_encodes_them():
     with Model(model_path("tiny-llama")) as model:
         importance = Imatrix.load(IMATRIX).importances()
         samples = calibration_samples(model, None, 2, 128)
-        plain, gptq = Candidates(model, importance), GPTQCandidates(model, importance, DEFAULT_DAMP_PERCENT)
+        hessians = CalibrationHessians(model.arch, model.weights(), calibration_samples(model, None, 8, 128))
+        plain, gptq = Candidates(model, importance), GPTQCandidates(model, importance, DEFAULT_DAMP_PERCENT, hessians)
         names = ["token_embd.weight", "blk.1.ffn_down.weight", "blk.2.attn_q.weight", "output.weight"]
         groups = [Group(n, plain.group(n).stage, ("Q3_K",), (0,)) for n in names]
         rtn = measure(model.arch, model.weights(), samples, groups, plain.degrade)
@@ -161,6 +163,25 @@ def test_auto_gptq_measures_candidates_as_the_pass_encodes_them():
     assert calibrated["token_embd.weight"] == rtn["token_embd.weight"]
     for name in names[1:]:
         assert calibrated[name]["Q3_K"] < 0.9 * rtn[name]["Q3_K"], (name, calibrated[name], rtn[name])
+
+
+def test_auto_gptq_measurement_depends_on_the_gptq_calibration(tmp_path):
+    """The -gptq candidates are encoded from the Hessians of the file's own calibration samples: another
+    --calib-samples is another measurement (a stored one is not reused), while gguf:auto's stays the same."""
+    from tests.conftest import bundled_imatrix_file
+
+    def key(target: str, calib_samples: int) -> str:
+        sensitivity = tmp_path / f"{target}.json"
+        args = ["convert", "tiny-llama", "--to", target, "--target-bpw", "4", "--dry-run",
+                "--imatrix", str(bundled_imatrix_file("tiny-llama")), "--sensitivity", str(sensitivity),
+                "--sensitivity-samples", "1", "--calib-ctx", "64", "--calib-samples", str(calib_samples),
+                "-o", str(tmp_path)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(sensitivity.read_text())["key"]
+
+    assert key("gguf:auto-gptq", 1) != key("gguf:auto-gptq", 2)
+    assert key("gguf:auto", 1) == key("gguf:auto", 2)
 
 
 def test_auto_gptq_mix_is_named_as_such(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.gptq import FloatLayerHessians, input_hessian
+from quantkit.calib.gptq import CalibrationHessians
 from quantkit.calib.sensitivity import EMBEDDING, Group, Sensitivity, measure_sensitivity
 from quantkit.errors import ConfigError
 from quantkit.formats import SENSITIVITY_METHODS
@@ -136,24 +136,25 @@ class Candidates:
 
 class GPTQCandidates(Candidates):
     """The candidates as a -gptq file encodes them (quantkit.formats.gguf.calibrated): each linear's tensor with
-    ggml_gptq from the Hessian of its float inputs, the rest (token embeddings, DeepSeek's k_b/v_b, the router) as
-    the writer encodes it. A stage's Hessians are built by `prepare` before its candidates are degraded; the
-    measured costs then reflect that GPTQ shrinks the linears' errors but not the embeddings'. The Hessians come
-    from the float model's activations, where the file's pass feeds each layer its quantized predecessors'
-    outputs: each group is measured alone, everything else float, as for the other candidates."""
+    ggml_gptq from its Hessian, the rest (token embeddings, DeepSeek's k_b/v_b, the router) as the writer encodes
+    it. A stage's Hessians are built by `prepare` before its candidates are degraded, on the file's own calibration
+    samples (`hessians`), not on the few the measurement scores. The measured costs then reflect that GPTQ shrinks
+    the linears' errors but not the embeddings'. The Hessians come from the float model's activations, where the
+    file's pass feeds each layer its quantized predecessors' outputs: each group is measured alone, everything else
+    float, as for the other candidates."""
 
-    def __init__(self, model: Model, importance: dict[str, torch.Tensor] | None, damp: float):
+    def __init__(self, model: Model, importance: dict[str, torch.Tensor] | None, damp: float,
+                 hessians: CalibrationHessians):
         super().__init__(model, importance, grid_iquants=False)
-        self.damp = damp
+        self.damp, self.source = damp, hessians
         self.stage, self.hessians = None, None
 
-    def prepare(self, stage: int, weights, inputs: torch.Tensor, positions: torch.Tensor) -> None:
+    def prepare(self, stage: int, weights) -> None:
         self.stage = stage
         if stage < self.arch.num_layers:
-            self.hessians = FloatLayerHessians(self.arch, stage, weights, inputs, positions)
+            self.hessians = self.source.layer(stage, weights)
         else:
-            normed = self.arch.final_norm(weights, inputs)
-            self.hessians = {HEAD_SOURCE: input_hessian(normed.reshape(-1, normed.shape[-1]))}
+            self.hessians = {HEAD_SOURCE: self.source.head(weights)}
 
     def degrade(self, group: Group, scheme: str) -> dict[str, torch.Tensor]:
         tensor = self.tensors[group.name]
@@ -192,7 +193,12 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     tiny-deepseek: with them auto-gptq gained 13-18% over auto, where uniform -gptq files gain 34%)."""
     metadata = {**metadata, **auto_metadata(budget, 0.0, "0" * 32)}  # the same size as the keys written
     damp = DEFAULT_DAMP_PERCENT if options.damp is None else options.damp
-    candidates = GPTQCandidates(model, importance, damp) if gptq else Candidates(model, importance)
+    if gptq:  # encoded from the Hessians of the samples the file's GPTQ pass uses
+        hessian_samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx)
+        candidates = GPTQCandidates(model, importance, damp,
+                                    CalibrationHessians(model.arch, model.weights(), hessian_samples, model.device))
+    else:
+        candidates = Candidates(model, importance)
     # every quantizable tensor is measured, overridden or not, so one measurement serves any set of overrides
     groups = [candidates.group(e.name) for e in base.entries if e.quantized and allows_quantization(e.name, e.shape)]
     free = {e.name for e in base.entries if e.quantized and not e.note.startswith("--")} & {g.name for g in groups}
@@ -209,7 +215,9 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
                                       anchors=candidates.anchors(groups, options.sensitivity_method),
                                       importance=_digest(importance),
                                       calib=str(options.calib) if options.calib else None,
-                                      **({"prepare": candidates.prepare, "gptq_damp": damp} if gptq else {}))
+                                      **({"prepare": candidates.prepare, "gptq_damp": damp,
+                                         "gptq_hessians": f"{options.calib_samples}x{options.calib_ctx}"}
+                                        if gptq else {}))
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
     chosen = allocate(options_by_group, limit - fixed)
