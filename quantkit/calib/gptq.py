@@ -186,14 +186,15 @@ class FloatLayerHessians:
     """Every linear's Hessian in one decoder layer from given float inputs, as HessianLayers would build it for
     that linear (routed experts from their routed tokens, with the same fallback): what a measurement of GPTQ-
     encoded candidates (quantkit.calib.sensitivity's `prepare`) encodes each linear with. `hidden`: the layer's
-    inputs, one tensor per forward ([batch, tokens, hidden]); `outputs` keeps the layer's outputs. Shared input
-    groups are accumulated in that forward; experts' are built when asked, so only one expert's are held at a
-    time."""
+    inputs, one tensor per forward ([batch, tokens, hidden]), each moved to `device` (default: where the first
+    is) for its forward; `outputs` keeps the layer's outputs where their inputs were. Shared input groups are
+    accumulated in that forward; experts' are built when asked, so only one expert's are held at a time."""
 
     def __init__(self, arch, index: int, layer: Weights, hidden: Sequence[torch.Tensor], *,
-                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, fallback: str = "all"):
+                 device: torch.device | None = None, min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+                 fallback: str = "all"):
         groups = arch.layer_spec(index).input_groups
-        device = hidden[0].device
+        device = device or hidden[0].device
         hessians, routing = _Hessians(groups, device), Routing()
         has_router = hasattr(arch, "on_route")
         arch.observe = lambda key, x, i, count: hessians.observe(index, key, x, i, count)
@@ -201,8 +202,8 @@ class FloatLayerHessians:
             arch.on_route = routing
         try:
             with torch.no_grad():
-                self.outputs = [arch.layer_forward(index, layer, h, torch.arange(h.shape[1], device=device))
-                                for h in hidden]
+                self.outputs = [arch.layer_forward(index, layer, h.to(device), torch.arange(h.shape[1], device=device))
+                                .to(h.device) for h in hidden]
         finally:
             arch.observe = None
             if has_router:
@@ -271,8 +272,8 @@ class CalibrationHessians:
         """Layer `index`'s Hessians with its weights `weights`; the samples move past it."""
         self._advance_to(index)
         run = self.run
-        hessians = FloatLayerHessians(run.arch, index, weights, [h.to(run.device) for h in run.hidden])
-        run.advance([o.to(run.store) for o in hessians.outputs])
+        hessians = FloatLayerHessians(run.arch, index, weights, run.hidden, device=run.device)
+        run.advance(hessians.outputs)
         del hessians.outputs
         return hessians
 
