@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         report = json.loads(store.read_text())
     else:
-        report = report_head("bench/gguf_gptq_quality.py", argv)
+        report = report_head("gguf_gptq_quality.py", argv)
         # models not run this time keep their stored results (each model records its own commit and date)
         report["models"] = json.loads(store.read_text())["models"] if store.is_file() else {}
         for name in args.models.split(","):
