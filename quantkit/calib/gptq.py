@@ -246,6 +246,15 @@ class CalibrationHessians:
     def __init__(self, arch, weights: Weights, samples: Sequence[torch.Tensor], device: torch.device | str = "cpu"):
         self._start = (arch, weights, samples, device)
         self._run: CalibrationRun | None = None
+        # what a stored measurement's key records of them
+        self.setting = f"{len(samples)}x{len(samples[0]) if samples else 0}"
+
+    @classmethod
+    def of_calibration(cls, model, calib, samples: int, ctx: int) -> CalibrationHessians:
+        """On the calibration text's samples an output's GPTQ pass takes (--calib, --calib-samples, --calib-ctx)."""
+        from quantkit.calib.data import calibration_samples
+
+        return cls(model.arch, model.weights(), calibration_samples(model, calib, samples, ctx), model.device)
 
     @property
     def run(self) -> CalibrationRun:

@@ -131,8 +131,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
     layer_of = {n: layer for layer, names, _ in quantized_linears(model) for n in names}
     hessians: dict[int, FloatLayerHessians] = {}  # by layer, for the stage being measured (gptq only)
     # encoded from the Hessians of the samples the output's GPTQ pass uses
-    source = CalibrationHessians(model.arch, weights, calibration_samples(
-        model, options.calib, options.calib_samples, options.calib_ctx), model.device) if gptq else None
+    source = CalibrationHessians.of_calibration(model, options.calib, options.calib_samples,
+                                                options.calib_ctx) if gptq else None
 
     def prepare(stage: int, layer) -> None:
         """The Hessians of every layer the stage's groups reach (compressed-tensors' routed experts are one group
@@ -154,7 +154,7 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
 
     samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
     measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent,
-                "hessians": f"{options.calib_samples}x{options.calib_ctx}"} if gptq else {}
+                "hessians": source.setting} if gptq else {}
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       calib=str(options.calib) if options.calib else None, **measured)

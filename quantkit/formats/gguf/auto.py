@@ -194,9 +194,8 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     metadata = {**metadata, **auto_metadata(budget, 0.0, "0" * 32)}  # the same size as the keys written
     damp = DEFAULT_DAMP_PERCENT if options.damp is None else options.damp
     if gptq:  # encoded from the Hessians of the samples the file's GPTQ pass uses
-        hessian_samples = calibration_samples(model, options.calib, options.calib_samples, options.calib_ctx)
-        candidates = GPTQCandidates(model, importance, damp,
-                                    CalibrationHessians(model.arch, model.weights(), hessian_samples, model.device))
+        hessians = CalibrationHessians.of_calibration(model, options.calib, options.calib_samples, options.calib_ctx)
+        candidates = GPTQCandidates(model, importance, damp, hessians)
     else:
         candidates = Candidates(model, importance)
     # every quantizable tensor is measured, overridden or not, so one measurement serves any set of overrides
@@ -216,8 +215,7 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
                                       importance=_digest(importance),
                                       calib=str(options.calib) if options.calib else None,
                                       **({"prepare": candidates.prepare, "gptq_damp": damp,
-                                         "gptq_hessians": f"{options.calib_samples}x{options.calib_ctx}"}
-                                        if gptq else {}))
+                                         "gptq_hessians": candidates.source.setting} if gptq else {}))
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
     chosen = allocate(options_by_group, limit - fixed)
