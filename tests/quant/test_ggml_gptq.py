@@ -68,16 +68,35 @@ def test_gptq_lowers_the_output_error_of_every_level_type(name):
     assert gptq < 0.8 * plain, (gptq, plain)
 
 
-def test_the_first_block_keeps_ggml_s_headers():
-    """Block 0 sees no feedback: its headers are ggml's search on the weights as given (only levels move)."""
+def test_without_refits_the_headers_are_ggml_s_search_on_the_weights():
+    """Headers fixed before any feedback (act-order with static groups): ggml's search on W; only levels move."""
     codec = get_codec("Q4_K")
     x, H = _correlated_inputs(512)
     w = torch.randn(16, 512, generator=torch.Generator().manual_seed(5))
     importance = torch.rand(512, generator=torch.Generator().manual_seed(6))
-    ours = gptq_encode(codec, w, H, importance)
-    ggml = codec.encode(w[:, :256], importance[:256])
-    assert torch.equal(ours[:, :16], ggml[:, :16])  # d, dmin, the 6-bit scales and mins
-    assert not torch.equal(ours[:, 16:144], ggml[:, 16:])
+    ours = gptq_encode(codec, w, H, importance, header_refits=0).reshape(-1, codec.block_bytes)
+    ggml = codec.encode(w, importance).reshape(-1, codec.block_bytes)
+    assert torch.equal(ours[:, :16], ggml[:, :16])  # d, dmin, the 6-bit scales and mins of every block
+    assert not torch.equal(ours[:, 16:], ggml[:, 16:])
+
+
+@pytest.mark.parametrize("name", ["Q3_K", "Q4_K", "Q6_K", "IQ4_XS", "Q4_0"])
+def test_header_refits_never_raise_a_row_s_output_error(name):
+    """Each refit searches the headers over the values the pass before rounded and a row keeps it only where GPTQ's
+    loss drops: every row's error under the (damped) Hessian is at most that of ggml's headers, and lower
+    overall."""
+    codec = get_codec(name)
+    x, H = _correlated_inputs(512)
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(9))
+    damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(512)
+
+    def row_errors(data):
+        e = w - codec.decode(data, 512)
+        return torch.einsum("ij,jk,ik->i", e, damped, e)
+
+    static, refit = (row_errors(gptq_encode(codec, w, H, header_refits=n)) for n in (0, 2))
+    assert (refit <= static * (1 + 1e-4)).all()
+    assert refit.sum() < static.sum()
 
 
 @needs_kernels

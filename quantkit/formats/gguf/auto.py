@@ -31,7 +31,7 @@ from quantkit.plan import Plan
 from quantkit.plan.allocate import Budget, BudgetError, Option, allocate
 from quantkit.plan.vram import vram_plan
 from quantkit.quant import get_codec
-from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT
+from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT, ENCODING
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
                                       importance=_digest(importance),
                                       calib=str(options.calib) if options.calib else None,
                                       **({"prepare": candidates.prepare, "gptq_damp": damp,
-                                         "gptq_hessians": candidates.source.setting} if gptq else {}))
+                                         "gptq_hessians": candidates.source.setting, "gptq_encoding": ENCODING}
+                                         if gptq else {}))
     options_by_group = {g.name: [Option(s, b, sensitivity.costs[g.name][s])
                                  for s, b in zip(g.schemes, g.nbytes, strict=True)] for g in groups if g.name in free}
     chosen = allocate(options_by_group, limit - fixed)

@@ -39,7 +39,7 @@ from quantkit.formats.gguf.writer import checked_float32, importance_rows
 from quantkit.model import Model
 from quantkit.progress import Progress
 from quantkit.quant import get_codec
-from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT, gptq_encode
+from quantkit.quant.ggml_gptq import DEFAULT_DAMP_PERCENT, ENCODING, gptq_encode
 from quantkit.quant.gptq import HessianAccumulator
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importan
     spools, streams = [], []
     for path, types in outputs:
         key = cache.key(model, "gguf-gptq", torch.cat(tokens), types=json.dumps(types, sort_keys=True), damp=damp,
-                        importance=digest.hexdigest())
+                        importance=digest.hexdigest(), encoding=ENCODING)
         spool = Spool(spool_folder(path), key, model.arch.num_layers)
         start = next((i for i in range(model.arch.num_layers) if not spool.has(i)), model.arch.num_layers)
         collected: dict[int, dict[str, dict[int, np.ndarray]]] = {}
