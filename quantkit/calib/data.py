@@ -5,12 +5,15 @@ with the model's BOS where it adds one (as llama-imatrix does)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from quantkit.errors import ConfigError
 from quantkit.model import Model
+
+log = logging.getLogger(__name__)
 
 
 def default_calibration_text() -> tuple[str, str]:
@@ -55,14 +58,27 @@ def chunks(model: Model, tokens: torch.Tensor, ctx: int, count: int) -> list[tor
     return out
 
 
-def calibration_samples(model: Model, path: Path | None, samples: int, ctx: int) -> list[torch.Tensor]:
-    """`samples` token sequences of `ctx` tokens, consecutive from the start of the text."""
+def calibration_samples(model: Model, path: Path | None, samples: int, ctx: int, skip: int = 0) -> list[torch.Tensor]:
+    """`samples` token sequences of `ctx` tokens, consecutive from the start of the text (after `skip` of them)."""
     if samples < 1 or ctx < 2:
         raise ConfigError(f"calibration needs at least one sample of at least 2 tokens (got {samples} x {ctx})")
     text, name = read_calibration(path)
-    tokens = tokenize_file(model, text)
+    tokens = tokenize_file(model, text)[skip * ctx:]
     if len(tokens) < samples * ctx:
         raise ConfigError(f"the calibration text {name} has {len(tokens)} tokens; {samples} samples of {ctx} tokens "
                           f"need {samples * ctx}: give more text (--calib), fewer samples (--calib-samples) or a "
                           "shorter context (--calib-ctx)")
     return chunks(model, tokens, ctx, samples)
+
+
+def scoring_samples(model: Model, path: Path | None, samples: int, ctx: int, fitted: int) -> list[torch.Tensor]:
+    """The samples a measurement of candidates fitted to the first `fitted` samples (GPTQ's Hessians; 0: none) is
+    scored on: the `samples` after those when the text holds them, so the costs are out of sample as an eval of
+    the output on other text is; else the first ones (in sample, logged: the costs come out optimistic)."""
+    text, name = read_calibration(path)
+    if not fitted or len(tokenize_file(model, text)) >= (fitted + samples) * ctx:
+        return calibration_samples(model, path, samples, ctx, skip=fitted)
+    log.warning("the calibration text %s is too short to score the measurement on %d samples of %d tokens beyond "
+                "the %d the encoding is fitted to; scoring on samples it was fitted to (optimistic costs)",
+                name, samples, ctx, fitted)
+    return calibration_samples(model, path, samples, ctx)

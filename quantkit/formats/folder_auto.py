@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from quantkit.calib.data import calibration_samples
+from quantkit.calib.data import scoring_samples
 from quantkit.calib.engine import LayerWeights
 from quantkit.calib.gptq import CalibrationHessians, FloatLayerHessians, gptq_or_rtn, runtime_weight
 from quantkit.calib.sensitivity import Group, measure_sensitivity
@@ -152,7 +152,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
         return {n: runtime_weight(gptq_or_rtn(weights(n), hessians[layer_of[n]][n], config)[0], fmt.scale_dtype)
                 for n in free[group.name]}
 
-    samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
+    samples = scoring_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx,
+                              options.calib_samples if gptq else 0)
     measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent,
                 "hessians": source.setting} if gptq else {}
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,

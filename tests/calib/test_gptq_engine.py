@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantkit.bundled import model_path
-from quantkit.calib.data import calibration_samples
+from quantkit.calib.data import calibration_samples, scoring_samples
 from quantkit.calib.engine import LayerWeights
 from quantkit.calib.gptq import GPTQ, CalibrationHessians, FloatLayerHessians, HessianLayers, runtime_weight
 from quantkit.calib.layerwise import LayerStats, Stream, run_layers
@@ -174,6 +174,25 @@ def test_calibration_text_too_short_says_how_many_tokens(model_cache, tmp_path):
         (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
         with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
             calibration_samples(model, tmp_path / "bad.jsonl", 1, 8)
+
+
+def test_gptq_candidates_are_scored_after_the_samples_their_hessians_come_from(model_cache, tmp_path, caplog):
+    """An automatic mix's GPTQ costs are scored on the calibration samples after the --calib-samples the Hessians
+    (and the output's pass) use: out of sample, as the output's eval on other text is. A text with no room after
+    them scores on the first ones and says so; no fitting (round-to-nearest costs): the first ones."""
+    with Model(model_cache("llama")) as model:
+        after = scoring_samples(model, None, 2, 128, fitted=8)
+        assert all(torch.equal(a, b)
+                   for a, b in zip(after, calibration_samples(model, None, 10, 128)[8:], strict=True))
+        first = calibration_samples(model, None, 2, 128)
+        assert all(torch.equal(a, b)
+                   for a, b in zip(scoring_samples(model, None, 2, 128, fitted=0), first, strict=True))
+        short = tmp_path / "short.txt"
+        short.write_text(" ".join(str(i) for i in range(600)))
+        with caplog.at_level("WARNING"):
+            fallback = scoring_samples(model, short, 1, 128, fitted=200)
+        assert torch.equal(fallback[0], calibration_samples(model, short, 1, 128)[0])
+        assert "too short to score the measurement" in caplog.text
 
 
 def test_fused_experts_are_refused(model_cache):

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from quantkit.calib.data import calibration_samples
+from quantkit.calib.data import scoring_samples
 from quantkit.calib.gptq import CalibrationHessians
 from quantkit.calib.sensitivity import EMBEDDING, Group, Sensitivity, measure_sensitivity
 from quantkit.errors import ConfigError
@@ -208,7 +208,8 @@ def plan_auto(model: Model, base: Plan, budget: Budget, options, importance, met
     limit = _tensor_budget(model, base, budget, metadata)
     if floor > limit:  # before measuring anything
         raise BudgetError(budget.refusal("gguf:auto", "tensor", floor, limit, base.n_elements))
-    samples = calibration_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx)
+    samples = scoring_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx,
+                              options.calib_samples if gptq else 0)
     sensitivity = measure_sensitivity(model, "gguf", samples, groups, candidates.degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       anchors=candidates.anchors(groups, options.sensitivity_method),
