@@ -62,14 +62,12 @@ def gptq_encode(codec: type[Codec], W: torch.Tensor, H: torch.Tensor, importance
     if importance is None:
         importance = torch.diagonal(H).clone()
     importance = importance.to(device=W.device, dtype=torch.float32)
-    if not supports(codec):
-        torch.diagonal(H)[dead] = 1
-        W[:, dead] = 0
-        U, _, _ = inverse_cholesky(H, damp_percent)
-        return _grid_blocks(codec, W, U, importance)
-    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # act-order, dead inputs last
     torch.diagonal(H)[dead] = 1
     W[:, dead] = 0
+    if not supports(codec):
+        U, _, _ = inverse_cholesky(H, damp_percent)
+        return _grid_blocks(codec, W, U, importance)
     U, _, _ = inverse_cholesky(H[order][:, order], damp_percent)
     del H
     data = codec.encode(W, importance).reshape(rows, -1)
@@ -119,6 +117,7 @@ def _act_order_pass(codec, W: torch.Tensor, U: torch.Tensor, order: torch.Tensor
 
 
 def _grid_blocks(codec, W: torch.Tensor, U: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Blocks in natural order, each ggml's encoding of the fed-back weights, its joint error fed forward."""
     rows, columns = W.shape
     width = codec.block_size
     encoded = []
