@@ -58,17 +58,10 @@ def chunks(model: Model, tokens: torch.Tensor, ctx: int, count: int) -> list[tor
     return out
 
 
-def calibration_samples(model: Model, path: Path | None, samples: int, ctx: int, skip: int = 0) -> list[torch.Tensor]:
-    """`samples` token sequences of `ctx` tokens, consecutive from the start of the text (after `skip` of them)."""
-    if samples < 1 or ctx < 2:
-        raise ConfigError(f"calibration needs at least one sample of at least 2 tokens (got {samples} x {ctx})")
+def calibration_samples(model: Model, path: Path | None, samples: int, ctx: int) -> list[torch.Tensor]:
+    """`samples` token sequences of `ctx` tokens, consecutive from the start of the text."""
     text, name = read_calibration(path)
-    tokens = tokenize_file(model, text)[skip * ctx:]
-    if len(tokens) < samples * ctx:
-        raise ConfigError(f"the calibration text {name} has {len(tokens)} tokens; {samples} samples of {ctx} tokens "
-                          f"need {samples * ctx}: give more text (--calib), fewer samples (--calib-samples) or a "
-                          "shorter context (--calib-ctx)")
-    return chunks(model, tokens, ctx, samples)
+    return _samples(model, tokenize_file(model, text), name, samples, ctx)
 
 
 def scoring_samples(model: Model, path: Path | None, samples: int, ctx: int, fitted: int) -> list[torch.Tensor]:
@@ -76,9 +69,20 @@ def scoring_samples(model: Model, path: Path | None, samples: int, ctx: int, fit
     scored on: the `samples` after those when the text holds them, so the costs are out of sample as an eval of
     the output on other text is; else the first ones (in sample, logged: the costs come out optimistic)."""
     text, name = read_calibration(path)
-    if not fitted or len(tokenize_file(model, text)) >= (fitted + samples) * ctx:
-        return calibration_samples(model, path, samples, ctx, skip=fitted)
-    log.warning("the calibration text %s is too short to score the measurement on %d samples of %d tokens beyond "
-                "the %d the encoding is fitted to; scoring on samples it was fitted to (optimistic costs)",
-                name, samples, ctx, fitted)
-    return calibration_samples(model, path, samples, ctx)
+    tokens = tokenize_file(model, text)
+    if fitted and len(tokens) < (fitted + samples) * ctx:
+        log.warning("the calibration text %s is too short to score the measurement on %d samples of %d tokens "
+                    "beyond the %d the encoding is fitted to; scoring on samples it was fitted to (optimistic costs)",
+                    name, samples, ctx, fitted)
+        fitted = 0
+    return _samples(model, tokens[fitted * ctx:], name, samples, ctx)
+
+
+def _samples(model: Model, tokens: torch.Tensor, name: str, samples: int, ctx: int) -> list[torch.Tensor]:
+    if samples < 1 or ctx < 2:
+        raise ConfigError(f"calibration needs at least one sample of at least 2 tokens (got {samples} x {ctx})")
+    if len(tokens) < samples * ctx:
+        raise ConfigError(f"the calibration text {name} has {len(tokens)} tokens; {samples} samples of {ctx} tokens "
+                          f"need {samples * ctx}: give more text (--calib), fewer samples (--calib-samples) or a "
+                          "shorter context (--calib-ctx)")
+    return chunks(model, tokens, ctx, samples)
