@@ -74,8 +74,8 @@ class DeepseekV3Architecture(Architecture):
         self.softmax_scale = self.qk_head_dim ** -0.5
         if params["rope_type"] != "default" and params.get("mscale_all_dim"):
             self.softmax_scale *= yarn_mscale(params["factor"], params["mscale_all_dim"]) ** 2
-        # Called as on_route(layer index, expert indices [tokens, k]) by every MoE layer of the forward.
-        self.on_route: Callable[[int, torch.Tensor], None] | None = None
+        # Called as on_route(layer index, expert indices [tokens, k], their gates [tokens, k]) by every MoE layer.
+        self.on_route: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self.fused_experts = tensor_names is not None and any(
             n.endswith("mlp.experts.gate_up_proj") for n in self.tensor_names)
 
@@ -265,7 +265,7 @@ class DeepseekV3Architecture(Architecture):
         indices, gates = self.route(weights(p + "mlp.gate.weight"), weights(p + "mlp.gate.e_score_correction_bias"),
                                     tokens)
         if self.on_route is not None:
-            self.on_route(index, indices)
+            self.on_route(index, indices, gates)
         out = torch.zeros_like(tokens)
         fused = ((weights(p + "mlp.experts.gate_up_proj"), weights(p + "mlp.experts.down_proj"))
                  if self.fused_experts else None)

@@ -43,13 +43,16 @@ class Observer:
 
 
 class Routing:
-    """Routing decisions of every sample of one layer (set as the architecture's on_route hook)."""
+    """Routing decisions of every sample of one layer (set as the architecture's on_route hook): the chosen
+    experts and the weights their outputs are summed with."""
 
     def __init__(self):
         self.indices: list[torch.Tensor] = []
+        self.gates: list[torch.Tensor] = []
 
-    def __call__(self, layer: int, indices: torch.Tensor) -> None:
+    def __call__(self, layer: int, indices: torch.Tensor, gates: torch.Tensor) -> None:
         self.indices.append(indices)
+        self.gates.append(gates)
 
 
 # layer_hook(layer, layer weights, inputs, outputs) -> replacement outputs (same shapes) or None

@@ -4,7 +4,10 @@ propagated to the next layer (GPTQ's sequential mode), MoE experts calibrated on
 Per layer: every sample runs through the float layer while one HessianAccumulator per input group collects
 2·XᵀX/n; routed experts are not accumulated during that pass (DeepSeek-V3 would need 256 x 7168² floats per
 layer): the router's input and each sample's routing decisions are kept instead, and each expert's Hessians
-are built from its routed tokens when that expert is quantized, then dropped. An expert that received fewer
+are built from its routed tokens when that expert is quantized, then dropped. Each routed token counts with the
+square of its gate (the weight the expert's output is summed with), so an expert's Hessian is that of its share
+of the MoE output's error rather than of its own output's (MoEQuant's affinity-guided GPTQ; GPTQModel and
+llm-compressor weigh every routed token alike). An expert that received fewer
 than `min_expert_tokens` tokens gets the fallback: its Hessian from all of the layer's tokens (as GPTQModel's
 bypass and llm-compressor's all-expert calibration do), or plain round-to-nearest. Then the layer runs again
 with its quantized weights, dequantized exactly as a runtime does (fp16 scales), and those outputs become the
@@ -37,6 +40,8 @@ from quantkit.quant.gptq import GPTQConfig, GPTQResult, HessianAccumulator, dequ
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_EXPERT_TOKENS = 16  # fewer routed tokens than this: the expert gets the fallback
+# What the Hessians are, for the keys of stored results made from them
+HESSIANS = "experts-by-gate-squared"
 
 
 def runtime_weight(result: GPTQResult, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -134,7 +139,7 @@ class HessianLayers:
         for expert in sorted(experts.gate_up):
             gate_name, up_name = experts.gate_up[expert]
             down_name = experts.down[expert]
-            x, routed = experts.inputs(expert, self.min_expert_tokens)
+            x, gates, routed = experts.inputs(expert, self.min_expert_tokens)
             counts.append(routed)
             if x is None:
                 stats.fallbacks.setdefault(job.layer, []).append(gate_name.rsplit(".", 2)[0])
@@ -143,11 +148,11 @@ class HessianLayers:
                         self.quantize(job, name, job(name), None)
                     continue
                 x = experts.tokens
-            acc = input_hessian(x)
+            acc = input_hessian(x, gates)
             gate, up = job(gate_name), job(up_name)  # the float ones, still needed for down's inputs
             self.quantize(job, gate_name, gate, acc)
             self.quantize(job, up_name, up, acc)
-            self.quantize(job, down_name, job(down_name), down_hessian(x, gate, up))
+            self.quantize(job, down_name, job(down_name), down_hessian(x, gate, up, gates))
         stats.expert_tokens[job.layer] = counts
 
 
@@ -159,27 +164,34 @@ class RoutedTokens:
         self.tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in hessians.router_inputs])
         hessians.router_inputs.clear()  # held once, concatenated
         self.choices = torch.cat([i.reshape(-1, i.shape[-1]) for i in routing.indices]).to(self.tokens.device)
+        self.gates = torch.cat([g.reshape(-1, g.shape[-1]) for g in routing.gates]).to(self.tokens.device)
         self.gate_up = {g.expert: g.linears for g in groups if g.expert is not None and g.key.endswith("gate_proj")}
         self.down = {g.expert: g.linears[0] for g in groups if g.expert is not None and g.key.endswith("down_proj")}
         self.expert_of = {name: e for e, linears in self.gate_up.items() for name in (*linears, self.down[e])}
 
-    def inputs(self, expert: int, min_tokens: int) -> tuple[torch.Tensor | None, int]:
-        """(the tokens routed to `expert`, or None when fewer than `min_tokens`; how many were routed)."""
-        mine = (self.choices == expert).any(-1)
+    def inputs(self, expert: int, min_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(the tokens routed to `expert` and their gates for it, both None when fewer than `min_tokens`; how many
+        were routed)."""
+        chosen = self.choices == expert
+        mine = chosen.any(-1)
         routed = int(mine.sum())
-        return (self.tokens[mine] if routed >= min_tokens else None), routed
+        if routed < min_tokens:
+            return None, None, routed
+        return self.tokens[mine], (self.gates * chosen).sum(-1)[mine], routed
 
 
-def input_hessian(x: torch.Tensor) -> HessianAccumulator:
-    """The Hessian of a linear whose inputs are the rows of x [tokens, in], as one batch."""
+def input_hessian(x: torch.Tensor, weights: torch.Tensor | None = None) -> HessianAccumulator:
+    """The Hessian of a linear whose inputs are the rows of x [tokens, in], as one batch; `weights` [tokens]
+    scales each token's error (its term counts weight²)."""
     acc = HessianAccumulator(x.shape[-1], x.device)
-    acc.add(x[None])
+    acc.add((x if weights is None else x * weights[:, None].to(x.dtype))[None])
     return acc
 
 
-def down_hessian(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> HessianAccumulator:
+def down_hessian(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> HessianAccumulator:
     """The Hessian of an expert's down_proj: its inputs in the float MLP (SwiGLU) on tokens x."""
-    return input_hessian(F.silu(x @ gate.T) * (x @ up.T))
+    return input_hessian(F.silu(x @ gate.T) * (x @ up.T), weights)
 
 
 class FloatLayerHessians:
@@ -225,15 +237,15 @@ class FloatLayerHessians:
             raise KeyError(f"{name} is no linear of this layer")
         experts = self.experts
         expert = experts.expert_of[name]
-        x, _ = experts.inputs(expert, self.min_expert_tokens)
+        x, gates, _ = experts.inputs(expert, self.min_expert_tokens)
         if x is None:
             if self.fallback == "rtn":
                 return None
             x = experts.tokens
         if name == experts.down[expert]:
             gate_name, up_name = experts.gate_up[expert]
-            return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float())
-        return input_hessian(x)
+            return down_hessian(x, self.layer(gate_name).float(), self.layer(up_name).float(), gates)
+        return input_hessian(x, gates)
 
 
 class CalibrationHessians:
@@ -247,7 +259,7 @@ class CalibrationHessians:
         self._start = (arch, weights, samples, device)
         self._run: CalibrationRun | None = None
         # what a stored measurement's key records of them
-        self.setting = f"{len(samples)}x{len(samples[0]) if samples else 0}"
+        self.setting = f"{HESSIANS} on {len(samples)}x{len(samples[0]) if samples else 0}"
 
     @classmethod
     def of_calibration(cls, model, calib, samples: int, ctx: int) -> CalibrationHessians:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from quantkit import __version__
-from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS
+from quantkit.calib.gptq import DEFAULT_MIN_EXPERT_TOKENS, HESSIANS
 from quantkit.calib.layerwise import LayerStats, Method, Stream
 from quantkit.errors import ConfigError
 from quantkit.formats import ConvertOptions, Job, OutputFormat, Target, get_format
@@ -297,7 +297,8 @@ class LayerwiseFolderFormat(OutputFormat):
         if not self.is_rtn(job.target):
             calib = options.calib
             settings |= {"calib": [str(calib), calib.stat().st_size, calib.stat().st_mtime_ns] if calib else None,
-                         "calib_samples": options.calib_samples, "calib_ctx": options.calib_ctx}
+                         "calib_samples": options.calib_samples, "calib_ctx": options.calib_ctx,
+                         "hessians": HESSIANS}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def report(self, out: _Output, options: ConvertOptions) -> dict:

@@ -127,6 +127,49 @@ def test_float_layer_hessians_are_those_the_pass_quantizes_with(unrouted_expert_
         assert (fallback == "rtn") == (recording.hessians["model.layers.1.mlp.experts.3.down_proj.weight"] is None)
 
 
+def test_an_expert_s_hessian_counts_each_routed_token_by_its_gate_squared(model_cache):
+    """An expert's share of the MoE output is its output times its gate, so its Hessians weigh each routed token's
+    inputs by that gate (gate/up: the layer's router inputs; down: its SwiGLU activations on them)."""
+    with Model(model_cache("deepseek_v3")) as model:
+        arch, weights = model.arch, model.weights()
+        moe = next(i for i in range(arch.num_layers)
+                   if any(group.expert is not None for group in arch.layer_spec(i).input_groups))
+        ids = torch.stack([torch.randint(3, 500, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)])
+        hidden = arch.embed(weights, ids)
+        positions = torch.arange(hidden.shape[1])
+        for index in range(moe):
+            hidden = arch.layer_forward(index, LayerWeights(weights), hidden, positions)
+        router_inputs = []
+        arch.observe = lambda key, x, i, count: router_inputs.append(x) if key.endswith("mlp.gate") else None
+        try:
+            arch.layer_forward(moe, LayerWeights(weights), hidden, positions)
+        finally:
+            arch.observe = None
+        hessians = FloatLayerHessians(arch, moe, LayerWeights(weights), [hidden])
+        p = f"model.layers.{moe}.mlp."
+        x = torch.cat(router_inputs)
+        indices, gates = arch.route(weights(p + "gate.weight"), weights(p + "gate.e_score_correction_bias"), x)
+        expert = int(indices.flatten().mode().values)
+        chosen = indices == expert
+        mine = chosen.any(-1)
+        xe, ge = x[mine], (gates * chosen).sum(-1)[mine]
+        assert ge.std() > 0.1 * ge.mean()  # else weighting could not show
+
+        def normalized(rows):
+            h = rows.T @ rows
+            return h / h.trace()
+
+        q = f"{p}experts.{expert}."
+        gate, up = weights(q + "gate_proj.weight").float(), weights(q + "up_proj.weight").float()
+        activations = torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)
+        for name, rows in ((q + "gate_proj.weight", xe), (q + "up_proj.weight", xe),
+                           (q + "down_proj.weight", activations)):
+            acc = hessians[name]
+            torch.testing.assert_close(acc.H / acc.H.trace(), normalized(rows * ge[:, None]), rtol=1e-4, atol=1e-6,
+                                       msg=name)
+            assert not torch.allclose(acc.H / acc.H.trace(), normalized(rows), rtol=1e-3, atol=1e-5), name
+
+
 def test_calibration_hessians_are_the_float_pass_hessians_on_its_samples(unrouted_expert_model):
     """An automatic mix's GPTQ candidates are encoded from CalibrationHessians: each layer's float Hessians on the
     output's calibration samples, one forward per sample as the pass runs them; a fork runs ahead and leaves its

@@ -31,7 +31,7 @@ from quantkit.calib import layerwise
 from quantkit.calib.cache import StatisticsCache
 from quantkit.calib.data import calibration_samples, read_calibration
 from quantkit.calib.engine import CalibrationRun
-from quantkit.calib.gptq import HessianLayers
+from quantkit.calib.gptq import HESSIANS, HessianLayers
 from quantkit.calib.layerwise import LayerJob, Stream
 from quantkit.formats.gguf.file import Value, f32, string, u32
 from quantkit.formats.gguf.tensors import GGUFTensor, mapping_for
@@ -182,7 +182,7 @@ def calibrate(model: Model, outputs: list[tuple[Path, dict[str, str]]], importan
     spools, streams = [], []
     for path, types in outputs:
         key = cache.key(model, "gguf-gptq", torch.cat(tokens), types=json.dumps(types, sort_keys=True), damp=damp,
-                        importance=digest.hexdigest(), encoding=ENCODING)
+                        importance=digest.hexdigest(), encoding=ENCODING, hessians=HESSIANS)
         spool = Spool(spool_folder(path), key, model.arch.num_layers)
         start = next((i for i in range(model.arch.num_layers) if not spool.has(i)), model.arch.num_layers)
         collected: dict[int, dict[str, dict[int, np.ndarray]]] = {}
