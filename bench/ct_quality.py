@@ -7,7 +7,8 @@ for GPTQ folders (gptq:w4g128, its mix as GPTQModel `dynamic`, gptq:auto at each
                                [--windows 128] [--eval-ctx 256] [--work /tmp/ct-quality] [--auto-only]
 
 --auto-only adds the automatic variants and the GPTQ folders to the stored results (same eval settings) instead
-of redoing the rest.
+of redoing the rest; --merge redoes every variant of --models only, the other models' results kept (each rerun
+model records its commit).
 
 Per model: one `quantkit convert` for the uniform variants (one calibration pass for all of them), one per mix
 (`--tensor-type self_attn=w8`; AWQ, which quantizes in groups: `self_attn=w8g128`), then one `quantkit eval` of
@@ -187,8 +188,11 @@ def markdown(report: dict) -> str:
              "FP16 in GPTQ ones, zero points, GPTQ's g_idx); "
              "file bpw: llama.cpp's BPW over every tensor (BF16 embeddings and lm_head included).", ""]
     for model, quality in report["quality"].items():
-        lines += [f"## {model} (baseline PPL {fmt(quality.get('baseline_ppl'), '{:.3f}')})", "",
-                  "| weights | layout | spec | linear bpw | file bpw | KLD mean | KLD p99 | top-1 % | PPL |",
+        lines += [f"## {model} (baseline PPL {fmt(quality.get('baseline_ppl'), '{:.3f}')})", ""]
+        if model in report.get("reruns", {}):
+            rerun = report["reruns"][model]
+            lines += [f"Rerun on its own: commit {rerun['commit']}, {rerun['date']}, `{rerun['command']}`.", ""]
+        lines += ["| weights | layout | spec | linear bpw | file bpw | KLD mean | KLD p99 | top-1 % | PPL |",
                   "|---|---|---|---|---|---|---|---|---|"]
         rows = sorted((v for k, v in quality.items() if isinstance(v, dict) and "layout" in v),
                       key=lambda v: (v["linear_bpw"], v["method"]))
@@ -214,8 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a remark for the results (repeatable)")
     parser.add_argument("--auto-only", action="store_true",
                         help="add the automatic variants and GPTQ folders to the stored results")
+    parser.add_argument("--merge", action="store_true",
+                        help="redo --models in the stored results, keeping the other models'")
     args = parser.parse_args(argv)
-    if args.auto_only:
+    if args.merge:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        if report["eval_settings"].get("ctx") != args.eval_ctx:
+            raise SystemExit(f"the stored results were evaluated at ctx {report['eval_settings'].get('ctx')}; "
+                             "--merge needs the same --eval-ctx")
+        for name in args.models.split(","):
+            report["runs"].pop(name, None)
+            report["quality"].pop(name, None)
+            report.setdefault("reruns", {})[name] = report_head("ct_quality.py", argv)
+        report["notes"] += args.note
+    elif args.auto_only:
         report = json.loads(args.out.with_suffix(".json").read_text())
         if report["eval_settings"].get("ctx") != args.eval_ctx:
             raise SystemExit(f"the stored results were evaluated at ctx {report['eval_settings'].get('ctx')}; "
@@ -226,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         report = report_head("ct_quality.py", argv) | {"samples": args.samples, "ctx": args.ctx, "runs": {},
                                                        "quality": {}, "notes": args.note}
     for name in args.models.split(","):
-        if not args.auto_only:
+        if not args.auto_only:  # --merge too
             run_model(name, args, report)
         run_auto(name, args, report)
     write_results(args.out, report, markdown(report))
