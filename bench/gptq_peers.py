@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args.groups = [int(g) for g in args.groups.split(",")]
     args.tools = args.tools.split(",")
     torch.set_num_threads(THREADS)
-    pythons = {name: venv_python(name) for name in ("gptqmodel", "llmcompressor")}
+    pythons = {name: venv_python(name) for name in ("gptqmodel", "llmcompressor") if name in args.tools}
     report = report_head("gptq_peers.py", argv) | {
         "samples": args.samples, "ctx": args.ctx, "groups": args.groups, "runs": {}, "quality": {}, "notes": []}
     if args.merge:
