@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from quantkit.bundled import model_path
+from quantkit.calib import gptq as gptq_engine
 from quantkit.calib.data import calibration_samples, scoring_samples
 from quantkit.calib.engine import LayerWeights
-from quantkit.calib.gptq import GPTQ, CalibrationHessians, FloatLayerHessians, HessianLayers, runtime_weight
+from quantkit.calib.gptq import (
+    GPTQ,
+    CalibrationHessians,
+    FloatLayerHessians,
+    HessianLayers,
+    input_hessian,
+    runtime_weight,
+)
 from quantkit.calib.layerwise import LayerStats, Stream, run_layers
 from quantkit.errors import ConfigError
 from quantkit.model import Model
@@ -127,9 +135,12 @@ def test_float_layer_hessians_are_those_the_pass_quantizes_with(unrouted_expert_
         assert (fallback == "rtn") == (recording.hessians["model.layers.1.mlp.experts.3.down_proj.weight"] is None)
 
 
-def test_an_expert_s_hessian_counts_each_routed_token_by_its_gate_squared(model_cache):
+@pytest.mark.parametrize("gated", [True, False])
+def test_an_expert_s_hessian_counts_each_routed_token_by_its_gate_squared(model_cache, monkeypatch, gated):
     """An expert's share of the MoE output is its output times its gate, so its Hessians weigh each routed token's
-    inputs by that gate (gate/up: the layer's router inputs; down: its SwiGLU activations on them)."""
+    inputs by that gate (gate/up: the layer's router inputs; down: its SwiGLU activations on them), unless too few
+    effective tokens are left (here forced either way; the rule itself: test_gate_weighting_needs_enough_tokens)."""
+    monkeypatch.setattr(gptq_engine, "MIN_GATED_TOKENS_PER_COLUMN", 0 if gated else 10**9)
     with Model(model_cache("deepseek_v3")) as model:
         arch, weights = model.arch, model.weights()
         moe = next(i for i in range(arch.num_layers)
@@ -165,9 +176,26 @@ def test_an_expert_s_hessian_counts_each_routed_token_by_its_gate_squared(model_
         for name, rows in ((q + "gate_proj.weight", xe), (q + "up_proj.weight", xe),
                            (q + "down_proj.weight", activations)):
             acc = hessians[name]
-            torch.testing.assert_close(acc.H / acc.H.trace(), normalized(rows * ge[:, None]), rtol=1e-4, atol=1e-6,
-                                       msg=name)
-            assert not torch.allclose(acc.H / acc.H.trace(), normalized(rows), rtol=1e-3, atol=1e-5), name
+            expected, other = normalized(rows * ge[:, None]), normalized(rows)
+            if not gated:
+                expected, other = other, expected
+            torch.testing.assert_close(acc.H / acc.H.trace(), expected, rtol=1e-4, atol=1e-6, msg=name)
+            assert not torch.allclose(acc.H / acc.H.trace(), other, rtol=1e-3, atol=1e-5), name
+
+
+def test_gate_weighting_needs_enough_tokens():
+    """Gates count where they leave MIN_GATED_TOKENS_PER_COLUMN effective tokens, (sum g²)² / sum g⁴, per input
+    column; with fewer every token counts alike."""
+    columns, generator = 8, torch.Generator().manual_seed(0)
+    needed = gptq_engine.MIN_GATED_TOKENS_PER_COLUMN * columns
+    for tokens in (2 * needed, needed + 2):  # gates 1 and 1/4 leave 0.56 of the tokens: enough, then too few
+        gates = torch.tensor([1.0, 0.25]).repeat(tokens // 2)
+        effective = float((gates ** 2).sum() ** 2 / (gates ** 4).sum())
+        rows = torch.randn(tokens, columns, generator=generator)
+        expected = input_hessian(rows * gates[:, None] if effective >= needed else rows)
+        got = input_hessian(rows, gates)
+        torch.testing.assert_close(got.H / got.H.trace(), expected.H / expected.H.trace(), msg=f"{tokens} tokens")
+        assert (effective >= needed) == (tokens == 2 * needed)
 
 
 def test_calibration_hessians_are_the_float_pass_hessians_on_its_samples(unrouted_expert_model):
