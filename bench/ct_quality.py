@@ -1,7 +1,8 @@
 """Quality vs bits of compressed-tensors outputs (issue 14): uniform W4 g128, the mix (attention W8, MLP W4 g128,
 lm_head BF16 as in every ct output) and uniform W8, each with round-to-nearest, GPTQ and AWQ weights, on the
-bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 g128 and of the mix, and the same
-for GPTQ folders (gptq:w4g128, its mix as GPTQModel `dynamic`, gptq:auto at each one's size).
+bundled models; and (issue 15) ct:auto / ct:auto-gptq at the size of uniform W4 g128 and of the mix, the same in
+act-order (ct:w4g128-gptq-act, ct:auto-gptq-act: llm-compressor's GPTQ default), and the same for GPTQ folders
+(gptq:w4g128, its mix as GPTQModel `dynamic`, gptq:auto at each one's size).
 
     python bench/ct_quality.py [--models tiny-llama,tiny-qwen2,tiny-deepseek] [--samples 32] [--ctx 256]
                                [--windows 128] [--eval-ctx 256] [--work /tmp/ct-quality] [--auto-only]
@@ -46,7 +47,8 @@ AWQ_LAYOUTS = {"W4 g128": ("w4g128", []), "mix: attention W8, MLP W4 g128": ("w4
 # automatic mixes at the size of a layout above: (layout name, the layout it is sized as, method -> spec)
 AUTO = {"auto at W4 g128's size": "W4 g128", "auto at the mix's size": "mix: attention W8, MLP W4 g128"}
 GPTQ_FOLDER = "gptq folder"  # GPTQ weights in a GPTQ (GPTQModel) folder rather than a compressed-tensors one
-AUTO_SPECS = {"rtn": "ct:auto", "gptq": "ct:auto-gptq", GPTQ_FOLDER: "gptq:auto"}
+GPTQ_ACT = "gptq act"  # act-order GPTQ, static groups: llm-compressor's GPTQ default (actorder "weight")
+AUTO_SPECS = {"rtn": "ct:auto", "gptq": "ct:auto-gptq", GPTQ_ACT: "ct:auto-gptq-act", GPTQ_FOLDER: "gptq:auto"}
 
 
 def variants() -> list[tuple[str, str, str, list[str]]]:
@@ -66,10 +68,12 @@ def linear_bpw(src: Path, spec: str, overrides: list[str]) -> float:
 
 
 def auto_variants(src: Path) -> list[tuple[str, str, str, list[str]]]:
-    """(layout, method, spec, options): the GPTQ folders' own W4 g128 and mix (the ct ones are measured by
-    run_model), and each AUTO layout at its reference's bpw over every tensor, in its own format."""
+    """(layout, method, spec, options): the GPTQ folders' own W4 g128 and mix and ct's act-order W4 g128 (the other
+    ct ones are measured by run_model), and each AUTO layout at its reference's bpw over every tensor, in its own
+    format."""
     out = [(layout, GPTQ_FOLDER, f"gptq:{spec}", overrides) for layout, (spec, overrides) in LAYOUTS.items()
            if layout in AUTO.values()]
+    out.append(("W4 g128", GPTQ_ACT, "ct:w4g128-gptq-act", []))
     for layout, reference in AUTO.items():
         spec, overrides = LAYOUTS[reference]
         for method, auto in AUTO_SPECS.items():

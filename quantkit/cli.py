@@ -108,7 +108,7 @@ def inspect(model, as_json):
                    "round-to-nearest, no calibration), e.g. gptq:w4g128, or gptq:auto; awq:w4g{group}[-rtn] (group "
                    "32/64/128; AutoAWQ GEMM layout); ct:w{bits}[g{group}][-asym][-gptq|-awq][-act][-mse] (bits 4/8; "
                    "compressed-tensors pack-quantized, e.g. ct:w4g128, ct:w8, ct:w4g128-gptq, ct:w4g128-awq), or "
-                   "ct:auto / ct:auto-gptq. Repeat for several outputs from one read of the source.")
+                   "ct:auto / ct:auto-gptq[-act]. Repeat for several outputs from one read of the source.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file (one --to, ending in .gguf) or folder (default: the current folder), where files "
                    "are named <model>-<TYPE>.gguf.")

@@ -92,7 +92,7 @@ class Scheme:
 
 
 def auto_method(spec: str) -> str:
-    """`auto-4.00bpw` -> rtn, `auto-gptq-4.00bpw` -> gptq."""
+    """`auto-4.00bpw` -> rtn, `auto-gptq-4.00bpw` and `auto-gptq-act-4.00bpw` -> gptq."""
     parts = spec.split("-")
     return parts[1] if len(parts) > 1 and parts[1] in ("rtn", "gptq") else "rtn"
 
@@ -184,7 +184,8 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
     label = "CT"
     example = "w4g128"
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
-    auto_specs = ("auto", "auto-gptq")
+    # -act: GPTQ in act-order with static groups (actorder "weight"), llm-compressor's GPTQ default
+    auto_specs = ("auto", "auto-gptq", "auto-gptq-act")
     # vLLM's WNA16 kernels: 4 or 8 bits
     AUTO_CANDIDATES = ("w4", "w4g128", "w4g64", "w4g32", "w8")
 
@@ -194,8 +195,8 @@ class CompressedTensorsFormat(LayerwiseFolderFormat):
         return Target(self.name, canonical_spec(parse_scheme(spec)))
 
     def config(self, target: Target, options: ConvertOptions) -> Scheme:
-        if self.is_auto(target):  # the method and sign of every scheme it picks
-            return Scheme(4, 128, True, auto_method(target.spec), damp=options.damp)
+        if self.is_auto(target):  # the method, sign and column order of every scheme it picks
+            return Scheme(4, 128, True, auto_method(target.spec), act="-act" in target.spec, damp=options.damp)
         return replace(parse_scheme(target.spec), damp=options.damp)
 
     def is_rtn(self, target: Target) -> bool:

@@ -156,6 +156,8 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
                               options.calib_samples if gptq else 0)
     measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent,
                 "hessians": source.setting} if gptq else {}
+    if gptq and getattr(base, "act", False):  # absent otherwise: stored measurements without it stay valid
+        measured["actorder"] = "weight"
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       calib=str(options.calib) if options.calib else None, **measured)

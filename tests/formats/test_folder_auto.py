@@ -57,6 +57,25 @@ def test_auto_gptq_chooses_from_gptq_s_own_costs(tmp_path, sensitivity):
     assert sum(costs[1][k] for k in low_bits) < 0.8 * sum(costs[0][k] for k in low_bits)
 
 
+def test_auto_gptq_act_measures_and_writes_act_order_gptq(tmp_path):
+    """ct:auto-gptq-act: every candidate is measured and written as act-order GPTQ with static groups (actorder
+    "weight", llm-compressor's GPTQ default), a measurement of its own: ct:auto-gptq's stored one is not reused."""
+    budget, calib = Budget.from_options(target_bpw=9.5), dict(MEASURE, calib_samples=16)
+    store = tmp_path / "gptq.sensitivity.json"
+    api.convert(model_path("tiny-llama"), ["ct:auto-gptq"], tmp_path, budget=budget, sensitivity=store, dry_run=True,
+                **calib)
+    plain = json.loads(store.read_text())
+    [(folder, plan)] = api.convert(model_path("tiny-llama"), ["ct:auto-gptq-act"], tmp_path, budget=budget,
+                                   sensitivity=store, **calib)
+    act = json.loads(store.read_text())
+    assert act["key"] != plain["key"]
+    assert {g["name"] for g in act["groups"]} == {g["name"] for g in plain["groups"]}
+    assert folder.name == "tiny-llama-CT-auto-gptq-act-9.50bpw"
+    assert all(e.scheme.endswith("-gptq-act") for e in plan.entries if e.note == "auto" and e.scheme != "bf16")
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups and all(g["weights"]["actorder"] == "weight" for g in groups.values())
+
+
 def test_auto_gptq_measures_experts_of_every_layer_from_their_own_layer(tmp_path):
     """ct:auto-gptq on MoE: the routed experts of all layers are one group (measured where the first of them is),
     each expert GPTQ-encoded from the Hessian of its own layer's float inputs."""

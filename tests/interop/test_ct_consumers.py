@@ -1,7 +1,7 @@
 """The real consumer of quantkit's compressed-tensors folders: transformers' compressed-tensors integration
 (transformers 5.17.0 + compressed-tensors 0.20.0, conftest.ct_env) loads what `quantkit convert --to ct:...` writes
 for the three bundled models (tiny-deepseek from its FP8 checkpoint), uniform, mixed (two config groups) and
-automatic (ct:auto: several groups and kept linears), and
+automatic (ct:auto: several groups and kept linears; ct:auto-gptq-act on tiny-deepseek), and
 computes the logits quantkit's forward computes on the folder; compressed-tensors' own compressor, given the
 dequantized weights and quantkit's scales and zero points, packs exactly the tensors quantkit stored.
 
@@ -36,6 +36,8 @@ MIX = ("w4g128", ["self_attn=w8"])
 # ct:auto between each model's uniform W4 g128 and W8 sizes (8.9-11.2, 8.1-10.7, 6.6-9.7 bpw): a mix of several
 # config groups with kept (bf16) linears possible, measured on few tokens (the code path of a real measurement)
 AUTO_BPW = {"tiny-llama": 10.0, "tiny-qwen2": 9.4, "tiny-deepseek": 8.1}
+# and GPTQ in act-order (actorder "weight" in every config group) where transformers fuses the routed experts
+AUTO_GPTQ_ACT = {"tiny-deepseek"}
 WINDOWS, CONTEXT = 2, 96
 # max |dlogit| / max |logit|: both sides float32 on the same dequantized weights (measured 0.0)
 TOLERANCE = 1e-4
@@ -62,9 +64,11 @@ def written(tmp_path_factory):
         with Model(MODELS_DIR / name) as source:
             model_windows = _windows(source)
         mixed = api.convert(MODELS_DIR / name, [f"ct:{MIX[0]}"], out / "mix", tensor_types=MIX[1])
-        auto = api.convert(MODELS_DIR / name, ["ct:auto"], out / "auto", sensitivity_samples=2, calib_ctx=128,
-                           budget=Budget.from_options(target_bpw=AUTO_BPW[name]), sensitivity=out / f"{name}.json")
-        for scheme, (path, _) in zip([*SCHEMES, "mix", "auto"], converted + mixed + auto, strict=True):
+        autos = ["auto", *(["auto-gptq-act"] if name in AUTO_GPTQ_ACT else [])]
+        auto = [written for spec in autos for written in api.convert(
+            MODELS_DIR / name, [f"ct:{spec}"], out / spec, sensitivity_samples=2, calib_samples=8, calib_ctx=128,
+            budget=Budget.from_options(target_bpw=AUTO_BPW[name]), sensitivity=out / f"{name}-{spec}.json")]
+        for scheme, (path, _) in zip([*SCHEMES, "mix", *autos], converted + mixed + auto, strict=True):
             key = f"{name}:{scheme}"
             folders[key], windows[key] = path, model_windows
             with Model(path) as model:
