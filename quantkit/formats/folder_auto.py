@@ -1,4 +1,4 @@
-"""`--to ct:auto[-gptq]` and `--to gptq:auto`: each decoder-layer linear's weight scheme in an HF folder chosen
+"""`--to ct:auto[-gptq[-act]]` and `--to gptq:auto`: each decoder-layer linear's weight scheme in an HF folder chosen
 from measured costs to a budget.
 
 Groups follow the runtimes' rules (the format's runtime_sets): linears vLLM runs as one matmul (q/k/v, gate/up,
@@ -8,7 +8,7 @@ linears' shapes allow, plus bf16 (kept, cost 0; not for routed experts). Costs a
 (quantkit.calib.sensitivity) with the scales as the folder stores them and the method the output is written with:
 round-to-nearest (`ct:auto`) or GPTQ from the Hessian of each layer's float inputs on the output's own
 calibration samples (`ct:auto-gptq`, `gptq:auto`; its own measurement: GPTQ shrinks some groups' errors more than
-others'). The result is a plain mix, as `--tensor-type` overrides would write it.
+others'; `-act` rounds in act-order, again a measurement of its own). The result is a plain mix, as `--tensor-type` overrides would write it.
 """
 
 from __future__ import annotations
