@@ -1,5 +1,5 @@
-"""`--to ct:auto[-gptq[-act]]` and `--to gptq:auto`: each decoder-layer linear's weight scheme in an HF folder chosen
-from measured costs to a budget.
+"""`--to ct:auto[-gptq[-act]]` and `--to gptq:auto`: each decoder-layer linear's weight scheme in an HF folder
+chosen from measured costs to a budget.
 
 Groups follow the runtimes' rules (the format's runtime_sets): linears vLLM runs as one matmul (q/k/v, gate/up,
 DeepSeek's q_a/kv_a) and routed experts (of every layer in compressed-tensors, of each layer in GPTQ) share one
@@ -8,7 +8,8 @@ linears' shapes allow, plus bf16 (kept, cost 0; not for routed experts). Costs a
 (quantkit.calib.sensitivity) with the scales as the folder stores them and the method the output is written with:
 round-to-nearest (`ct:auto`) or GPTQ from the Hessian of each layer's float inputs on the output's own
 calibration samples (`ct:auto-gptq`, `gptq:auto`; its own measurement: GPTQ shrinks some groups' errors more than
-others'; `-act` rounds in act-order, again a measurement of its own). The result is a plain mix, as `--tensor-type` overrides would write it.
+others'; `-act` rounds in act-order, again a measurement of its own). The result is a plain mix, as
+`--tensor-type` overrides would write it.
 """
 
 from __future__ import annotations
@@ -154,10 +155,11 @@ def plan_auto_configs(fmt, model: Model, target, base, options, configs: dict, n
 
     samples = scoring_samples(model, options.calib, options.sensitivity_samples, options.calib_ctx,
                               options.calib_samples if gptq else 0)
-    measured = {"prepare": prepare, "method": "gptq", "damp": fmt.gptq_config(base).damp_percent,
+    encoding = fmt.gptq_config(base)
+    measured = {"prepare": prepare, "method": "gptq", "damp": encoding.damp_percent,
                 "hessians": source.setting} if gptq else {}
-    if gptq and getattr(base, "act", False):  # absent otherwise: stored measurements without it stay valid
-        measured["actorder"] = "weight"
+    if gptq and encoding.desc_act:  # absent otherwise: stored natural-order measurements stay valid
+        measured |= {"desc_act": True, "static_groups": encoding.static_groups}
     sensitivity = measure_sensitivity(model, fmt.name, samples, groups, degrade, path=options.sensitivity,
                                       progress=options.progress,
                                       calib=str(options.calib) if options.calib else None, **measured)

@@ -65,7 +65,7 @@ def written(tmp_path_factory):
             model_windows = _windows(source)
         mixed = api.convert(MODELS_DIR / name, [f"ct:{MIX[0]}"], out / "mix", tensor_types=MIX[1])
         autos = ["auto", *(["auto-gptq-act"] if name in AUTO_GPTQ_ACT else [])]
-        auto = [written for spec in autos for written in api.convert(
+        auto = [output for spec in autos for output in api.convert(
             MODELS_DIR / name, [f"ct:{spec}"], out / spec, sensitivity_samples=2, calib_samples=8, calib_ctx=128,
             budget=Budget.from_options(target_bpw=AUTO_BPW[name]), sensitivity=out / f"{name}-{spec}.json")]
         for scheme, (path, _) in zip([*SCHEMES, "mix", *autos], converted + mixed + auto, strict=True):
